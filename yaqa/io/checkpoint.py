@@ -1,0 +1,164 @@
+"""Quantized checkpoints: packed codes and grids in safetensors plus a JSON record.
+
+Layout of a checkpoint directory::
+
+    config.json          the model's Hugging Face config (unchanged)
+    tokenizer files      when a tokenizer was given
+    model.safetensors    full-precision tensors (embeddings, norms, head) and, for every quantized
+                         linear, ``qweight`` (packed codes), ``grid_*`` (scales, zeros) and
+                         ``tf_*`` (incoherence sign vectors)
+    yaqa.json            how it was made (method, quantizer, Hessians, data, seeds) and which
+                         modules are quantized with which format
+
+The directory is written under a temporary name and renamed into place, so an interrupted save
+never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from .. import __version__
+from ..nn import QuantizedLinear
+from ..quantizers import quantizer_from_config
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+RECORD = "yaqa.json"
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or was not written by yaqa."""
+
+
+@dataclass
+class SavedCheckpoint:
+    path: Path
+    size_bytes: int
+    weights_bytes: int
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None,
+                   info: dict | None = None, overwrite: bool = False) -> SavedCheckpoint:
+    """Write ``model`` (with QuantizedLinear modules) to ``out_dir``."""
+    out = Path(out_dir)
+    qmods = quantized_modules(model)
+    if not qmods:
+        raise CheckpointError("model has no quantized layers; run yaqa.quantize first")
+    if out.exists() and any(out.iterdir()):
+        if not (out / RECORD).exists():
+            raise CheckpointError(f"{out} exists and is not a yaqa checkpoint; refusing to "
+                                  "overwrite it (choose another --out)")
+        if not overwrite:
+            raise CheckpointError(f"{out} already holds a checkpoint; pass overwrite=True "
+                                  "(--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "yaqa",
+                                                        "format_version": str(FORMAT_VERSION)})
+        record = {
+            "format": "yaqa",
+            "format_version": FORMAT_VERSION,
+            "yaqa_version": __version__,
+            "modules": {
+                name: {"in_features": m.in_features, "out_features": m.out_features,
+                       "bias": m.bias is not None, "incoherence": m.incoherence,
+                       "quantizer": m.quantizer.config()}
+                for name, m in qmods.items()
+            },
+            "info": info or {},
+        }
+        (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = dir_size(out)
+    weights = (out / WEIGHTS).stat().st_size
+    log.info("saved %s (%.2f MB)", out, size / 1e6)
+    return SavedCheckpoint(out, size, weights)
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"no such checkpoint directory: {p}")
+    if not (p / RECORD).exists() or not (p / WEIGHTS).exists():
+        raise CheckpointError(f"{p} is not a yaqa checkpoint (missing {RECORD} or {WEIGHTS})")
+    record = json.loads((p / RECORD).read_text())
+    if record.get("format") != "yaqa" or int(record.get("format_version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(f"{p}: unsupported checkpoint format "
+                              f"{record.get('format')!r} v{record.get('format_version')}; "
+                              f"this yaqa reads up to v{FORMAT_VERSION}")
+    return record
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a working model from a checkpoint directory alone."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = Path(path)
+    record = read_record(p)
+    config = AutoConfig.from_pretrained(p)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    compute_dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(compute_dtype, str):
+        compute_dtype = getattr(torch, compute_dtype)
+    for name, spec in record["modules"].items():
+        q = quantizer_from_config(spec["quantizer"])
+        _set_module(model, name, QuantizedLinear(spec["in_features"], spec["out_features"], q,
+                                                 bias=spec["bias"],
+                                                 incoherence=spec["incoherence"],
+                                                 dtype=compute_dtype))
+    state = load_file(str(p / WEIGHTS))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if t.is_meta]
+    if meta:
+        raise CheckpointError(f"{p}: checkpoint lacks tensors for {meta[:5]}"
+                              f"{' ...' if len(meta) > 5 else ''}")
+    if result.unexpected_keys:
+        raise CheckpointError(f"{p}: unexpected tensors {result.unexpected_keys[:5]}")
+    for n, prm in model.named_parameters():
+        prm.requires_grad_(False)
+        if prm.is_floating_point() and prm.dtype != compute_dtype:
+            prm.data = prm.data.to(compute_dtype)
+    model.yaqa_record = record
+    return model.to(device).eval()

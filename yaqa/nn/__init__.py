@@ -1,0 +1,3 @@
+from .quantized_linear import QuantizedLinear
+
+__all__ = ["QuantizedLinear"]
