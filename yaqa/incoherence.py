@@ -1,0 +1,345 @@
+"""Randomized Hadamard transforms for incoherence processing (both sides of a weight).
+
+An orthonormal Hadamard matrix of order ``n = K * 2^p`` is built as ``(Had_K ⊗ H_{2^p}) / sqrt(n)``:
+``H_{2^p}`` is the Sylvester matrix, applied with the butterfly (fast Walsh–Hadamard transform,
+O(n log n) per vector), and ``Had_K`` is a small dense Hadamard matrix from a Paley construction:
+
+* Paley I:  ``q ≡ 3 (mod 4)`` a prime power gives order ``q + 1``;
+* Paley II: ``q ≡ 1 (mod 4)`` a prime power gives order ``2 (q + 1)``.
+
+For each size the smallest usable ``K`` is chosen (``K = 1`` for powers of two), so the dense part
+costs ``K`` multiply-adds per element, e.g. 28 for 14336, 148 for 18944, 344 (= 7³ + 1) for 11008.
+Sizes with no construction (e.g. ``n = 2^p · 23``, which would need order 92) raise
+``ValueError``; :func:`hadamard_supported` answers the question up front.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "IncoherenceTransform",
+    "hadamard_supported",
+    "hadamard_factor",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "fwht",
+]
+
+# Largest dense factor we are willing to build: its cost is K multiply-adds per element, and the
+# Paley matrix itself takes K² memory.  Beyond this the transform would stop being "fast".
+MAX_DENSE_ORDER = 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# Finite fields GF(p^k) just large enough for Paley's quadratic-residue construction
+
+
+def _is_prime(p: int) -> bool:
+    if p < 2:
+        return False
+    if p % 2 == 0:
+        return p == 2
+    r = int(math.isqrt(p))
+    return all(p % d for d in range(3, r + 1, 2))
+
+
+def _prime_power(q: int) -> tuple[int, int] | None:
+    """``(p, k)`` with ``q = p^k`` for a prime ``p``, else None."""
+    if q < 2:
+        return None
+    for p in range(2, int(math.isqrt(q)) + 1):
+        if q % p == 0:
+            k, r = 0, q
+            while r % p == 0:
+                r //= p
+                k += 1
+            return (p, k) if r == 1 else None
+    return (q, 1)
+
+
+def _poly_mulmod(a: tuple[int, ...], b: tuple[int, ...], mod: tuple[int, ...], p: int) -> tuple[int, ...]:
+    """Product of two polynomials (coefficient tuples, lowest degree first) modulo a monic ``mod``."""
+    k = len(mod) - 1
+    prod = [0] * (2 * k - 1)
+    for i, ai in enumerate(a):
+        if ai:
+            for j, bj in enumerate(b):
+                prod[i + j] = (prod[i + j] + ai * bj) % p
+    for d in range(len(prod) - 1, k - 1, -1):
+        c = prod[d]
+        if c:
+            for t in range(k + 1):
+                prod[d - k + t] = (prod[d - k + t] - c * mod[t]) % p
+    return tuple(prod[:k])
+
+
+def _irreducible(p: int, k: int) -> tuple[int, ...]:
+    """A monic irreducible polynomial of degree k over GF(p), by brute force (k and p are small)."""
+    for tail in itertools.product(range(p), repeat=k):
+        mod = tuple(tail) + (1,)
+        if mod[0] == 0:
+            continue
+        # A reducible polynomial of degree k has a monic factor of degree <= k/2; test them all.
+        reducible = False
+        for d in range(1, k // 2 + 1):
+            for ftail in itertools.product(range(p), repeat=d):
+                f = list(ftail) + [1]
+                rem = list(mod)
+                for top in range(k, d - 1, -1):
+                    c = rem[top]
+                    if c:
+                        for t in range(d + 1):
+                            rem[top - d + t] = (rem[top - d + t] - c * f[t]) % p
+                if not any(rem[:d]):
+                    reducible = True
+                    break
+            if reducible:
+                break
+        if not reducible:
+            return mod
+    raise AssertionError(f"no irreducible polynomial of degree {k} over GF({p})")
+
+
+def _quadratic_character_table(q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Elements of GF(q) as digit vectors (q × k) and χ(element) in {0, ±1} indexed by encoding."""
+    p, k = _prime_power(q)  # type: ignore[misc]
+    digits = np.array(list(itertools.product(range(p), repeat=k)), dtype=np.int64)[:, ::-1]
+    weights = p ** np.arange(k, dtype=np.int64)
+    chi = -np.ones(q, dtype=np.int64)
+    chi[0] = 0
+    if k == 1:
+        chi[(np.arange(1, q) ** 2) % q] = 1
+    else:
+        mod = _irreducible(p, k)
+        for row in digits[1:]:
+            sq = _poly_mulmod(tuple(row), tuple(row), mod, p)
+            chi[int(np.dot(sq, weights))] = 1
+    return digits, chi
+
+
+def _jacobsthal(q: int) -> np.ndarray:
+    """Q[a, b] = χ(a − b) over GF(q)."""
+    p, _ = _prime_power(q)  # type: ignore[misc]
+    digits, chi = _quadratic_character_table(q)
+    weights = p ** np.arange(digits.shape[1], dtype=np.int64)
+    diff = (digits[:, None, :] - digits[None, :, :]) % p
+    return chi[diff @ weights]
+
+
+def _paley_order(K: int) -> str | None:
+    """Which Paley construction builds a Hadamard matrix of order K (None: neither)."""
+    q = K - 1
+    if _prime_power(q) is not None and q % 4 == 3:
+        return "I"
+    if K % 2 == 0:
+        q = K // 2 - 1
+        if _prime_power(q) is not None and q % 4 == 1:
+            return "II"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _base_hadamard(K: int) -> np.ndarray:
+    """Unnormalised ±1 Hadamard matrix of order K (K = 1, 2 or a Paley order)."""
+    if K == 1:
+        return np.ones((1, 1), dtype=np.int64)
+    if K == 2:
+        return np.array([[1, 1], [1, -1]], dtype=np.int64)
+    kind = _paley_order(K)
+    if kind == "I":
+        q = K - 1
+        S = np.zeros((K, K), dtype=np.int64)
+        S[0, 1:] = 1
+        S[1:, 0] = -1
+        S[1:, 1:] = _jacobsthal(q)
+        return S + np.eye(K, dtype=np.int64)
+    if kind == "II":
+        q = K // 2 - 1
+        C = np.zeros((q + 1, q + 1), dtype=np.int64)
+        C[0, 1:] = 1
+        C[1:, 0] = 1
+        C[1:, 1:] = _jacobsthal(q)
+        return np.kron(C, np.array([[1, 1], [1, -1]])) + np.kron(
+            np.eye(q + 1, dtype=np.int64), np.array([[1, -1], [-1, -1]])
+        )
+    raise ValueError(f"no Paley construction for a Hadamard matrix of order {K}")
+
+
+@functools.lru_cache(maxsize=None)
+def hadamard_factor(n: int) -> tuple[int, int]:
+    """``(K, 2^p)`` with ``n = K · 2^p`` and a constructible dense order ``K`` (smallest such).
+
+    Raises ``ValueError`` when no ``K = n / 2^j`` has a construction.
+    """
+    if n < 1:
+        raise ValueError(f"Hadamard size must be positive, got {n}")
+    tried = []
+    pow2 = n & -n
+    # Walk K upwards: n's odd part, times 2, 4, ...; the first constructible one is cheapest.
+    K = n // pow2
+    while True:
+        if K == 1 or K == 2 or (K % 4 == 0 and K <= MAX_DENSE_ORDER and _paley_order(K)):
+            return K, n // K
+        tried.append(K)
+        if K == n:
+            break
+        K *= 2
+    raise ValueError(
+        f"no Hadamard matrix of order {n} available: {n} = K·2^p needs a Paley order K "
+        f"(q+1 with prime power q ≡ 3 mod 4, or 2(q+1) with q ≡ 1 mod 4, K ≤ {MAX_DENSE_ORDER}); "
+        f"tried K in {tried[:8]}{'…' if len(tried) > 8 else ''}. Disable incoherence processing "
+        "for this layer or pad it to a supported size."
+    )
+
+
+def hadamard_supported(n: int) -> bool:
+    try:
+        hadamard_factor(n)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_factor_tensor(K: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(_base_hadamard(K).astype(np.float64)).to(device=device, dtype=dtype)
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh–Hadamard transform (Sylvester order) over the last dim (a power of two)."""
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"fwht needs a power-of-two length, got {n}")
+    lead = x.shape[:-1]
+    y = x.reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.view(-1, n // (2 * h), 2, h)
+        a, b = y[:, :, 0], y[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return y.reshape(*lead, n)
+
+
+def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``x @ Had_n.T`` (``transpose=True``: ``x @ Had_n``) over the last dim, orthonormal, fast.
+
+    Had_n = (Had_K ⊗ H_{2^p}) / sqrt(n); only Had_K (K ≤ a few hundred) is applied densely.
+    """
+    n = x.shape[-1]
+    K, P = hadamard_factor(n)
+    if not x.is_floating_point():
+        raise TypeError("hadamard_transform needs a floating-point tensor")
+    lead = x.shape[:-1]
+    y = x.reshape(-1, K, P)
+    if P > 1:
+        y = fwht(y)
+    if K > 1:
+        Hk = _dense_factor_tensor(K, str(x.device), x.dtype)
+        # Row vector v (viewed K × P): (Had_K ⊗ H) v = Had_K · V · H^T; H part done above.
+        y = torch.matmul(Hk.T if transpose else Hk, y)
+    return (y * (1.0 / math.sqrt(n))).reshape(*lead, n)
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64, device: Any = "cpu") -> torch.Tensor:
+    """The dense orthonormal Had_n (for tests and small problems)."""
+    return hadamard_transform(torch.eye(n, dtype=dtype, device=device)).T.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class IncoherenceTransform:
+    """Two-sided randomized Hadamard transform of one linear layer ``y = x W^T`` (W: m × n).
+
+    ``U = Had_n diag(s_U)`` acts on inputs, ``V = Had_m diag(s_V)`` on outputs, both orthonormal:
+    ``W' = V W U^T``, ``H_in' = U H_in U^T``, ``H_out' = V H_out V^T`` leave the proxy loss
+    ``tr(dW^T H_out dW H_in)`` unchanged, and ``x W^T == output(input(x) W'^T)``.
+    """
+
+    def __init__(self, m: int, n: int, seed: int = 0, *, sign_in: torch.Tensor | None = None,
+                 sign_out: torch.Tensor | None = None) -> None:
+        # Fail at construction, not at first use, when a size has no Hadamard matrix.
+        hadamard_factor(n)
+        hadamard_factor(m)
+        self.m, self.n, self.seed = int(m), int(n), seed
+        if sign_in is None or sign_out is None:
+            g = torch.Generator().manual_seed(int(seed))
+            # Draw s_U then s_V from one stream so one seed fixes both.
+            sign_in = torch.randint(0, 2, (self.n,), generator=g) * 2 - 1
+            sign_out = torch.randint(0, 2, (self.m,), generator=g) * 2 - 1
+        if sign_in.shape != (self.n,) or sign_out.shape != (self.m,):
+            raise ValueError("sign vectors must have lengths n (inputs) and m (outputs)")
+        self.sign_in = sign_in.to(torch.int8).cpu()
+        self.sign_out = sign_out.to(torch.int8).cpu()
+
+    def __repr__(self) -> str:
+        return f"IncoherenceTransform(m={self.m}, n={self.n}, seed={self.seed})"
+
+    def _signs(self, which: str, like: torch.Tensor) -> torch.Tensor:
+        s = self.sign_in if which == "in" else self.sign_out
+        return s.to(device=like.device, dtype=like.dtype)
+
+    def _check(self, t: torch.Tensor, dims: tuple[int, ...], what: str) -> None:
+        if tuple(t.shape[-len(dims):]) != dims:
+            raise ValueError(f"{what}: expected trailing shape {dims}, got {tuple(t.shape)}")
+
+    # -- weights -----------------------------------------------------------------------------
+    def weight(self, W: torch.Tensor) -> torch.Tensor:
+        """``V W U^T``."""
+        self._check(W, (self.m, self.n), "weight")
+        Z = hadamard_transform(W * self._signs("in", W))  # W U^T
+        return hadamard_transform((Z * self._signs("out", Z)[:, None]).T).T  # V (W U^T)
+
+    def inverse_weight(self, Wt: torch.Tensor) -> torch.Tensor:
+        """``V^T W' U`` (undoes :meth:`weight`)."""
+        self._check(Wt, (self.m, self.n), "inverse_weight")
+        Z = hadamard_transform(Wt, transpose=True) * self._signs("in", Wt)  # W' U
+        return hadamard_transform(Z.T, transpose=True).T * self._signs("out", Z)[:, None]
+
+    # -- Hessian factors -----------------------------------------------------------------------
+    def _sandwich(self, H: torch.Tensor, which: str) -> torch.Tensor:
+        s = self._signs(which, H)
+        Z = hadamard_transform(H * s)  # H M^T with M = Had diag(s)
+        return hadamard_transform((Z * s[:, None]).T).T  # M (H M^T)
+
+    def factor_in(self, H: torch.Tensor) -> torch.Tensor:
+        """``U H_in U^T``."""
+        self._check(H, (self.n, self.n), "factor_in")
+        return self._sandwich(H, "in")
+
+    def factor_out(self, H: torch.Tensor) -> torch.Tensor:
+        """``V H_out V^T``."""
+        self._check(H, (self.m, self.m), "factor_out")
+        return self._sandwich(H, "out")
+
+    # -- inference -----------------------------------------------------------------------------
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x U^T`` over the last dim: the activations the transformed weight expects."""
+        self._check(x, (self.n,), "input")
+        return hadamard_transform(x * self._signs("in", x))
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        """``y' V`` over the last dim: back to the original output basis."""
+        self._check(y, (self.m,), "output")
+        return hadamard_transform(y, transpose=True) * self._signs("out", y)
+
+    # -- storage -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "sign_in": self.sign_in.clone(),
+            "sign_out": self.sign_out.clone(),
+            "shape": torch.tensor([self.m, self.n], dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "IncoherenceTransform":
+        m, n = (int(v) for v in state["shape"].tolist())
+        return cls(m, n, seed=-1, sign_in=state["sign_in"], sign_out=state["sign_out"])
