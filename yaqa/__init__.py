@@ -3,3 +3,4 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+from .hessians import collect_hessians, load_hessians  # noqa: E402

@@ -1,0 +1,322 @@
+"""Running sums for the Kronecker factors of one linear layer ``y = x W^T`` (pure tensor code).
+
+Notation (docs/yaqa-notes.md): W is m×n, a micro-batch gives inputs X [b, T, n] and output
+gradients G [b, T, m]; the per-sequence weight gradient is ∇W_b = G_b^T X_b.
+
+* Sketch B, first pass: ``H_in += Σ_b ∇W_b^T ∇W_b``, ``H_out += Σ_b ∇W_b ∇W_b^T``.
+  Later passes are ALS steps ``H_in ← Σ_b ∇W_b^T Ĥ_out ∇W_b`` (Ĥ = H / ||H||_F²) and likewise.
+* Sketch A: ``H_out += Σ_t (x_t Ĥ_in x_t^T) g_t^T g_t`` or ``H_in += Σ_t (g_t Ĥ_out g_t^T) x_t^T x_t``.
+* Plain GPTQ Hessian: ``H_x += Σ_t x_t^T x_t``.
+
+Sums stay sums until :meth:`LayerAccumulator.end_pass` divides by the sample count; only the lower
+block triangle of each symmetric sum is accumulated (see :func:`sym_addmm`) and the upper half is
+mirrored at the end of a pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+PRECISIONS = ("auto", "full", "tf32", "bf16")
+PASS_KINDS = ("hx", "b", "b_iter", "a_out", "a_in")
+
+_SYM_TILE = 2048  # lower-triangle tiles of this size keep each GEMM large enough to run at full rate
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def resolve_precision(precision: str, device: torch.device, dtype: torch.dtype) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if dtype == torch.float64:
+        return "full"  # asking for fp64 sums means asking for fp64 products too
+    if precision == "auto":
+        return "tf32" if device.type == "cuda" else "full"
+    return precision
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for the products inside this block only; the model's own matmuls are left as set."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+class Products:
+    """Matrix products at one of the precision levels, all returning ``acc_dtype`` results.
+
+    "first" products multiply two activations (X, G) as they come from the model. bf16×bf16
+    products are exact in fp32, so bf16 tensor cores with fp32 accumulation lose nothing there.
+    "second" products multiply an fp32 intermediate (a Gram matrix, a factor) with an activation:
+    TF32 rounds the intermediate to 10 mantissa bits (rel. 5e-4 per element, zero mean); "bf16"
+    rounds it to 8 bits (faster, measured in bench/hessians.py); "full" keeps fp32/fp64.
+    """
+
+    def __init__(self, precision: str, acc_dtype: torch.dtype, device: torch.device):
+        self.precision = precision
+        self.acc_dtype = acc_dtype
+        self.cuda = device.type == "cuda"
+        self._out_dtype_ok = self.cuda  # torch's mm(out_dtype=fp32) exists for bf16/fp16 on CUDA only
+
+    def _low(self, a: Tensor, b: Tensor, batched: bool) -> Tensor | None:
+        if not (self._out_dtype_ok and a.dtype in _LOW_PRECISION and b.dtype == a.dtype):
+            return None
+        try:
+            return (torch.bmm if batched else torch.mm)(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            self._out_dtype_ok = False
+            return None
+
+    def mm(self, a: Tensor, b: Tensor, level: str) -> Tensor:
+        batched = a.dim() == 3
+        if self.precision == "full":
+            with _tf32(False) if self.cuda else contextlib.nullcontext():
+                return (torch.bmm if batched else torch.mm)(a.to(self.acc_dtype),
+                                                            b.to(self.acc_dtype))
+        if self.precision == "bf16" and level == "second" and self.cuda:
+            low = a.dtype if a.dtype in _LOW_PRECISION else (b.dtype if b.dtype in _LOW_PRECISION
+                                                              else torch.bfloat16)
+            a, b = a.to(low), b.to(low)
+        out = self._low(a, b, batched)
+        if out is not None:
+            return out
+        # bf16 values are exact in TF32, so a first-level product loses nothing here either
+        with _tf32(self.cuda):
+            return (torch.bmm if batched else torch.mm)(a.float(), b.float()).to(self.acc_dtype)
+
+
+def sym_tiles(n: int) -> list[tuple[int, int]]:
+    k = max(1, round(n / _SYM_TILE))
+    edges = [round(i * n / k) for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def sym_addmm(acc: Tensor, a: Tensor, b: Tensor, prod: Products, level: str) -> None:
+    """``acc += a^T b`` for a product known to be symmetric, lower block triangle only.
+
+    a, b: [K, n]. Skipping the upper tiles saves ~40% of the flops of the largest GEMMs
+    (57% of the full product for n = 14336); :func:`mirror_lower` restores the upper half.
+    """
+    tiles = sym_tiles(acc.shape[0])
+    if len(tiles) == 1:
+        acc += prod.mm(a.T, b, level)
+        return
+    for i, (i0, i1) in enumerate(tiles):
+        ai = a[:, i0:i1].T
+        for j0, j1 in tiles[: i + 1]:
+            acc[i0:i1, j0:j1] += prod.mm(ai, b[:, j0:j1], level)
+
+
+def mirror_lower(acc: Tensor) -> Tensor:
+    """In place: copy the lower block triangle to the upper one and symmetrise diagonal tiles."""
+    tiles = sym_tiles(acc.shape[0])
+    for i, (i0, i1) in enumerate(tiles):
+        for j0, j1 in tiles[:i]:
+            acc[j0:j1, i0:i1] = acc[i0:i1, j0:j1].T
+        d = acc[i0:i1, i0:i1]
+        d.copy_((d + d.T) / 2)
+    return acc
+
+
+def choose_route(T: int, m: int, n: int) -> str:
+    """"gram" (through the T×T Grams of a sequence) or "direct" (through ∇W_b), by flop count."""
+    gram = 4 * T * T * (m + n) + 2 * T * (n * n + m * m)
+    direct = 2 * T * m * n + 2 * m * n * (m + n)
+    return "gram" if gram <= direct else "direct"
+
+
+class ProductCache:
+    """Products that depend on X alone (X^T X, X X^T), shared by layers fed the same input.
+
+    q/k/v (and gate/up) read one tensor; their backward calls arrive one after another, so a
+    two-entry cache keyed on the storage is enough. Holding a reference to X keeps its memory
+    from being reused by another tensor while the key is alive.
+    """
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._entries: list[tuple[tuple, Tensor, dict[str, Tensor]]] = []
+
+    @staticmethod
+    def _key(x: Tensor) -> tuple:
+        return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape),
+                tuple(x.stride()), x.dtype, x._version)
+
+    def get(self, x: Tensor, what: str, compute: Callable[[], Tensor]) -> Tensor:
+        key = self._key(x)
+        for k, ref, vals in self._entries:
+            if k == key and ref is not None:
+                if what not in vals:
+                    vals[what] = compute()
+                return vals[what]
+        vals = {what: compute()}
+        self._entries.append((key, x, vals))
+        del self._entries[: -self.size]
+        return vals[what]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class LayerAccumulator:
+    """Sums, counts and finished factors of one linear layer across the passes of a sketch."""
+
+    def __init__(self, n: int, m: int, *, device: torch.device, dtype: torch.dtype = torch.float32,
+                 precision: str = "auto", route: str = "auto", collect_hx: bool = True):
+        self.n, self.m = n, m
+        self.device, self.dtype = torch.device(device), dtype
+        self.precision = resolve_precision(precision, self.device, dtype)
+        self.prod = Products(self.precision, dtype, self.device)
+        if route not in ("auto", "gram", "direct"):
+            raise ValueError(f"route must be 'auto', 'gram' or 'direct', got {route!r}")
+        self.route = route
+        self.collect_hx = collect_hx
+        self.kind: str | None = None
+        self.sums: dict[str, Tensor] = {}
+        self.counts = {"seqs": 0, "tokens": 0}
+        self.factors: dict[str, Tensor] = {}  # finished means: H_x, H_in, H_out
+        self._frozen: Tensor | None = None    # the other factor / ||.||_F², fixed during an ALS pass
+
+    # -- pass bookkeeping -------------------------------------------------------------------
+    def sum_names(self, kind: str) -> tuple[str, ...]:
+        return {"hx": ("H_x",), "b": ("H_in", "H_out") + (("H_x",) if self.collect_hx else ()),
+                "b_iter": ("H_in", "H_out"), "a_out": ("H_out",), "a_in": ("H_in",)}[kind]
+
+    def begin_pass(self, kind: str) -> None:
+        if kind not in PASS_KINDS:
+            raise ValueError(f"unknown pass kind {kind!r}")
+        self.kind = kind
+        self.counts = {"seqs": 0, "tokens": 0}
+        size = {"H_x": self.n, "H_in": self.n, "H_out": self.m}
+        self.sums = {s: torch.zeros(size[s], size[s], device=self.device, dtype=self.dtype)
+                     for s in self.sum_names(kind)}
+        self._frozen = None
+        if kind == "a_out":
+            self._frozen = _unit_frobenius(self.factors["H_in"])
+        elif kind == "a_in":
+            self._frozen = _unit_frobenius(self.factors["H_out"])
+        elif kind == "b_iter":
+            # both factors move at once, each from the other's previous value: two interleaved
+            # ALS chains with the same fixed point, at the cost of one pass per step
+            self._frozen_in = _unit_frobenius(self.factors["H_in"])
+            self._frozen_out = _unit_frobenius(self.factors["H_out"])
+
+    def end_pass(self) -> None:
+        """Turn this pass's (already reduced) sums into means and store them as factors."""
+        seqs, tokens = max(self.counts["seqs"], 1), max(self.counts["tokens"], 1)
+        per_seq = self.kind in ("b", "b_iter")
+        for name, s in self.sums.items():
+            mirror_lower(s)
+            s /= tokens if (name == "H_x" or not per_seq) else seqs
+            self.factors[name] = s
+        if self.kind == "hx":
+            self.factors["H_in"] = self.factors["H_x"]  # Sketch A starts from E[x^T x]
+        self.sums, self._frozen = {}, None
+        self.__dict__.pop("_frozen_in", None)
+        self.__dict__.pop("_frozen_out", None)
+
+    # -- updates ------------------------------------------------------------------------------
+    def update_forward(self, X: Tensor) -> None:
+        """Forward-only pass: the plain Hessian from inputs alone."""
+        b, T, n = X.shape
+        x = X.reshape(b * T, n)
+        sym_addmm(self.sums["H_x"], x, x, self.prod, "first")
+        self.counts["seqs"] += b
+        self.counts["tokens"] += b * T
+
+    def update_backward(self, X: Tensor, G: Tensor, cache: ProductCache | None = None) -> None:
+        b, T, n = X.shape
+        m = G.shape[-1]
+        cache = cache or ProductCache(0)
+        kind, prod = self.kind, self.prod
+        x2, g2 = X.reshape(b * T, n), G.reshape(b * T, m)
+        if "H_x" in self.sums:
+            self.sums["H_x"] += cache.get(X, "xtx", lambda: _full_gram(x2, prod))
+        if kind == "b":
+            route = self.route if self.route != "auto" else choose_route(T, m, n)
+            if route == "gram":
+                self._gram_step(X, G, None, None, cache)
+            else:
+                D = prod.mm(G.transpose(1, 2), X, "first")  # [b, m, n] per-sequence ∇W_b
+                sym_addmm(self.sums["H_in"], D.reshape(b * m, n), D.reshape(b * m, n), prod,
+                          "second")
+                Dt = D.transpose(1, 2).reshape(b * n, m)
+                sym_addmm(self.sums["H_out"], Dt, Dt, prod, "second")
+        elif kind == "b_iter":
+            self._gram_step(X, G, self._frozen_in, self._frozen_out, cache)
+        elif kind == "a_out":
+            w = (prod.mm(x2, self._frozen, "second") * x2).sum(-1)  # x_t Ĥ_in x_t^T
+            sym_addmm(self.sums["H_out"], g2, w[:, None] * g2, prod, "second")
+        elif kind == "a_in":
+            w = (prod.mm(g2, self._frozen, "second") * g2).sum(-1)  # g_t Ĥ_out g_t^T
+            sym_addmm(self.sums["H_in"], x2, w[:, None] * x2, prod, "second")
+        else:
+            raise RuntimeError(f"pass kind {kind!r} collects nothing in backward")
+        self.counts["seqs"] += b
+        self.counts["tokens"] += b * T
+
+    def _gram_step(self, X: Tensor, G: Tensor, Hin: Tensor | None, Hout: Tensor | None,
+                   cache: ProductCache) -> None:
+        """Through T×T Grams: ∇W_b^T M ∇W_b = X_b^T (G_b M G_b^T) X_b, and the mirror image.
+
+        With M = I (first Sketch-B pass) this costs 4T²(m+n) + 2T(n²+m²) per sequence instead of
+        2Tmn + 2mn(m+n): cheaper whenever the context is shorter than the layer is wide.
+        """
+        b, T, n = X.shape
+        m = G.shape[-1]
+        prod = self.prod
+        if Hout is None:
+            SG = prod.mm(G, G.transpose(1, 2), "first")
+        else:
+            SG = prod.mm(prod.mm(G.reshape(b * T, m), Hout, "second").reshape(b, T, m),
+                         G.transpose(1, 2), "second")
+        Y = prod.mm(SG, X, "second").reshape(b * T, n)
+        sym_addmm(self.sums["H_in"], X.reshape(b * T, n), Y, prod, "second")
+        del SG, Y
+        if Hin is None:
+            SX = cache.get(X, "xxt", lambda: prod.mm(X, X.transpose(1, 2), "first"))
+        else:
+            SX = prod.mm(prod.mm(X.reshape(b * T, n), Hin, "second").reshape(b, T, n),
+                         X.transpose(1, 2), "second")
+        Z = prod.mm(SX, G, "second").reshape(b * T, m)
+        sym_addmm(self.sums["H_out"], G.reshape(b * T, m), Z, prod, "second")
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = {f"sum.{k}": v for k, v in self.sums.items()}
+        for k, v in self.factors.items():
+            if k == "H_in" and "H_x" in self.factors and v is self.factors["H_x"]:
+                continue  # aliased after pass 0 of Sketch A; restored on load
+            out[f"factor.{k}"] = v
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], kind: str | None,
+                           counts: dict[str, int]) -> None:
+        self.factors = {k[len("factor."):]: v.to(self.device, self.dtype)
+                        for k, v in tensors.items() if k.startswith("factor.")}
+        if "H_x" in self.factors and "H_in" not in self.factors:
+            self.factors["H_in"] = self.factors["H_x"]
+        if kind is not None:
+            self.begin_pass(kind)
+            for k, v in tensors.items():
+                if k.startswith("sum."):
+                    self.sums[k[len("sum."):]].copy_(v)
+            self.counts = dict(counts)
+
+
+def _full_gram(x2: Tensor, prod: Products) -> Tensor:
+    out = torch.zeros(x2.shape[1], x2.shape[1], device=x2.device, dtype=prod.acc_dtype)
+    sym_addmm(out, x2, x2, prod, "first")
+    return out
+
+
+def _unit_frobenius(h: Tensor) -> Tensor:
+    """H / ||H||_F²: the least-squares step of the nearest-Kronecker-product ALS."""
+    return h / h.pow(2).sum().clamp_min(torch.finfo(h.dtype).tiny)

@@ -1,0 +1,254 @@
+"""On-disk Hessians: one safetensors file per decoder block, a meta.json, and resume checkpoints.
+
+Layout of ``out_dir``::
+
+    meta.json                      run identity (model fingerprint, sketch, seed, ...) + data summary
+    block_0000.safetensors         finished factors of block 0: "<linear>.H_in", ".H_out", ".H_x"
+    resume/blocks-0000-0031/       state of an unfinished group of blocks:
+        progress.json              pass, micro-batch cursor, data hash at the cursor, checkpoint id
+        ckpt-000003/block_*.safetensors   partial sums, counts and finished factors
+
+Every file is written to a temporary name and renamed, so a crash never leaves a half-written
+file under a real name; progress.json is renamed last and names its checkpoint folder, which
+makes a checkpoint all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..models.adapters import ModelAdapter, get_adapter
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+# keys that must agree for stored results (or a checkpoint) to belong to the current request
+IDENTITY_KEYS = ("format_version", "sketch", "power_iters", "seed", "dtype", "precision",
+                 "collect_hx")
+
+
+class HessianMetadataError(ValueError):
+    """Stored Hessians (or a resume checkpoint) do not match the model or the request."""
+
+
+@dataclass
+class LayerHessian:
+    """Kronecker factors of one linear layer ``y = x W^T`` (W is m×n).
+
+    ``H_in`` (n×n) and ``H_out`` (m×m) approximate the KL Hessian as ``H_out ⊗ H_in``;
+    ``H_x`` (n×n) is the plain GPTQ/LDLQ Hessian E[x^T x] from the same data.
+    """
+
+    name: str
+    H_in: Tensor
+    H_out: Tensor
+    H_x: Tensor | None
+    n_seqs: int
+    n_tokens: int
+    sketch: str
+    power_iters: int
+
+
+def block_filename(i: int) -> str:
+    return f"block_{i:04d}.safetensors"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def model_fingerprint(model: nn.Module, adapter: ModelAdapter | None = None) -> dict[str, Any]:
+    """What the stored factors depend on: the layer shapes (strict) and a sample of the weights."""
+    adapter = adapter or get_adapter(model)
+    linears = adapter.named_linears(model)
+    shapes = [(name, int(mod.out_features), int(mod.in_features)) for name, _, mod in linears]
+    h = hashlib.sha256()
+    for _, _, mod in (linears[0], linears[-1]):
+        w = mod.weight.detach().reshape(-1)
+        sample = w[:: max(1, w.numel() // 4096)][:4096]
+        h.update(sample.to("cpu", torch.float64).numpy().tobytes())
+    cfg = getattr(model, "config", None)
+    return {
+        "model_name": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
+        "model_type": str(getattr(cfg, "model_type", "")),
+        "n_blocks": len(adapter.blocks(model)),
+        "linears_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest(),
+        "weights_sha256": h.hexdigest(),
+    }
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # safetensors refuses aliased storage; contiguous CPU copies also free the GPU sooner
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+              str(tmp), metadata={"yaqa": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def read_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict]:
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = json.loads((f.metadata() or {}).get("yaqa", "{}"))
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def read_meta(out_dir: Path) -> dict[str, Any] | None:
+    p = Path(out_dir) / META_FILE
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def mismatches(stored: dict[str, Any], wanted: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
+    return [f"{k}: stored {stored.get(k)!r}, now {wanted.get(k)!r}"
+            for k in keys if stored.get(k) != wanted.get(k)]
+
+
+def check_run_identity(out_dir: Path, identity: dict[str, Any], *, overwrite: bool) -> None:
+    """Refuse to mix results of different requests (or models) in one directory."""
+    out_dir = Path(out_dir)
+    stored = read_meta(out_dir)
+    if stored is None:
+        return
+    problems = mismatches(stored, identity, IDENTITY_KEYS)
+    sm, wm = stored.get("model", {}), identity["model"]
+    problems += [f"model.{p}" for p in mismatches(sm, wm, ("linears_sha256", "weights_sha256"))]
+    if not problems:
+        return
+    if overwrite:
+        log.warning("overwriting Hessians in %s (%s)", out_dir, "; ".join(problems))
+        for p in list(out_dir.glob("block_*.safetensors")) + [out_dir / META_FILE]:
+            p.unlink()
+        shutil.rmtree(out_dir / "resume", ignore_errors=True)
+        return
+    raise HessianMetadataError(
+        f"{out_dir} holds Hessians from a different run ({'; '.join(problems)}). "
+        "Use another output directory, or pass overwrite=True to discard them.")
+
+
+def write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
+    atomic_write_text(Path(out_dir) / META_FILE, json.dumps(meta, indent=1, sort_keys=True))
+
+
+# -- resume state ----------------------------------------------------------------------------
+
+def resume_dir(out_dir: Path, blocks: list[int]) -> Path:
+    return Path(out_dir) / "resume" / f"blocks-{blocks[0]:04d}-{blocks[-1]:04d}"
+
+
+def save_checkpoint(state_dir: Path, progress: dict[str, Any],
+                    block_tensors: dict[int, dict[str, Tensor]],
+                    block_meta: dict[int, dict[str, Any]]) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    old = read_progress(state_dir)
+    ckpt_id = (old["ckpt_id"] + 1) if old else 0
+    ckpt = state_dir / f"ckpt-{ckpt_id:06d}"
+    shutil.rmtree(ckpt, ignore_errors=True)
+    ckpt.mkdir()
+    for i, tensors in block_tensors.items():
+        atomic_save_tensors(ckpt / block_filename(i), tensors, block_meta[i])
+    atomic_write_text(state_dir / "progress.json",
+                      json.dumps({**progress, "ckpt_id": ckpt_id}, indent=1, sort_keys=True))
+    for p in state_dir.glob("ckpt-*"):
+        if p != ckpt:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_progress(state_dir: Path) -> dict[str, Any] | None:
+    p = state_dir / "progress.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def load_checkpoint(state_dir: Path, progress: dict[str, Any], blocks: list[int],
+                    device: torch.device) -> dict[int, tuple[dict[str, Tensor], dict]]:
+    ckpt = state_dir / f"ckpt-{progress['ckpt_id']:06d}"
+    return {i: read_tensors(ckpt / block_filename(i), device) for i in blocks}
+
+
+# -- loading finished results ------------------------------------------------------------------
+
+def load_hessians(path: str | os.PathLike, model: nn.Module | None = None, *,
+                  device: str | torch.device = "cpu", blocks: range | list[int] | None = None,
+                  strict: bool = True) -> dict[str, LayerHessian]:
+    """Read factors written by :func:`yaqa.collect_hessians` and check them against ``model``.
+
+    Raises :class:`HessianMetadataError` naming every mismatch (layer shapes, model, missing
+    blocks). A different weight sample (e.g. the same model in another dtype) only warns unless
+    ``strict`` and the layer shapes differ too.
+    """
+    out_dir = Path(path)
+    meta = read_meta(out_dir)
+    if meta is None:
+        raise HessianMetadataError(f"{out_dir} has no {META_FILE}: not a yaqa Hessian directory "
+                                   "(or the collection never started)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise HessianMetadataError(f"{out_dir} was written in format {meta.get('format_version')},"
+                                   f" this yaqa reads format {FORMAT_VERSION}; collect again")
+    expected: dict[str, tuple[int, int, int]] = {}
+    if model is not None:
+        adapter = get_adapter(model)
+        fp = model_fingerprint(model, adapter)
+        sm = meta.get("model", {})
+        if sm.get("weights_sha256") != fp["weights_sha256"]:
+            log.warning("Hessians in %s were collected on different weights (%s) than this model "
+                        "(%s)", out_dir, sm.get("model_name"), fp["model_name"])
+        if strict and sm.get("linears_sha256") != fp["linears_sha256"]:
+            log.warning("layer list of %s differs from the model's; checking layer by layer",
+                        out_dir)
+        for name, bi, mod in adapter.named_linears(model):
+            expected[name] = (bi, int(mod.out_features), int(mod.in_features))
+    files = sorted(out_dir.glob("block_*.safetensors"))
+    present = {int(p.stem.split("_")[1]): p for p in files}
+    wanted_blocks = (sorted(set(blocks)) if blocks is not None
+                     else sorted({b for b, _, _ in expected.values()}) if expected
+                     else sorted(present))
+    missing = [b for b in wanted_blocks if b not in present]
+    if missing:
+        raise HessianMetadataError(
+            f"{out_dir} lacks finished blocks {missing} (unfinished or never collected); run the "
+            "collection again with the same out_dir to resume, or pass blocks=... to load a subset")
+    problems: list[str] = []
+    out: dict[str, LayerHessian] = {}
+    for b in wanted_blocks:
+        tensors, bmeta = read_tensors(present[b], device)
+        prefix = bmeta.get("block_prefix", "")
+        for rel, info in bmeta.get("layers", {}).items():
+            name = f"{prefix}{rel}"
+            h_in, h_out = tensors[f"{rel}.H_in"], tensors[f"{rel}.H_out"]
+            if expected:
+                if name not in expected:
+                    problems.append(f"{name}: stored, but the model has no such linear layer")
+                    continue
+                _, m, n = expected.pop(name)
+                if tuple(h_in.shape) != (n, n) or tuple(h_out.shape) != (m, m):
+                    problems.append(f"{name}: stored H_in {tuple(h_in.shape)}, H_out "
+                                    f"{tuple(h_out.shape)}; the layer is {m}×{n} (out×in), so "
+                                    f"expected ({n}, {n}) and ({m}, {m})")
+                    continue
+            out[name] = LayerHessian(name, h_in, h_out, tensors.get(f"{rel}.H_x"),
+                                     int(info["n_seqs"]), int(info["n_tokens"]),
+                                     meta["sketch"], int(meta["power_iters"]))
+    left = [n for n, (b, _, _) in expected.items() if b in wanted_blocks]
+    if left:
+        problems.append(f"no factors stored for {left}")
+    if problems:
+        raise HessianMetadataError(f"Hessians in {out_dir} do not fit this model "
+                                   f"({meta.get('model', {}).get('model_name')}):\n  "
+                                   + "\n  ".join(problems))
+    return out
