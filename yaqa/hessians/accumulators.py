@@ -207,6 +207,7 @@ class LayerAccumulator:
             # ALS chains with the same fixed point, at the cost of one pass per step
             self._frozen_in = _unit_frobenius(self.factors["H_in"])
             self._frozen_out = _unit_frobenius(self.factors["H_out"])
+            self._prev_in_norm = self.factors["H_in"].norm()
 
     def end_pass(self) -> None:
         """Turn this pass's (already reduced) sums into means and store them as factors."""
@@ -218,9 +219,15 @@ class LayerAccumulator:
             self.factors[name] = s
         if self.kind == "hx":
             self.factors["H_in"] = self.factors["H_x"]  # Sketch A starts from E[x^T x]
+        if self.kind == "b_iter":
+            # H_out is the least-squares partner of the *previous* H_in; giving the new H_in (a
+            # better direction) the previous norm keeps the pair's product at that optimum,
+            # which at the fixed point is exactly the nearest Kronecker product
+            h = self.factors["H_in"]
+            h *= self._prev_in_norm / h.norm().clamp_min(torch.finfo(h.dtype).tiny)
         self.sums, self._frozen = {}, None
-        self.__dict__.pop("_frozen_in", None)
-        self.__dict__.pop("_frozen_out", None)
+        for k in ("_frozen_in", "_frozen_out", "_prev_in_norm"):
+            self.__dict__.pop(k, None)
 
     # -- updates ------------------------------------------------------------------------------
     def update_forward(self, X: Tensor) -> None:

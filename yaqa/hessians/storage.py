@@ -206,8 +206,10 @@ def load_hessians(path: str | os.PathLike, model: nn.Module | None = None, *,
         fp = model_fingerprint(model, adapter)
         sm = meta.get("model", {})
         if sm.get("weights_sha256") != fp["weights_sha256"]:
-            log.warning("Hessians in %s were collected on different weights (%s) than this model "
-                        "(%s)", out_dir, sm.get("model_name"), fp["model_name"])
+            log.warning("Hessians in %s were collected on other weights than this model's "
+                        "(weight samples differ; stored model %r, this one %r): fine for the "
+                        "same model in another dtype, wrong for a different checkpoint",
+                        out_dir, sm.get("model_name"), fp["model_name"])
         if strict and sm.get("linears_sha256") != fp["linears_sha256"]:
             log.warning("layer list of %s differs from the model's; checking layer by layer",
                         out_dir)
