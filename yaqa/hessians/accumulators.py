@@ -143,6 +143,8 @@ class ProductCache:
     def __init__(self, size: int = 2):
         self.size = size
         self._entries: list[tuple[tuple, Tensor, dict[str, Tensor]]] = []
+        # n×n products are recycled: fresh large allocations page-fault on CPU every step
+        self._pool: dict[tuple, list[Tensor]] = {}
 
     @staticmethod
     def _key(x: Tensor) -> tuple:
@@ -157,12 +159,31 @@ class ProductCache:
                     vals[what] = compute()
                 return vals[what]
         vals = {what: compute()}
+        if self.size == 0:
+            return vals[what]
         self._entries.append((key, x, vals))
+        for _, _, old in self._entries[: -self.size]:
+            self._recycle(old)
         del self._entries[: -self.size]
         return vals[what]
 
+    def zeros(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        free = self._pool.get((n, dtype, device))
+        return free.pop().zero_() if free else torch.zeros(n, n, dtype=dtype, device=device)
+
+    def _recycle(self, vals: dict[str, Tensor]) -> None:
+        for k, t in vals.items():
+            if k == "xtx":
+                self._pool.setdefault((t.shape[0], t.dtype, t.device), []).append(t)
+
     def clear(self) -> None:
+        for _, _, vals in self._entries:
+            self._recycle(vals)
         self._entries.clear()
+
+    def release(self) -> None:
+        self.clear()
+        self._pool.clear()
 
 
 class LayerAccumulator:
@@ -241,11 +262,11 @@ class LayerAccumulator:
     def update_backward(self, X: Tensor, G: Tensor, cache: ProductCache | None = None) -> None:
         b, T, n = X.shape
         m = G.shape[-1]
-        cache = cache or ProductCache(0)
+        cache = cache if cache is not None else ProductCache(0)
         kind, prod = self.kind, self.prod
         x2, g2 = X.reshape(b * T, n), G.reshape(b * T, m)
         if "H_x" in self.sums:
-            self.sums["H_x"] += cache.get(X, "xtx", lambda: _full_gram(x2, prod))
+            self.sums["H_x"] += cache.get(X, "xtx", lambda: _full_gram(x2, prod, cache))
         if kind == "b":
             route = self.route if self.route != "auto" else choose_route(T, m, n)
             if route == "gram":
@@ -318,8 +339,8 @@ class LayerAccumulator:
             self.counts = dict(counts)
 
 
-def _full_gram(x2: Tensor, prod: Products) -> Tensor:
-    out = torch.zeros(x2.shape[1], x2.shape[1], device=x2.device, dtype=prod.acc_dtype)
+def _full_gram(x2: Tensor, prod: Products, cache: ProductCache) -> Tensor:
+    out = cache.zeros(x2.shape[1], prod.acc_dtype, x2.device)
     sym_addmm(out, x2, x2, prod, "first")
     return out
 

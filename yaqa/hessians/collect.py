@@ -145,7 +145,7 @@ class HessianCollector:
         for p, rg in self._saved_grad:
             p.requires_grad_(rg)
         self.model.train(self._was_training)
-        self.cache.clear()
+        self.cache.release()
 
     def _make_leaf(self, module: nn.Module, args: tuple, kwargs: dict):
         # backward stops here: nothing below the first collected block needs gradients
