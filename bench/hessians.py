@@ -215,7 +215,7 @@ def layer_micro(b: int, T: int, steps: int) -> list[dict]:
                 cuda_time(lambda: acc.update_backward(X, G), steps, 2))
             del acc
         Xf, Gf = X.float(), G.float()
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
 
         def reference():  # the straightforward fp32 order: ∇W_b, then both Grams of it
             Dg = torch.einsum("btm,btn->bmn", Gf, Xf)

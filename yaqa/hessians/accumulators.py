@@ -16,10 +16,13 @@ mirrored at the end of a pass.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "full", "tf32", "bf16")
 PASS_KINDS = ("hx", "b", "b_iter", "a_out", "a_in")
@@ -41,12 +44,16 @@ def resolve_precision(precision: str, device: torch.device, dtype: torch.dtype) 
 @contextlib.contextmanager
 def _tf32(enabled: bool) -> Iterator[None]:
     """TF32 for the products inside this block only; the model's own matmuls are left as set."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+    mm = torch.backends.cuda.matmul
+    # torch >= 2.9 refuses a mix of its legacy (allow_tf32) and new (fp32_precision) switches
+    attr, value = (("fp32_precision", "tf32" if enabled else "ieee")
+                   if hasattr(mm, "fp32_precision") else ("allow_tf32", enabled))
+    old = getattr(mm, attr)
+    setattr(mm, attr, value)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        setattr(mm, attr, old)
 
 
 class Products:
@@ -70,7 +77,8 @@ class Products:
             return None
         try:
             return (torch.bmm if batched else torch.mm)(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
+        except (RuntimeError, TypeError) as e:
+            log.info("bf16 products with fp32 output unavailable (%s); using TF32 instead", e)
             self._out_dtype_ok = False
             return None
 
