@@ -84,6 +84,9 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=No
             "format": "yaqa",
             "format_version": FORMAT_VERSION,
             "yaqa_version": __version__,
+            # Attention kernels differ in the last bits; reload with the one used here so the
+            # loaded model reproduces the in-memory logits exactly.
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "modules": {
                 name: {"in_features": m.in_features, "out_features": m.out_features,
                        "bias": m.bias is not None, "incoherence": m.incoherence,
@@ -126,7 +129,7 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None) -> nn.Module:
+         dtype: torch.dtype | None = None, attn_implementation: str | None = None) -> nn.Module:
     """Rebuild a working model from a checkpoint directory alone."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -134,8 +137,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     p = Path(path)
     record = read_record(p)
     config = AutoConfig.from_pretrained(p)
+    attn = attn_implementation or record.get("attn_implementation")
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(
+            config, **({"attn_implementation": attn} if attn else {}))
     compute_dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(compute_dtype, str):
         compute_dtype = getattr(torch, compute_dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..io.packing import pack_codes, packed_nbytes, unpack_codes
+from .packing import pack_codes, packed_nbytes, unpack_codes
 from ..quantizers import FittedGrid, Quantizer
 
 
