@@ -145,28 +145,32 @@ def stats_flops(model, b: int, T: int, collect_hx: bool = True) -> tuple[float, 
 
 # -- accuracy ------------------------------------------------------------------------------------
 
-def capture_xg(model, ids):
-    """(X, G) of every linear for one micro-batch, through the collector's own hooks."""
-    caught = {}
+def capture_xg(model, ids_list):
+    """(X, G) of every linear for each micro-batch, through the collector's own hooks."""
+    caught = [{} for _ in ids_list]
     col = HessianCollector(model, range(len(get_adapter(model).blocks(model))))
+    cur = {}
 
     def grab(name, x, g):
-        caught[name] = (x.reshape(ids.shape[0], -1, x.shape[-1]),
-                        g.reshape(ids.shape[0], -1, g.shape[-1]))
+        b = cur["ids"].shape[0]
+        cur["out"][name] = (x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1]))
     col._on_backward = grab
     with col:
         col.begin_pass("b")
-        col.step(ids, range(ids.shape[0]))
+        for k, ids in enumerate(ids_list):
+            cur.update(ids=ids, out=caught[k])
+            col.step(ids, range(k * ids.shape[0], (k + 1) * ids.shape[0]))
     return caught
 
 
-def factors_for(X, G, kind: str, dtype, precision, h_in=None):
-    n, m = X.shape[-1], G.shape[-1]
-    acc = LayerAccumulator(n, m, device=X.device, dtype=dtype, precision=precision)
+def factors_for(batches, kind: str, dtype, precision, h_in=None):
+    n, m = batches[0][0].shape[-1], batches[0][1].shape[-1]
+    acc = LayerAccumulator(n, m, device=batches[0][0].device, dtype=dtype, precision=precision)
     if kind == "a_out":
         acc.factors["H_in"] = h_in.to(dtype)
     acc.begin_pass(kind)
-    acc.update_backward(X, G)
+    for X, G in batches:
+        acc.update_backward(X, G)
     acc.end_pass()
     return acc.factors
 
@@ -175,23 +179,26 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def accuracy(model, ids, precisions) -> dict:
-    caught = capture_xg(model, ids)
+def accuracy(model, ids_list, precisions) -> dict:
+    """Relative Frobenius error vs fp64 of factors from 1 micro-batch and from all of them
+    (rounding errors are zero-mean, so they shrink as sequences accumulate; the signal does not)."""
+    caught = capture_xg(model, ids_list)
     out = {}
-    for name, (X, G) in caught.items():
-        ref = factors_for(X, G, "b", torch.float64, "full")
-        row = {}
-        for p in precisions:
-            f = factors_for(X, G, "b", torch.float32, p)
-            row[p] = {k: rel(f[k], ref[k]) for k in ("H_in", "H_out", "H_x")}
-            del f
-        ref_a = factors_for(X, G, "a_out", torch.float64, "full", h_in=ref["H_x"])
-        for p in precisions:
-            f = factors_for(X, G, "a_out", torch.float32, p, h_in=ref["H_x"])
-            row[p]["A_H_out"] = rel(f["H_out"], ref_a["H_out"])
+    for name in caught[0]:
+        row = {p: {} for p in precisions}
+        for nb in sorted({1, len(ids_list)}):
+            batches = [c[name] for c in caught[:nb]]
+            ref = factors_for(batches, "b", torch.float64, "full")
+            ref_a = factors_for(batches, "a_out", torch.float64, "full", h_in=ref["H_x"])
+            for p in precisions:
+                f = factors_for(batches, "b", torch.float32, p)
+                row[p].update({f"{k}@{nb}": rel(f[k], ref[k]) for k in ("H_in", "H_out", "H_x")})
+                f = factors_for(batches, "a_out", torch.float32, p, h_in=ref["H_x"])
+                row[p][f"A_H_out@{nb}"] = rel(f["H_out"], ref_a["H_out"])
+                del f
+            del ref, ref_a
+            torch.cuda.empty_cache()
         out[name] = row
-        del ref, ref_a
-        torch.cuda.empty_cache()
     return out
 
 
@@ -208,7 +215,7 @@ def layer_micro(b: int, T: int, steps: int) -> list[dict]:
         row = {"m": m, "n": n, "route": choose_route(T, m, n)}
         row["layer_fwd_bwd_ms"] = 1e3 * statistics.median(
             cuda_time(lambda: (X @ W.T, G @ W), steps, 2))
-        for p in ("tf32", "bf16"):
+        for p in ("tf32", "mixed", "bf16"):
             acc = LayerAccumulator(n, m, device="cuda", precision=p, collect_hx=False)
             acc.begin_pass("b")
             row[f"yaqa_{p}_ms"] = 1e3 * statistics.median(
@@ -240,7 +247,7 @@ def gpu_bench(args) -> dict:
     t0 = time.time()
     model = llama_slice(args.layers, "cuda", torch.bfloat16)
     log.info("model built in %.1fs", time.time() - t0)
-    ids_list = [torch.randint(0, 128256, (b, T), device="cuda") for _ in range(4)]
+    ids_list = [torch.randint(0, 128256, (b, T), device="cuda") for _ in range(args.acc_batches)]
     tokens = b * T
     mf = model_flops(model, b, T)
     sf_dense, sf_exec = stats_flops(model, b, T)
@@ -291,15 +298,18 @@ def gpu_bench(args) -> dict:
     torch.cuda.empty_cache()
     if not args.skip_accuracy:
         try:
-            acc = accuracy(model, ids_list[0], args.precisions)
+            acc = accuracy(model, ids_list, args.precisions)
         except Exception:  # keep the timings of this (expensive) run whatever happens here
             log.exception("accuracy check failed")
             acc = {}
         res["accuracy_vs_fp64"] = acc
         for p in args.precisions:
-            worst = max((max(v[p].values()) for v in acc.values()), default=float("nan"))
-            res[f"worst_rel_err_{p}"] = worst
-            log.info("worst rel Frobenius error vs fp64, %s: %.2e", p, worst)
+            for nb in sorted({1, len(ids_list)}):
+                worst = max((e for v in acc.values() for k, e in v[p].items()
+                             if k.endswith(f"@{nb}")), default=float("nan"))
+                res[f"worst_rel_err_{p}_{nb}batches"] = worst
+                log.info("worst rel Frobenius error vs fp64, %-5s after %d micro-batch(es): %.2e",
+                         p, nb, worst)
     if not args.skip_micro:
         del model
         torch.cuda.empty_cache()
@@ -309,9 +319,10 @@ def gpu_bench(args) -> dict:
             log.exception("per-layer benchmark failed")
             res["per_layer"] = []
         for r in res["per_layer"]:
-            log.info("layer %5dx%-5d %s: einsum %.1f ms, yaqa tf32 %.1f ms, bf16 %.1f ms, "
-                     "layer fwd+bwd %.2f ms", r["m"], r["n"], r["route"], r["einsum_fp32_ms"],
-                     r["yaqa_tf32_ms"], r["yaqa_bf16_ms"], r["layer_fwd_bwd_ms"])
+            log.info("layer %5dx%-5d %s: einsum %.1f ms, yaqa tf32 %.1f / mixed %.1f / bf16 %.1f "
+                     "ms, layer fwd+bwd %.2f ms", r["m"], r["n"], r["route"],
+                     r["einsum_fp32_ms"], r["yaqa_tf32_ms"], r["yaqa_mixed_ms"],
+                     r["yaqa_bf16_ms"], r["layer_fwd_bwd_ms"])
     return res
 
 
@@ -359,7 +370,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--precisions", nargs="+", default=["tf32", "bf16"])
+    ap.add_argument("--precisions", nargs="+", default=["tf32", "mixed", "bf16"])
+    ap.add_argument("--acc-batches", type=int, default=8)
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-micro", action="store_true")
     ap.add_argument("--smollm-cpu", action="store_true")

@@ -24,7 +24,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "full", "tf32", "bf16")
+PRECISIONS = ("auto", "full", "tf32", "mixed", "bf16")
 PASS_KINDS = ("hx", "b", "b_iter", "a_out", "a_in")
 
 _SYM_TILE = 2048  # lower-triangle tiles of this size keep each GEMM large enough to run at full rate
@@ -57,47 +57,65 @@ def _tf32(enabled: bool) -> Iterator[None]:
 
 
 class Products:
-    """Matrix products at one of the precision levels, all returning ``acc_dtype`` results.
+    """Matrix products at a precision per level, all returning ``acc_dtype`` results.
 
-    "first" products multiply two activations (X, G) as they come from the model. bf16×bf16
+    Levels: "first" multiplies two activations (X, G) as they come from the model; bf16×bf16
     products are exact in fp32, so bf16 tensor cores with fp32 accumulation lose nothing there.
-    "second" products multiply an fp32 intermediate (a Gram matrix, a factor) with an activation:
-    TF32 rounds the intermediate to 10 mantissa bits (rel. 5e-4 per element, zero mean); "bf16"
-    rounds it to 8 bits (faster, measured in bench/hessians.py); "full" keeps fp32/fp64.
+    "mid" multiplies an fp32 intermediate (a T×T Gram, a frozen factor) with an activation;
+    "final" is the large symmetric product accumulated into a factor (X^T Y, G^T Z, D^T D).
+    TF32 rounds the fp32 operand to 10 mantissa bits (rel. 5e-4 per element, zero mean), bf16 to
+    8 bits (twice the tensor-core rate); "full" keeps fp32/fp64. Per precision mode:
+
+        mode    first   mid     final
+        full    full    full    full
+        tf32    bf16TC  tf32    tf32
+        mixed   bf16TC  tf32    bf16
+        bf16    bf16TC  bf16    bf16
+
+    (bf16TC: bf16 tensor cores with fp32 output when both operands are bf16/fp16, else TF32.)
+    bench/hessians.py measures speed and error of each mode against fp64.
     """
+
+    MODES = {"full": ("full", "full", "full"), "tf32": ("first", "tf32", "tf32"),
+             "mixed": ("first", "tf32", "bf16"), "bf16": ("first", "bf16", "bf16")}
 
     def __init__(self, precision: str, acc_dtype: torch.dtype, device: torch.device):
         self.precision = precision
         self.acc_dtype = acc_dtype
         self.cuda = device.type == "cuda"
         self._out_dtype_ok = self.cuda  # torch's mm(out_dtype=fp32) exists for bf16/fp16 on CUDA only
+        first, mid, final = self.MODES[precision]
+        # bf16 operands only pay off where tensor cores exist; on CPU they fall back to fp32
+        self._how = {"first": first, "mid": mid if self.cuda or mid != "bf16" else "tf32",
+                     "final": final if self.cuda or final != "bf16" else "tf32"}
 
-    def _low(self, a: Tensor, b: Tensor, batched: bool) -> Tensor | None:
-        if not (self._out_dtype_ok and a.dtype in _LOW_PRECISION and b.dtype == a.dtype):
-            return None
-        try:
-            return (torch.bmm if batched else torch.mm)(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError) as e:
-            log.info("bf16 products with fp32 output unavailable (%s); using TF32 instead", e)
-            self._out_dtype_ok = False
-            return None
+    def operand(self, t: Tensor, level: str) -> Tensor:
+        """``t`` in the dtype the product of ``level`` consumes (convert once, slice many times)."""
+        how = self._how[level]
+        if how == "full":
+            return t.to(self.acc_dtype)
+        if how == "bf16":
+            return t if t.dtype in _LOW_PRECISION else t.to(torch.bfloat16)
+        if how == "tf32":
+            return t.float()
+        return t
 
     def mm(self, a: Tensor, b: Tensor, level: str) -> Tensor:
-        batched = a.dim() == 3
-        if self.precision == "full":
+        a, b = self.operand(a, level), self.operand(b, level)
+        f = torch.bmm if a.dim() == 3 else torch.mm
+        if self._how[level] == "full":
             with _tf32(False) if self.cuda else contextlib.nullcontext():
-                return (torch.bmm if batched else torch.mm)(a.to(self.acc_dtype),
-                                                            b.to(self.acc_dtype))
-        if self.precision == "bf16" and level == "second" and self.cuda:
-            low = a.dtype if a.dtype in _LOW_PRECISION else (b.dtype if b.dtype in _LOW_PRECISION
-                                                              else torch.bfloat16)
-            a, b = a.to(low), b.to(low)
-        out = self._low(a, b, batched)
-        if out is not None:
-            return out
-        # bf16 values are exact in TF32, so a first-level product loses nothing here either
+                return f(a, b)
+        if a.dtype != b.dtype:  # "first" with one fp32 operand: TF32 (bf16 is exact in TF32)
+            a, b = a.float(), b.float()
+        if self._out_dtype_ok and a.dtype in _LOW_PRECISION:
+            try:
+                return f(a, b, out_dtype=torch.float32).to(self.acc_dtype)
+            except (RuntimeError, TypeError) as e:
+                log.info("bf16 products with fp32 output unavailable (%s); using TF32", e)
+                self._out_dtype_ok = False
         with _tf32(self.cuda):
-            return (torch.bmm if batched else torch.mm)(a.float(), b.float()).to(self.acc_dtype)
+            return f(a.float(), b.float()).to(self.acc_dtype)
 
 
 def sym_tiles(n: int) -> list[tuple[int, int]]:
@@ -113,6 +131,7 @@ def sym_addmm(acc: Tensor, a: Tensor, b: Tensor, prod: Products, level: str) -> 
     (57% of the full product for n = 14336); :func:`mirror_lower` restores the upper half.
     """
     tiles = sym_tiles(acc.shape[0])
+    a, b = prod.operand(a, level), prod.operand(b, level)
     if len(tiles) == 1:
         acc += prod.mm(a.T, b, level)
         return
@@ -282,17 +301,17 @@ class LayerAccumulator:
             else:
                 D = prod.mm(G.transpose(1, 2), X, "first")  # [b, m, n] per-sequence ∇W_b
                 sym_addmm(self.sums["H_in"], D.reshape(b * m, n), D.reshape(b * m, n), prod,
-                          "second")
+                          "final")
                 Dt = D.transpose(1, 2).reshape(b * n, m)
-                sym_addmm(self.sums["H_out"], Dt, Dt, prod, "second")
+                sym_addmm(self.sums["H_out"], Dt, Dt, prod, "final")
         elif kind == "b_iter":
             self._gram_step(X, G, self._frozen_in, self._frozen_out, cache)
         elif kind == "a_out":
-            w = (prod.mm(x2, self._frozen, "second") * x2).sum(-1)  # x_t Ĥ_in x_t^T
-            sym_addmm(self.sums["H_out"], g2, w[:, None] * g2, prod, "second")
+            w = (prod.mm(x2, self._frozen, "mid") * x2).sum(-1)  # x_t Ĥ_in x_t^T
+            sym_addmm(self.sums["H_out"], g2, w[:, None] * g2, prod, "final")
         elif kind == "a_in":
-            w = (prod.mm(g2, self._frozen, "second") * g2).sum(-1)  # g_t Ĥ_out g_t^T
-            sym_addmm(self.sums["H_in"], x2, w[:, None] * x2, prod, "second")
+            w = (prod.mm(g2, self._frozen, "mid") * g2).sum(-1)  # g_t Ĥ_out g_t^T
+            sym_addmm(self.sums["H_in"], x2, w[:, None] * x2, prod, "final")
         else:
             raise RuntimeError(f"pass kind {kind!r} collects nothing in backward")
         self.counts["seqs"] += b
@@ -311,18 +330,18 @@ class LayerAccumulator:
         if Hout is None:
             SG = prod.mm(G, G.transpose(1, 2), "first")
         else:
-            SG = prod.mm(prod.mm(G.reshape(b * T, m), Hout, "second").reshape(b, T, m),
-                         G.transpose(1, 2), "second")
-        Y = prod.mm(SG, X, "second").reshape(b * T, n)
-        sym_addmm(self.sums["H_in"], X.reshape(b * T, n), Y, prod, "second")
+            SG = prod.mm(prod.mm(G.reshape(b * T, m), Hout, "mid").reshape(b, T, m),
+                         G.transpose(1, 2), "mid")
+        Y = prod.mm(SG, X, "mid").reshape(b * T, n)
+        sym_addmm(self.sums["H_in"], X.reshape(b * T, n), Y, prod, "final")
         del SG, Y
         if Hin is None:
             SX = cache.get(X, "xxt", lambda: prod.mm(X, X.transpose(1, 2), "first"))
         else:
-            SX = prod.mm(prod.mm(X.reshape(b * T, n), Hin, "second").reshape(b, T, n),
-                         X.transpose(1, 2), "second")
-        Z = prod.mm(SX, G, "second").reshape(b * T, m)
-        sym_addmm(self.sums["H_out"], G.reshape(b * T, m), Z, prod, "second")
+            SX = prod.mm(prod.mm(X.reshape(b * T, n), Hin, "mid").reshape(b, T, n),
+                         X.transpose(1, 2), "mid")
+        Z = prod.mm(SX, G, "mid").reshape(b * T, m)
+        sym_addmm(self.sums["H_out"], G.reshape(b * T, m), Z, prod, "final")
 
     # -- state ---------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
