@@ -27,6 +27,7 @@ import torch
 
 from yaqa.quantizers import make_quantizer
 from yaqa.rounding import ldlq_round, prepare_factor, round_weight, yaqa_round
+from yaqa.rounding.threads import small_cpu_problem_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,11 +75,15 @@ def bench_shape(m: int, n: int, device: str, repeats: int, quant: str, group: in
     row["yaqa_rht_s"] = timeit(lambda: round_weight(W, Hi, Ho, q, "yaqa", incoherence=True),
                                device, repeats)
     # The rounding loop alone, on prepared factors (what the block size and wavefront change).
-    pi, po = prepare_factor(Hi, 16), prepare_factor(Ho, 16)
-    grid = q.fit(W)
-    row["ldlq_engine_s"] = timeit(lambda: ldlq_round(W, grid, pi.A, 16), device, repeats)
-    row["yaqa_engine_s"] = timeit(lambda: yaqa_round(W, grid, pi.A, po.A, 16, 16), device, repeats)
-    row["prepare_s"] = timeit(lambda: (prepare_factor(Hi, 16), prepare_factor(Ho, 16)), device, 1)
+    # Same threading as inside round_weight, so the parts add up to the whole.
+    with small_cpu_problem_threads(W):
+        pi, po = prepare_factor(Hi, 16), prepare_factor(Ho, 16)
+        grid = q.fit(W)
+        row["ldlq_engine_s"] = timeit(lambda: ldlq_round(W, grid, pi.A, 16), device, repeats)
+        row["yaqa_engine_s"] = timeit(lambda: yaqa_round(W, grid, pi.A, po.A, 16, 16), device,
+                                      repeats)
+        row["prepare_s"] = timeit(lambda: (prepare_factor(Hi, 16), prepare_factor(Ho, 16)),
+                                  device, 1)
     r = {k: round_weight(W, Hi, Ho, q, k, return_details=True) for k in ("rtn", "ldlq", "yaqa")}
     row["proxy_rel"] = {k: v.proxy_loss_relative for k, v in r.items()}
     del W, Hi, Ho, pi, po, r

@@ -12,6 +12,7 @@ from ..quantizers import FittedGrid, Quantizer, make_quantizer
 from .ldlq import ldlq_round
 from .prepare import PreparedFactor, normalize_factor, prepare_factor, validate_factor, validate_weight
 from .rtn import rtn_round
+from .threads import small_cpu_problem_threads
 from .yaqa import yaqa_round
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,13 @@ def round_weight(
     Returns Ŵ with ``W``'s shape, dtype and device, or a :class:`RoundResult` if ``return_details``.
     """
     validate_weight(W)
+    with small_cpu_problem_threads(W):
+        return _round_weight(W, H_in, H_out, quantizer, method, incoherence, block_size,
+                             block_size_out, sigma, max_sigma, group_size, return_details)
+
+
+def _round_weight(W, H_in, H_out, quantizer, method, incoherence, block_size, block_size_out,
+                  sigma, max_sigma, group_size, return_details):
     method = str(method).lower()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

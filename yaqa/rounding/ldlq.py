@@ -12,32 +12,10 @@ feedback ``F`` is updated with one GEMM per block, so the total is about ``2 m n
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 from ..quantizers.base import FittedGrid
-
-
-# Below this many weights the per-step kernels are too small to amortise OpenMP fork/join, and on
-# a shared CPU the barrier waits dominate: 576x1536 YAQA took 5 s with 2 threads vs 0.8 s with 1
-# at load 5 on 2 cores.  Large CPU problems keep all threads.
-SMALL_CPU_PROBLEM = 4 * 1024 * 1024
-
-
-@contextlib.contextmanager
-def cpu_loop_threads(W: torch.Tensor) -> Iterator[None]:
-    """Run a rounding loop over a small CPU matrix with one intra-op thread (restored after)."""
-    if W.device.type != "cpu" or W.numel() > SMALL_CPU_PROBLEM or torch.get_num_threads() == 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from .threads import small_cpu_problem_threads
 
 
 def ldlq_round(
@@ -60,7 +38,7 @@ def ldlq_round(
     F = torch.zeros_like(W)  # F[:, c] = feedback already owed to column c
     rows = torch.arange(m, device=dev)
     nb = -(-n // block)
-    with cpu_loop_threads(W):
+    with small_cpu_problem_threads(W):
         _ldlq_loop(W, grid, A, block, Q, codes, F, rows, nb)
     return Q, codes
 

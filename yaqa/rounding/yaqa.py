@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from ..quantizers.base import FittedGrid
-from .ldlq import cpu_loop_threads, ldlq_round
+from .ldlq import ldlq_round
+from .threads import small_cpu_problem_threads
 
 
 def _pad_square(A: torch.Tensor, size: int, dev: torch.device, dt: torch.dtype) -> torch.Tensor:
@@ -85,7 +86,7 @@ def yaqa_round(
     rows_all = (i_all[:, None] * bo + torch.arange(bo, device=dev)).clamp_(max=m - 1)
     cols_rev = (j_rev[:, None] * bi + torch.arange(bi, device=dev)).clamp_(max=n - 1)
 
-    with cpu_loop_threads(W):
+    with small_cpu_problem_threads(W):
         for s in range(M + N - 2, -1, -1):
             i0, i1 = max(0, s - (N - 1)), min(M - 1, s)
             # Tiles ordered by ascending i, hence descending j = s - i.

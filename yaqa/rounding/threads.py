@@ -1,0 +1,34 @@
+"""Intra-op threading for small CPU problems."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+# Below this size the kernels of one rounding call (thousands of small ops, LDL of factors up to
+# 4096²) are too small to amortise OpenMP fork/join, and on a shared CPU the barrier waits
+# dominate: 576x1536 YAQA took 5 s with 2 threads vs 0.8 s with 1 at load 5 on 2 cores.
+# Larger CPU problems keep all threads.
+SMALL_CPU_WEIGHT = 4 * 1024 * 1024
+SMALL_CPU_FACTOR = 4096
+
+
+@contextlib.contextmanager
+def small_cpu_problem_threads(W: torch.Tensor) -> Iterator[None]:
+    """Use one intra-op thread while rounding a small CPU matrix (restored afterwards).
+
+    Note: torch's thread count is process-wide, so other threads running torch ops meanwhile
+    also see one thread for the duration.
+    """
+    small = W.numel() <= SMALL_CPU_WEIGHT and max(W.shape) <= SMALL_CPU_FACTOR
+    if W.device.type != "cpu" or not small or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
