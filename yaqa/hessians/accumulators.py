@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -88,6 +89,9 @@ class Products:
         # bf16 operands only pay off where tensor cores exist; on CPU they fall back to fp32
         self._how = {"first": first, "mid": mid if self.cuda or mid != "bf16" else "tf32",
                      "final": final if self.cuda or final != "bf16" else "tf32"}
+
+    def same_operand(self, a: str, b: str) -> bool:
+        return self._how[a] == self._how[b] and self._how[a] != "first"
 
     def operand(self, t: Tensor, level: str) -> Tensor:
         """``t`` in the dtype the product of ``level`` consumes (convert once, slice many times)."""
@@ -169,7 +173,7 @@ class ProductCache:
 
     def __init__(self, size: int = 2):
         self.size = size
-        self._entries: list[tuple[tuple, Tensor, dict[str, Tensor]]] = []
+        self._entries: list[tuple[tuple, Tensor, dict[str, Any]]] = []
         # n×n products are recycled: fresh large allocations page-fault on CPU every step
         self._pool: dict[tuple, list[Tensor]] = {}
 
@@ -178,14 +182,19 @@ class ProductCache:
         return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape),
                 tuple(x.stride()), x.dtype, x._version)
 
-    def get(self, x: Tensor, what: str, compute: Callable[[], Tensor]) -> Tensor:
+    def get(self, x: Tensor, what: str, compute: Callable[[], Tensor],
+            user: LayerAccumulator | None = None) -> Tensor:
         key = self._key(x)
         for k, ref, vals in self._entries:
             if k == key and ref is not None:
                 if what not in vals:
                     vals[what] = compute()
+                if user is not None:
+                    vals.setdefault("users", []).append(user)
                 return vals[what]
         vals = {what: compute()}
+        if user is not None:
+            vals["users"] = [user]
         if self.size == 0:
             return vals[what]
         self._entries.append((key, x, vals))
@@ -198,7 +207,11 @@ class ProductCache:
         free = self._pool.get((n, dtype, device))
         return free.pop().zero_() if free else torch.zeros(n, n, dtype=dtype, device=device)
 
-    def _recycle(self, vals: dict[str, Tensor]) -> None:
+    def _recycle(self, vals: dict[str, Any]) -> None:
+        users = vals.get("users", [])
+        for u in users:
+            # learnt once: a layer whose input nobody shares accumulates E[x^T x] in place
+            u.hx_shared = len(users) > 1
         for k, t in vals.items():
             if k == "xtx":
                 self._pool.setdefault((t.shape[0], t.dtype, t.device), []).append(t)
@@ -226,6 +239,7 @@ class LayerAccumulator:
             raise ValueError(f"route must be 'auto', 'gram' or 'direct', got {route!r}")
         self.route = route
         self.collect_hx = collect_hx
+        self.hx_shared: bool | None = None  # does another layer read the same input tensor?
         self.kind: str | None = None
         self.sums: dict[str, Tensor] = {}
         self.counts = {"seqs": 0, "tokens": 0}
@@ -293,7 +307,11 @@ class LayerAccumulator:
         kind, prod = self.kind, self.prod
         x2, g2 = X.reshape(b * T, n), G.reshape(b * T, m)
         if "H_x" in self.sums:
-            self.sums["H_x"] += cache.get(X, "xtx", lambda: _full_gram(x2, prod, cache))
+            if self.hx_shared is False:
+                sym_addmm(self.sums["H_x"], x2, x2, prod, "first")
+            else:
+                self.sums["H_x"] += cache.get(X, "xtx", lambda: _full_gram(x2, prod, cache),
+                                              user=self)
         if kind == "b":
             route = self.route if self.route != "auto" else choose_route(T, m, n)
             if route == "gram":
@@ -327,8 +345,11 @@ class LayerAccumulator:
         b, T, n = X.shape
         m = G.shape[-1]
         prod = self.prod
+        X0, G0 = X, G  # as the model gave them: first-level products and the cache key
+        if prod.same_operand("mid", "final"):  # one conversion serves both levels
+            X, G = prod.operand(X, "mid"), prod.operand(G, "mid")
         if Hout is None:
-            SG = prod.mm(G, G.transpose(1, 2), "first")
+            SG = prod.mm(G0, G0.transpose(1, 2), "first")
         else:
             SG = prod.mm(prod.mm(G.reshape(b * T, m), Hout, "mid").reshape(b, T, m),
                          G.transpose(1, 2), "mid")
@@ -336,7 +357,7 @@ class LayerAccumulator:
         sym_addmm(self.sums["H_in"], X.reshape(b * T, n), Y, prod, "final")
         del SG, Y
         if Hin is None:
-            SX = cache.get(X, "xxt", lambda: prod.mm(X, X.transpose(1, 2), "first"))
+            SX = cache.get(X0, "xxt", lambda: prod.mm(X0, X0.transpose(1, 2), "first"))
         else:
             SX = prod.mm(prod.mm(X.reshape(b * T, n), Hin, "mid").reshape(b, T, n),
                          X.transpose(1, 2), "mid")
