@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-import yaqa.quantize as yq
+import yaqa.quantize_model as yq
 from yaqa.io import CheckpointError, load, read_record, save_quantized
 from yaqa.nn import QuantizedLinear
-from yaqa.quantize import quantize
+from yaqa.quantize_model import quantize
 from yaqa.models import get_adapter
 
 from tiny_models import FAMILY_CONFIGS, tiny_model

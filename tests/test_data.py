@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from tests.tiny_models import tiny_model
-from yaqa.data import (DataError, DataNotFoundError, batched, calibration_windows, eval_windows,
+from yaqa.data import (wants_bos, DataError, DataNotFoundError, batched, calibration_windows, eval_windows,
                        find_wikitext2, load_text, tokenize)
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3
@@ -60,11 +60,19 @@ def test_eval_windows_add_bos_false_ignores_the_tokenizer_bos(tokenizer, text_fi
 
 def test_eval_windows_first_n_and_whole_text_tokenized_once(tokenizer, text_file):
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
-    w = eval_windows(tokenizer, text_file, ctx=32)
+    w = eval_windows(tokenizer, text_file, ctx=32, add_bos=True)
     assert w.shape[0] == len(ids) // 31
     assert (w[:, 0] == tokenizer.bos_token_id).all()
     assert w[:, 1:].flatten().tolist() == ids[: w.shape[0] * 31]
-    assert torch.equal(eval_windows(tokenizer, text_file, ctx=32, n=3), w[:3])
+    assert torch.equal(eval_windows(tokenizer, text_file, ctx=32, n=3, add_bos=True), w[:3])
+
+
+def test_default_bos_follows_whether_the_tokenizer_adds_one(tokenizer, text_file):
+    # This test tokenizer does not prepend BOS when encoding, so by default windows carry none.
+    assert not wants_bos(tokenizer)
+    w = eval_windows(tokenizer, text_file, ctx=32)
+    assert torch.equal(w, eval_windows(tokenizer, text_file, ctx=32, add_bos=False))
+    assert wants_bos(None) and wants_bos(tokenizer, True) and not wants_bos(None, False)
 
 
 def test_calibration_windows_are_deterministic_for_a_seed(tokenizer, text_file):

@@ -1,6 +1,20 @@
-"""yaqa: quantize Hugging Face language models with YAQA (model-preserving adaptive rounding)."""
+"""yaqa: quantize Hugging Face language models with YAQA (model-preserving adaptive rounding).
+
+    import yaqa
+    hs = yaqa.collect_hessians(model, batches, sketch="B")
+    yaqa.quantize(model, hs, method="yaqa", quantizer="int4", group_size=128)
+    yaqa.save_quantized(model, "out/"); model = yaqa.load("out/")
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from . import evaluate, rounding  # noqa: E402
 from .hessians import collect_hessians, load_hessians  # noqa: E402
+from .io import load, save_quantized  # noqa: E402
+from .models import load_model  # noqa: E402
+from .quantize_model import quantize  # noqa: E402
+
+__all__ = ["collect_hessians", "evaluate", "load", "load_hessians", "load_model", "quantize",
+           "rounding", "save_quantized"]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
-from dataclasses import fields
 
 log = logging.getLogger("yaqa")
 
@@ -75,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sketch", choices=("A", "B"), default="B")
     p.add_argument("--n-seqs", type=int, default=64)
     p.add_argument("--out", required=True, help="directory for the Hessian files (resumable)")
+    p.add_argument("--precision", default="auto", choices=("auto", "full", "tf32", "mixed", "bf16"),
+                   help="statistics arithmetic: auto = tf32 on CUDA, fp32 on CPU")
+    p.add_argument("--fp64", action="store_true", help="accumulate in float64")
+    p.add_argument("--blocks", default=None, help="block range to collect, e.g. 0:16")
+    p.add_argument("--blocks-per-pass", type=int, default=None,
+                   help="collect this many blocks per pass over the data (bounds GPU memory)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward (long contexts)")
+    p.add_argument("--overwrite", action="store_true")
     _add_data(p)
     p.set_defaults(func=cmd_hessians)
 
@@ -113,19 +120,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_hessians(args) -> int:
+    import torch
+
     from .data import calibration_windows
-    from .hessians import collect_hessians
+    from .hessians import run_collection
     from .models import load_model
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     calib = calibration_windows(tok, _calib_source(args.calib), args.n_seqs, args.ctx,
                                 seed=args.seed, model=model)
+    blocks = None
+    if args.blocks:
+        lo, _, hi = args.blocks.partition(":")
+        blocks = range(int(lo or 0), int(hi)) if hi else range(int(lo), int(lo) + 1)
     t = time.perf_counter()
-    hs = collect_hessians(model, calib, sketch=args.sketch, power_iters=args.power_iters,
-                          seed=args.seed, batch_size=args.batch_size, out_dir=args.out,
-                          progress=not args.quiet)
-    print(f"collected Sketch {args.sketch} for {len(hs)} layers from {calib.numel()} tokens in "
-          f"{time.perf_counter() - t:.1f} s -> {args.out}")
+    out = run_collection(model, calib, args.out, sketch=args.sketch,
+                         power_iters=args.power_iters, seed=args.seed,
+                         dtype=torch.float64 if args.fp64 else torch.float32, blocks=blocks,
+                         batch_size=args.batch_size, precision=args.precision,
+                         blocks_per_pass=args.blocks_per_pass,
+                         gradient_checkpointing=args.gradient_checkpointing,
+                         overwrite=args.overwrite, progress=not args.quiet)
+    print(f"Sketch {args.sketch} from {calib.numel()} tokens ({args.n_seqs} x {args.ctx}) in "
+          f"{time.perf_counter() - t:.1f} s -> {out}")
     return 0
 
 
@@ -141,7 +158,7 @@ def cmd_quantize(args) -> int:
     from .io import save_quantized
     from .models import load_model
     from .pipeline import HESSIAN_METHODS
-    from .quantize import quantize
+    from .quantize_model import quantize
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     sketch = HESSIAN_METHODS.get(args.method)
@@ -183,14 +200,18 @@ def cmd_eval(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     device = next(model.parameters()).device
     src = _source(args.eval_data, "eval")
-    ev = eval_windows(tok, src, args.eval_ctx, n=args.n_eval or None,
-                      **({"model": model, "seed": 1} if src == "generated" else {}))
-    ref = evaluate.ReferenceCache(model, ev, batch_size=args.batch_size, progress=not args.quiet)
-    rows = [ResultRow("original", None, None, _param_mb(model), 0.0, ref.perplexity, 1.0, 0.0)]
+    if src == "generated":
+        from .data import calibration_windows
+        ev = calibration_windows(tok, "generated", args.n_eval or 64, args.eval_ctx, seed=1,
+                                 model=model)
+    else:
+        ev = eval_windows(tok, src, args.eval_ctx, n=args.n_eval or None)
+    ref_ppl = evaluate.perplexity(model, ev, batch_size=args.batch_size, progress=not args.quiet)
+    rows = [ResultRow("original", None, None, _param_mb(model), 0.0, ref_ppl, 1.0, 0.0)]
     for ckpt in args.checkpoints:
         rec = read_record(ckpt)
         q = load(ckpt, device=device)
-        r = ref.compare(q)
+        r = evaluate.compare(model, q, ev, batch_size=args.batch_size, progress=not args.quiet)
         qcfg = next(iter(rec["modules"].values()))["quantizer"]
         from .io.checkpoint import dir_size
         rows.append(ResultRow(rec["info"].get("method", ckpt), qcfg.get("bits"),

@@ -12,7 +12,10 @@ Sources (``source`` arguments):
   needs neither files nor network;
 - a 1-D LongTensor of token ids, already tokenized (no tokenizer needed).
 
-Windows are LongTensors ``[n, ctx]``.  With ``add_bos`` and a known BOS id, every window is
+Windows are LongTensors ``[n, ctx]``.  ``add_bos=None`` (the default) follows the tokenizer: BOS
+is added exactly when the tokenizer itself prepends one when encoding text (Llama, Gemma do;
+SmolLM2 and Qwen, whose BOS is a chat-turn marker or absent, do not).  With ``add_bos`` and a
+known BOS id, every window is
 BOS followed by ``ctx - 1`` text tokens: each window is then scored as a document start, which
 is how models with a BOS token are trained and what keeps Gemma-like models (that break
 without BOS) evaluable.  The number of scored tokens per window is ``ctx - 1`` either way.
@@ -159,7 +162,21 @@ def bos_token_id(tokenizer=None, model: nn.Module | None = None,
     return int(tid) if isinstance(tid, int) else None
 
 
-def eval_windows(tokenizer, source: Source, ctx: int, n: int | None = None, add_bos: bool = True,
+def wants_bos(tokenizer, add_bos: bool | None = None) -> bool:
+    """Resolve ``add_bos=None``: True when ``tokenizer`` prepends BOS on its own."""
+    if add_bos is not None:
+        return bool(add_bos)
+    if tokenizer is None:
+        return True
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def eval_windows(tokenizer, source: Source, ctx: int, n: int | None = None,
+                 add_bos: bool | None = None,
                  *, bos_id: int | None = None) -> torch.Tensor:
     """Perplexity/KL windows, GPTQ convention: tokenize the whole text once, cut it into
     consecutive non-overlapping windows, drop the incomplete tail.  ``n`` keeps the first ``n``.
@@ -168,7 +185,7 @@ def eval_windows(tokenizer, source: Source, ctx: int, n: int | None = None, add_
     """
     _check_ctx(ctx)
     tokens = tokenize(tokenizer, source)
-    bos = bos_token_id(tokenizer, bos_id=bos_id) if add_bos else None
+    bos = bos_token_id(tokenizer, bos_id=bos_id) if wants_bos(tokenizer, add_bos) else None
     width = ctx - 1 if bos is not None else ctx
     available = tokens.numel() // width
     if available == 0 or (n is not None and n > available):
@@ -181,7 +198,7 @@ def eval_windows(tokenizer, source: Source, ctx: int, n: int | None = None, add_
 
 
 def calibration_windows(tokenizer, source: Source, n: int, ctx: int, seed: int = 0,
-                        model: nn.Module | None = None, add_bos: bool = True, *,
+                        model: nn.Module | None = None, add_bos: bool | None = None, *,
                         bos_id: int | None = None, batch_size: int = 8,
                         progress: bool = True) -> torch.Tensor:
     """``n`` calibration windows of ``ctx`` tokens, identical for identical arguments.
@@ -198,13 +215,14 @@ def calibration_windows(tokenizer, source: Source, n: int, ctx: int, seed: int =
         if model is None:
             raise DataError("source='generated' needs the model to sample from (model=...)")
         bos = bos_token_id(tokenizer, model, bos_id)
-        return generate_windows(model, n, ctx, seed=seed, bos_id=bos, add_bos=add_bos,
+        return generate_windows(model, n, ctx, seed=seed, bos_id=bos,
+                                add_bos=wants_bos(tokenizer, add_bos),
                                 batch_size=batch_size, progress=progress)
     if isinstance(source, str) and source in ("wikitext2", "wikitext2-test"):
         log.warning("calibrating on the WikiText-2 test split that perplexity is reported on; "
                     "use 'wikitext2-valid' to keep evaluation held out")
     tokens = tokenize(tokenizer, source)
-    bos = bos_token_id(tokenizer, model, bos_id) if add_bos else None
+    bos = bos_token_id(tokenizer, model, bos_id) if wants_bos(tokenizer, add_bos) else None
     width = ctx - 1 if bos is not None else ctx
     if tokens.numel() < width:
         raise DataError(f"{_name(source)} has {tokens.numel()} tokens, fewer than one window of "
