@@ -63,6 +63,10 @@ def main(argv=None) -> int:
     ap.add_argument("--symmetric", action="store_true")
     ap.add_argument("--scale-search", default="mse")
     ap.add_argument("--no-incoherence", dest="incoherence", action="store_false")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--sigma", type=float, default=0.01)
+    ap.add_argument("--ldlq-block-size", type=int, default=None)
+    ap.add_argument("--b-power-iters", type=int, default=1)
     ap.add_argument("--n-calib", type=int, default=256)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--power-iters", type=int, default=2)
@@ -78,7 +82,9 @@ def main(argv=None) -> int:
     cfg = RunConfig(model=args.model, methods=tuple(args.methods.split(",")),
                     bits=tuple(int(b) for b in args.bits.split(",")), group_size=args.group_size,
                     symmetric=args.symmetric, scale_search=args.scale_search,
-                    incoherence=args.incoherence, calib="wikitext2-valid", n_calib=args.n_calib,
+                    incoherence=args.incoherence, block_size=args.block_size, sigma=args.sigma,
+                    ldlq_block_size=args.ldlq_block_size,
+                    sketch_b_power_iters=args.b_power_iters, calib="wikitext2-valid", n_calib=args.n_calib,
                     calib_ctx=args.ctx, power_iters=args.power_iters, eval_data="wikitext2-test",
                     eval_ctx=args.eval_ctx, n_eval=args.n_eval, batch_size=args.batch_size,
                     device=args.device, out_dir=args.out, save=True, progress=False)
@@ -86,6 +92,7 @@ def main(argv=None) -> int:
     rows = [asdict(r) for r in run_pipeline(cfg)]
     total = time.perf_counter() - t
     table = format_table([type("R", (), r) for r in rows])
+    cfg.out_dir = str(cfg.out_dir)
 
     RESULTS.mkdir(exist_ok=True)
     stem = f"quality{args.tag}"
@@ -103,12 +110,15 @@ def main(argv=None) -> int:
              f"{args.group_size}, scales by {args.scale_search}, incoherence "
              f"{'on (random Hadamard both sides)' if args.incoherence else 'off'}",
              f"- total time: {total:.0f} s", "",
-             "| method | bits | size MB | KL | ppl | top-1 | KL / LDLQ |", "|---|---|---|---|---|---|---|"]
+             "| method | bits | bits/weight | size MB | KL | ppl | top-1 | KL / LDLQ | time s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     ldlq = {r["bits"]: r["kl"] for r in rows if r["method"] == "ldlq"}
     for r in rows:
         ratio = f"{r['kl'] / ldlq[r['bits']]:.3f}" if r["bits"] in ldlq and ldlq[r["bits"]] else "-"
-        lines.append(f"| {r['method']} | {r['bits'] or '16/32'} | {r['size_mb']:.1f} | "
-                     f"{r['kl']:.4f} | {r['ppl']:.2f} | {r['top1']:.3f} | {ratio} |")
+        bpw = f"{r['bpw']:.2f}" if r.get("bpw") else "32"
+        lines.append(f"| {r['method']} | {r['bits'] or '-'} | {bpw} | {r['size_mb']:.1f} | "
+                     f"{r['kl']:.4f} | {r['ppl']:.2f} | {r['top1']:.3f} | {ratio} | "
+                     f"{r['seconds']:.1f} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     try:
         plot(rows, RESULTS / f"{stem}_kl.png")
