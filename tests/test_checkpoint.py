@@ -47,6 +47,8 @@ def test_quantized_linear_forward_equals_dense_dequantized_weight():
         x = torch.randn(5, 64)
         dense = torch.nn.functional.linear(x, ql.dequantized_weight(), lin.bias)
         torch.testing.assert_close(ql(x), dense, rtol=1e-5, atol=1e-5)
+        ql.mode = "rotate"  # fast Hadamard on the activations instead of a folded weight
+        torch.testing.assert_close(ql(x), dense, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ql.dequantized_weight(), res.weight, rtol=1e-5, atol=1e-5)
 
 

@@ -1,10 +1,16 @@
 """QuantizedLinear: a linear layer stored as packed integer codes plus its grid.
 
 With incoherence processing the codes describe ``W' = V W U^T`` (random Hadamard on both sides),
-so the forward pass rotates the activations instead of the weight:
-``y = x W^T = ((x U^T) W'^T) V``, using the fast Hadamard transform (O(n log n) per token).
-The dequantized ``W'`` is cached on first use: these modules trade memory for a simple, exact,
-device-agnostic forward; fused low-bit kernels are a separate concern.
+so there are two exact ways to run the layer:
+
+- ``mode="fold"`` (default): dequantize once and undo the transforms on the weight,
+  ``W = V^T W' U``, then a plain matmul.  Fastest with dense kernels, on CPU especially.
+- ``mode="rotate"``: keep ``W'`` and rotate the activations instead,
+  ``y = x W^T = ((x U^T) W'^T) V``, with the fast Hadamard transform (O(n log n) per token);
+  the form a fused low-bit kernel would use.
+
+Either way the dense weight is cached on first use: these modules trade memory for a simple,
+exact, device-agnostic forward; fused low-bit kernels are a separate concern.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
         self.compute_dtype = dtype
+        self.mode = "fold"
         self._cache: tuple | None = None
 
     # -- construction -----------------------------------------------------------------------
@@ -95,11 +102,16 @@ class QuantizedLinear(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def _prepared(self, device: torch.device, dtype: torch.dtype):
-        key = (device, dtype)
+        if self.mode not in ("fold", "rotate"):
+            raise ValueError(f"QuantizedLinear.mode must be 'fold' or 'rotate', got {self.mode!r}")
+        key = (device, dtype, self.mode)
         if self._cache is None or self._cache[0] != key:
-            Wp = self.transformed_weight().to(device=device, dtype=dtype)
             tf = self.transform()
-            self._cache = (key, Wp, tf)
+            if self.mode == "fold" or tf is None:
+                W, tf = self.dequantized_weight(), None
+            else:
+                W = self.transformed_weight()
+            self._cache = (key, W.to(device=device, dtype=dtype), tf)
         return self._cache[1], self._cache[2]
 
     def clear_cache(self) -> None:
