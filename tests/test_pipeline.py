@@ -1,0 +1,110 @@
+"""End to end on a tiny random model: collect -> quantize (every method) -> save -> load -> eval,
+through the Python API and through the ``yaqa`` command."""
+
+import copy
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+import yaqa
+from yaqa.cli import main
+from yaqa.data import calibration_windows, eval_windows
+
+from tiny_models import tiny_model
+
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom. "
+        "A quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n\n") * 40
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(TEXT)
+    return p
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    model = tiny_model("llama", vocab=len(tokenizer), hidden=64, intermediate=128)
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_every_method_collects_quantizes_saves_and_reloads_exactly(tmp_path, tokenizer,
+                                                                   text_file):
+    ref = tiny_model("llama", vocab=len(tokenizer))
+    calib = calibration_windows(tokenizer, text_file, n=6, ctx=32, seed=0, progress=False)
+    ev = eval_windows(tokenizer, text_file, ctx=32, n=3)
+    hs = {s: yaqa.collect_hessians(ref, calib, sketch=s, power_iters=2 if s == "A" else 1,
+                                   batch_size=2, progress=False) for s in ("A", "B")}
+    kls = {}
+    for method, sketch in (("rtn", None), ("ldlq", "B"), ("yaqa", "A"), ("yaqa", "B")):
+        q = copy.deepcopy(ref)
+        yaqa.quantize(q, hs.get(sketch), method=method, quantizer="int3", group_size=32,
+                      incoherence=True, progress=False)
+        saved = yaqa.save_quantized(q, tmp_path / f"{method}-{sketch}",
+                                    info={"method": method, "sketch": sketch})
+        loaded = yaqa.load(saved.path)
+        with torch.no_grad():
+            assert torch.equal(q(ev).logits, loaded(ev).logits)
+        kls[(method, sketch)] = yaqa.evaluate.kl_divergence(ref, loaded, ev, progress=False)
+    assert all(0 < k < 10 for k in kls.values())
+
+
+def test_cli_run_hessians_quantize_and_eval_on_a_local_checkpoint(tmp_path, model_dir,
+                                                                  text_file, capsys):
+    out = tmp_path / "out"
+    common = ["--model", str(model_dir), "--device", "cpu"]
+    data = ["--calib", str(text_file), "--n-calib", "4", "--ctx", "32"]
+    rc = main(["-q", "run", *common, *data, "--methods", "rtn,ldlq,yaqa-a,yaqa-b",
+               "--bits", "4,3", "--group-size", "32", "--eval-data", str(text_file),
+               "--n-eval", "2", "--eval-ctx", "32", "--out", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "yaqa-b" in table and "original" in table
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["original"] + ["rtn", "ldlq", "yaqa-a", "yaqa-b"] * 2
+    assert all(r["kl"] > 0 for r in rows[1:])
+
+    hdir = tmp_path / "hs"
+    assert main(["-q", "hessians", *common, *data, "--sketch", "B", "--n-seqs", "4",
+                 "--out", str(hdir)]) == 0
+    ckpt = tmp_path / "ckpt"
+    assert main(["-q", "quantize", *common, *data, "--method", "yaqa-b", "--bits", "4",
+                 "--group-size", "32", "--hessians", str(hdir), "--out", str(ckpt)]) == 0
+    record = json.loads((ckpt / "yaqa.json").read_text())
+    assert record["info"]["method"] == "yaqa-b" and record["info"]["sketch"] == "B"
+    capsys.readouterr()
+    assert main(["-q", "eval", *common, str(ckpt), "--eval-data", str(text_file),
+                 "--n-eval", "2", "--eval-ctx", "32"]) == 0
+    assert "yaqa-b" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    assert main(["run", "--model", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert "yaqa: error:" in err and "Traceback" not in err
+    assert main(["eval", "--model", str(tmp_path / "nope"), str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("sub", ["hessians", "quantize", "eval", "run"])
+def test_every_subcommand_has_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([sub, "--help"])
+    assert e.value.code == 0 and "usage: yaqa" in capsys.readouterr().out
