@@ -54,6 +54,53 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_outputs(rows: list[dict], metas: list[dict], stem: str) -> list[str]:
+    """quality<stem>.json, .md and _kl.png from result rows and the runs that produced them."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"runs": metas, "rows": rows}, indent=2))
+    lines = [f"# Quality: {stem}", ""]
+    for meta in metas:
+        c = meta["config"]
+        lines += [f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
+                  f"- calibration: {c['n_calib']} x {c['calib_ctx']} tokens of {c['calib']} "
+                  "(random windows, seed 0); Hessians: Sketch B (1 pass), Sketch A "
+                  f"({c['power_iters']} power iterations = {2 * c['power_iters']} passes)",
+                  f"- evaluation: {c['n_eval']} x {c['eval_ctx']}-token windows of "
+                  f"{c['eval_data']}; KL = mean per-token KL(original || quantized), nats",
+                  f"- quantizer: {'symmetric' if c['symmetric'] else 'asymmetric'} int-k, group "
+                  f"{c['group_size']}, scales by {c['scale_search']}, tiles {c['block_size']}, "
+                  f"sigma {c['sigma']}, incoherence "
+                  f"{'on (random Hadamard both sides)' if c['incoherence'] else 'off'}",
+                  f"- total time: {meta['total_seconds']:.0f} s", ""]
+    lines += ["| method | bits | bits/weight | size MB | KL | ppl | top-1 | KL / LDLQ | time s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    ldlq = {r["bits"]: r["kl"] for r in rows if r["method"] == "ldlq"}
+    for r in rows:
+        ratio = f"{r['kl'] / ldlq[r['bits']]:.3f}" if r["bits"] in ldlq and ldlq[r["bits"]] else "-"
+        bpw = f"{r['bpw']:.2f}" if r.get("bpw") else "32"
+        lines.append(f"| {r['method']} | {r['bits'] or '-'} | {bpw} | {r['size_mb']:.1f} | "
+                     f"{r['kl']:.4f} | {r['ppl']:.2f} | {r['top1']:.3f} | {ratio} | "
+                     f"{r['seconds']:.1f} |")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    try:
+        plot(rows, RESULTS / f"{stem}_kl.png")
+    except ImportError:
+        logging.warning("matplotlib not installed; no plot")
+    return lines
+
+
+def merge(paths: list[str], stem: str) -> list[str]:
+    """Combine result files of runs on the same data into one table (original row once)."""
+    rows, metas = [], []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        metas += data.get("runs") or [data["meta"]]
+        rows += [r for r in data["rows"] if r["method"] != "original" or not rows]
+    order = {m: i for i, m in enumerate(("original", "rtn", "ldlq", "yaqa-a", "yaqa-b"))}
+    rows.sort(key=lambda r: (-(r["bits"] or 99), order.get(r["method"], 9)))
+    return write_outputs(rows, metas, stem)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -76,7 +123,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="yaqa-out/quality")
     ap.add_argument("--tag", default="", help="suffix for the result files")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="only combine earlier result files into quality<tag>.{json,md,png}")
     args = ap.parse_args(argv)
+    if args.merge:
+        print("\n".join(merge(args.merge, f"quality{args.tag}")))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     cfg = RunConfig(model=args.model, methods=tuple(args.methods.split(",")),
@@ -94,36 +146,9 @@ def main(argv=None) -> int:
     table = format_table([type("R", (), r) for r in rows])
     cfg.out_dir = str(cfg.out_dir)
 
-    RESULTS.mkdir(exist_ok=True)
-    stem = f"quality{args.tag}"
     meta = {"machine": machine(), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
             "config": asdict(cfg), "total_seconds": total}
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# Quality: {stem}", "", f"- machine: {meta['machine']}",
-             f"- command: `{meta['command']}`",
-             f"- calibration: {args.n_calib} x {args.ctx} tokens of WikiText-2 validation "
-             "(random windows, seed 0); Hessians: Sketch B (1 pass), Sketch A "
-             f"({args.power_iters} power iterations)",
-             f"- evaluation: {args.n_eval} x {args.eval_ctx}-token windows of WikiText-2 test; "
-             "KL = mean per-token KL(original || quantized), nats",
-             f"- quantizer: {'symmetric' if args.symmetric else 'asymmetric'} int-k, group "
-             f"{args.group_size}, scales by {args.scale_search}, incoherence "
-             f"{'on (random Hadamard both sides)' if args.incoherence else 'off'}",
-             f"- total time: {total:.0f} s", "",
-             "| method | bits | bits/weight | size MB | KL | ppl | top-1 | KL / LDLQ | time s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    ldlq = {r["bits"]: r["kl"] for r in rows if r["method"] == "ldlq"}
-    for r in rows:
-        ratio = f"{r['kl'] / ldlq[r['bits']]:.3f}" if r["bits"] in ldlq and ldlq[r["bits"]] else "-"
-        bpw = f"{r['bpw']:.2f}" if r.get("bpw") else "32"
-        lines.append(f"| {r['method']} | {r['bits'] or '-'} | {bpw} | {r['size_mb']:.1f} | "
-                     f"{r['kl']:.4f} | {r['ppl']:.2f} | {r['top1']:.3f} | {ratio} | "
-                     f"{r['seconds']:.1f} |")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    try:
-        plot(rows, RESULTS / f"{stem}_kl.png")
-    except ImportError:
-        logging.warning("matplotlib not installed; no plot")
+    lines = write_outputs(rows, [meta], f"quality{args.tag}")
     print(table)
     print("\n".join(lines))
     return 0
