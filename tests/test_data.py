@@ -6,10 +6,8 @@ import importlib.util
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
-from tests.tiny_models import tiny_model
+from tests.tiny_models import tiny_model, tiny_tokenizer
 from yaqa.data import (wants_bos, DataError, DataNotFoundError, batched, calibration_windows, eval_windows,
                        find_wikitext2, load_text, tokenize)
 
@@ -19,15 +17,11 @@ TEXT = ("The quick brown fox jumps over the lazy dog. " * 3
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
+def tokenizer():
     """A small GPT-2-like byte-level BPE tokenizer, trained here: no downloads."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+    tok = tiny_tokenizer(TEXT, vocab_size=320)
+    tok.eos_token = None
+    return tok
 
 
 @pytest.fixture

@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 import yaqa
 from yaqa.cli import main
 from yaqa.data import calibration_windows, eval_windows
 
-from tiny_models import tiny_model
+from tiny_models import tiny_model, tiny_tokenizer
 
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom. "
         "A quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n\n") * 40
@@ -21,13 +19,7 @@ TEXT = ("It was the best of times, it was the worst of times, it was the age of 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
+    return tiny_tokenizer(TEXT)
 
 
 @pytest.fixture

@@ -30,3 +30,17 @@ def tiny_model(family: str = "llama", *, hidden: int = 64, intermediate: int = 1
     model = getattr(transformers, model_name)(cfg).to(dtype)
     model.eval()
     return model
+
+
+def tiny_tokenizer(text: str, vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on ``text`` here (no downloads), BOS/EOS ``<s>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
