@@ -14,8 +14,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger(__name__)
 
 HESSIAN_METHODS = {"ldlq": "B", "gptq": "B", "yaqa-a": "A", "yaqa-b": "B", "yaqa": "B"}
@@ -99,7 +97,6 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    device = next(model.parameters()).device
     calib_src, eval_src = _source(cfg.calib, "calib"), _source(cfg.eval_data, "eval")
     if eval_src == "generated":  # a seed apart from calibration's, so the texts differ
         ev = calibration_windows(tok, "generated", cfg.n_eval or 64, cfg.eval_ctx,

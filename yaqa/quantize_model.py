@@ -93,8 +93,6 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
     ``work_dir`` enables resume: finished blocks are stored there and reloaded next time when the
     settings (and ``fingerprint``) match.
     """
-    from .rounding import round_weight
-
     method = _ALIASES.get(method, method)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS + tuple(_ALIASES)}")
