@@ -152,8 +152,9 @@ def cmd_hessians(args) -> int:
                          blocks_per_pass=args.blocks_per_pass,
                          gradient_checkpointing=args.gradient_checkpointing,
                          overwrite=args.overwrite, progress=not args.quiet)
-    print(f"Sketch {args.sketch} from {calib.numel()} tokens ({args.n_seqs} x {args.ctx}) in "
-          f"{time.perf_counter() - t:.1f} s -> {out}")
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"Sketch {args.sketch} from {calib.numel()} tokens ({args.n_seqs} x {args.ctx}) in "
+              f"{time.perf_counter() - t:.1f} s -> {out}")
     return 0
 
 
