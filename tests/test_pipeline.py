@@ -100,3 +100,28 @@ def test_every_subcommand_has_help(sub, capsys):
     with pytest.raises(SystemExit) as e:
         main([sub, "--help"])
     assert e.value.code == 0 and "usage: yaqa" in capsys.readouterr().out
+
+
+def test_cli_hessians_under_torchrun_with_two_gloo_ranks_equals_one_process(tmp_path, model_dir,
+                                                                          text_file):
+    import os
+    import subprocess
+    import sys
+
+    args = ["-m", "yaqa.cli", "-q", "hessians", "--model", str(model_dir), "--device", "cpu",
+            "--calib", str(text_file), "--n-seqs", "8", "--ctx", "32", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "h1")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node=2", *args, "--out", str(tmp_path / "h2")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("Sketch B from") == 1  # rank 0 reports, once
+    a, b = yaqa.load_hessians(tmp_path / "h1"), yaqa.load_hessians(tmp_path / "h2")
+    assert a.keys() == b.keys()
+    for k in a:
+        for f in ("H_in", "H_out", "H_x"):
+            x, y = getattr(a[k], f), getattr(b[k], f)
+            assert ((x - y).norm() / x.norm()).item() < 1e-6
