@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -202,6 +203,7 @@ def cmd_quantize(args) -> int:
             "n_calib": args.n_calib, "calib_ctx": args.ctx, "seed": args.seed,
             "base_model": args.model or "smollm2-135m", "report": report.to_dict()}
     saved = save_quantized(model, args.out, tokenizer=tok, info=info, overwrite=args.overwrite)
+    shutil.rmtree(f"{args.out}.work", ignore_errors=True)  # the resume state is now redundant
     print(f"{args.method} int{args.bits} g{args.group_size or 'row'}: {len(report.layers)} layers "
           f"in {report.seconds:.1f} s -> {saved.path} ({saved.weights_bytes / 1e6:.1f} MB "
           f"weights, {saved.size_bytes / 1e6:.1f} MB on disk)")

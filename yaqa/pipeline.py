@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -148,6 +149,7 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
                 saved = save_quantized(qmodel, out / name, tokenizer=tok, info=info,
                                        overwrite=True)
                 size_mb, path = saved.weights_bytes / 1e6, str(saved.path)
+                shutil.rmtree(out / "work" / name, ignore_errors=True)  # resume state, now saved
             res = evaluate.compare(model, qmodel, ev, batch_size=cfg.batch_size,
                                    progress=cfg.progress)
             rows.append(ResultRow(method, bits, cfg.group_size, size_mb, res.kl, res.ppl,
