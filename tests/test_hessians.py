@@ -308,3 +308,28 @@ def test_resuming_with_different_data_is_refused(llama, ids, tmp_path):
 def test_one_shot_iterator_is_refused_for_multi_pass_sketches(llama, ids):
     with pytest.raises(ValueError, match="more than once"):
         yaqa.collect_hessians(llama, iter(ids.split(2)), sketch="A", progress=False)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(llama, ids,
+                                                                                 tmp_path):
+    import os
+    import signal
+
+    kw = dict(sketch="B", seed=SEED, dtype=torch.float64, progress=False, batch_size=2)
+    ref = yaqa.collect_hessians(llama, ids, **kw)
+
+    def sigint_after_two():  # the user presses Ctrl-C while the third micro-batch is read
+        for i, mb in enumerate(ids.split(2)):
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield mb
+
+    # No periodic checkpoints: only the interrupt itself can save the progress.
+    with pytest.raises(KeyboardInterrupt, match="resume state saved"):
+        yaqa.collect_hessians(llama, sigint_after_two(), out_dir=tmp_path, **kw)
+    progress = json.loads(next((tmp_path / "resume").rglob("progress.json")).read_text())
+    assert progress["cursor"] == 3
+    got = yaqa.collect_hessians(llama, list(ids.split(2)), out_dir=tmp_path, **kw)
+    for name in ref:
+        for k in ("H_in", "H_out", "H_x"):
+            assert torch.equal(getattr(got[name], k), getattr(ref[name], k)), (name, k)

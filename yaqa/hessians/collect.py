@@ -13,6 +13,8 @@ import functools
 import hashlib
 import logging
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -437,6 +439,36 @@ def _collect(model, batches, sketch, power_iters, *, seed, dtype, blocks, out_di
     return results
 
 
+class _GracefulInterrupt:
+    """First Ctrl-C: finish the micro-batch in flight, save a checkpoint, then stop.
+
+    An interrupt in the middle of a backward pass would leave some layers' sums with the
+    micro-batch and others without it, so it is deferred to the next step boundary.  A second
+    Ctrl-C stops at once (losing only what came after the last checkpoint).
+    """
+
+    def __init__(self, active: bool) -> None:
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_GracefulInterrupt":
+        if self.active:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupted: saving a checkpoint after this micro-batch "
+                    "(Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _run_group(col: HessianCollector, batches: Batches, batch_size: int, kinds: list[str],
                out_path: Path | None, identity: dict[str, Any], bar: tqdm,
                checkpoint_every: int | None, checkpoint_interval_s: float) -> dict[str, Any]:
@@ -468,7 +500,7 @@ def _run_group(col: HessianCollector, batches: Batches, batch_size: int, kinds: 
         D.barrier()
 
     summary: dict[str, Any] = {"ctx": None, "data_sha256": None}
-    with col:
+    with col, _GracefulInterrupt(state_dir is not None) as stop:
         for p in range(start_pass, len(kinds)):
             resumed_mid_pass = p == start_pass and cursor > 0
             if not resumed_mid_pass:
@@ -494,11 +526,14 @@ def _run_group(col: HessianCollector, batches: Batches, batch_size: int, kinds: 
                 bar.update(ids.numel())
                 if state_dir is not None and (gi + 1) % world == 0:
                     due = checkpoint_every is not None and (gi + 1) % checkpoint_every == 0
-                    due = D.any_rank(due or time.monotonic() - last_ckpt > checkpoint_interval_s,
+                    due = D.any_rank(due or stop.requested
+                                     or time.monotonic() - last_ckpt > checkpoint_interval_s,
                                      col.device)
                     if due:
                         checkpoint_now(p, gi + 1, h.hexdigest())
                         last_ckpt = time.monotonic()
+                        if D.any_rank(stop.requested, col.device):
+                            raise KeyboardInterrupt(f"stopped; resume state saved in {state_dir}")
             if resumed_mid_pass and n_mb < cursor:
                 raise HessianMetadataError(f"the data has {n_mb} micro-batches, fewer than the "
                                            f"{cursor} the interrupted run had already processed")
