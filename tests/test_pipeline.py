@@ -125,3 +125,21 @@ def test_cli_hessians_under_torchrun_with_two_gloo_ranks_equals_one_process(tmp_
         for f in ("H_in", "H_out", "H_x"):
             x, y = getattr(a[k], f), getattr(b[k], f)
             assert ((x - y).norm() / x.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_yaqa_pipeline_works_for_every_supported_family(tmp_path, family):
+    from tiny_models import FAMILY_CONFIGS
+
+    assert family in FAMILY_CONFIGS
+    ref = tiny_model(family)
+    tokens = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(1))
+    hs = yaqa.collect_hessians(ref, tokens, sketch="B", batch_size=2, progress=False)
+    q = copy.deepcopy(ref)
+    report = yaqa.quantize(q, hs, method="yaqa", quantizer="int4", group_size=32,
+                           incoherence=True, progress=False)
+    assert all(layer.proxy_loss is not None and layer.proxy_loss >= 0 for layer in report.layers)
+    loaded = yaqa.load(yaqa.save_quantized(q, tmp_path / family).path)
+    with torch.no_grad():
+        assert torch.equal(q(tokens).logits, loaded(tokens).logits)
+    assert 0 < yaqa.evaluate.kl_divergence(ref, loaded, tokens, progress=False) < 1
