@@ -12,9 +12,6 @@ import time
 log = logging.getLogger("yaqa")
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, RuntimeError)
-# `yaqa run` with no arguments: the three methods that show the point (RTN < GPTQ < YAQA) at a
-# calibration size that finishes in well under 30 minutes on a 2-core CPU.
-DEFAULT_RUN_METHODS = ("rtn", "ldlq", "yaqa-b")
 
 
 def _csv(kind):
@@ -176,7 +173,7 @@ def cmd_quantize(args) -> int:
     from .hessians import collect_hessians
     from .io import save_quantized
     from .models import load_model
-    from .pipeline import HESSIAN_METHODS
+    from .pipeline import HESSIAN_METHODS, checkpoint_info
     from .quantize_model import quantize
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -199,9 +196,8 @@ def cmd_quantize(args) -> int:
                       fingerprint={"model": args.model, "calib": calib_src,
                                    "n_calib": args.n_calib, "ctx": args.ctx},
                       progress=not args.quiet)
-    info = {"method": args.method, "sketch": sketch, "calibration": calib_src,
-            "n_calib": args.n_calib, "calib_ctx": args.ctx, "seed": args.seed,
-            "base_model": args.model or "smollm2-135m", "report": report.to_dict()}
+    info = checkpoint_info(args.method, sketch, calib_src, args.n_calib, args.ctx, args.seed,
+                           args.model, report)
     saved = save_quantized(model, args.out, tokenizer=tok, info=info, overwrite=args.overwrite)
     shutil.rmtree(f"{args.out}.work", ignore_errors=True)  # the resume state is now redundant
     print(f"{args.method} int{args.bits} g{args.group_size or 'row'}: {len(report.layers)} layers "
@@ -212,20 +208,16 @@ def cmd_quantize(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import evaluate
-    from .data import eval_windows
     from .io import load, read_record
+    from .io.checkpoint import dir_size
     from .models import load_model
-    from .pipeline import ResultRow, _bits_per_weight, _param_mb, _source, format_table
+    from .pipeline import (ResultRow, _bits_per_weight, _param_mb, _source, evaluation_windows,
+                           format_table)
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     device = next(model.parameters()).device
     src = _source(args.eval_data, "eval")
-    if src == "generated":
-        from .data import calibration_windows
-        ev = calibration_windows(tok, "generated", args.n_eval or 64, args.eval_ctx, seed=1,
-                                 model=model)
-    else:
-        ev = eval_windows(tok, src, args.eval_ctx, n=args.n_eval or None)
+    ev = evaluation_windows(tok, model, src, args.eval_ctx, args.n_eval or None)
     ref_ppl = evaluate.perplexity(model, ev, batch_size=args.batch_size, progress=not args.quiet)
     rows = [ResultRow("original", None, None, _param_mb(model), 0.0, ref_ppl, 1.0, 0.0)]
     for ckpt in args.checkpoints:
@@ -233,7 +225,6 @@ def cmd_eval(args) -> int:
         q = load(ckpt, device=device)
         r = evaluate.compare(model, q, ev, batch_size=args.batch_size, progress=not args.quiet)
         qcfg = next(iter(rec["modules"].values()))["quantizer"]
-        from .io.checkpoint import dir_size
         rows.append(ResultRow(rec["info"].get("method", ckpt), qcfg.get("bits"),
                               qcfg.get("group_size"), dir_size(ckpt) / 1e6, r.kl, r.ppl,
                               r.top1, 0.0, _bits_per_weight(q), path=ckpt))
@@ -242,7 +233,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import RunConfig, format_table, run_pipeline
+    from .pipeline import DEFAULT_RUN_METHODS, RunConfig, format_table, run_pipeline
 
     cfg = RunConfig(model=args.model, methods=args.methods or DEFAULT_RUN_METHODS, bits=args.bits,
                     group_size=args.group_size, symmetric=args.symmetric,

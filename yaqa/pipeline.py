@@ -18,12 +18,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HESSIAN_METHODS = {"ldlq": "B", "gptq": "B", "yaqa-a": "A", "yaqa-b": "B", "yaqa": "B"}
+# `yaqa run` with no arguments: the three methods that show the point (RTN < GPTQ < YAQA).
+DEFAULT_RUN_METHODS = ("rtn", "ldlq", "yaqa-b")
 
 
 @dataclass
 class RunConfig:
     model: str | None = None
-    methods: tuple[str, ...] = ("rtn",)
+    methods: tuple[str, ...] = DEFAULT_RUN_METHODS
     bits: tuple[int, ...] = (4,)
     group_size: int | None = 64
     symmetric: bool = False
@@ -76,11 +78,32 @@ def _source(spec: str, kind: str) -> str:
     return "generated"
 
 
+def _power_iters(cfg: RunConfig, sketch: str) -> int:
+    return cfg.power_iters if sketch == "A" else cfg.sketch_b_power_iters
+
+
 def _hessian_dir(cfg: RunConfig, sketch: str) -> str:
     # Everything that changes the factors is in the name, so runs with other settings never
     # collide with (or refuse to resume from) each other's stored Hessians.
-    iters = cfg.power_iters if sketch == "A" else cfg.sketch_b_power_iters
-    return f"hessians-{sketch}{iters}-{cfg.calib}-{cfg.n_calib}x{cfg.calib_ctx}-s{cfg.seed}"
+    return f"hessians-{sketch}{_power_iters(cfg, sketch)}-{cfg.calib}-{cfg.n_calib}x{cfg.calib_ctx}-s{cfg.seed}"
+
+
+def evaluation_windows(tokenizer, model, source: str, ctx: int, n: int | None, seed: int = 0):
+    """Held-out windows; model-generated text uses ``seed + 1`` so it differs from calibration's."""
+    from .data import calibration_windows, eval_windows
+
+    if source == "generated":
+        return calibration_windows(tokenizer, "generated", n or 64, ctx, seed=seed + 1,
+                                   model=model)
+    return eval_windows(tokenizer, source, ctx, n=n)
+
+
+def checkpoint_info(method: str, sketch: str | None, calib: str | None, n_calib: int,
+                    calib_ctx: int, seed: int, model_name: str | None, report) -> dict:
+    """What ``yaqa.json`` records about how a checkpoint was made."""
+    return {"method": method, "sketch": sketch, "calibration": calib, "n_calib": n_calib,
+            "calib_ctx": calib_ctx, "seed": seed, "base_model": model_name or "smollm2-135m",
+            "report": report.to_dict()}
 
 
 def _param_mb(model) -> float:
@@ -89,7 +112,7 @@ def _param_mb(model) -> float:
 
 def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
     from . import evaluate
-    from .data import calibration_windows, eval_windows
+    from .data import calibration_windows
     from .hessians import collect_hessians
     from .io import save_quantized
     from .models import load_model
@@ -99,11 +122,7 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     calib_src, eval_src = _source(cfg.calib, "calib"), _source(cfg.eval_data, "eval")
-    if eval_src == "generated":  # a seed apart from calibration's, so the texts differ
-        ev = calibration_windows(tok, "generated", cfg.n_eval or 64, cfg.eval_ctx,
-                                 seed=cfg.seed + 1, model=model)
-    else:
-        ev = eval_windows(tok, eval_src, cfg.eval_ctx, n=cfg.n_eval)
+    ev = evaluation_windows(tok, model, eval_src, cfg.eval_ctx, cfg.n_eval, cfg.seed)
     log.info("evaluation: %d windows x %d tokens of %s", ev.shape[0], ev.shape[1], eval_src)
     # The reference is re-run for every comparison instead of cached: full log-probabilities of
     # 64 x 512 tokens over a 49k vocabulary would be 6.4 GB, and a forward pass is cheap.
@@ -118,7 +137,7 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
         for sk in sketches:
             t = time.perf_counter()
             hessians[sk] = collect_hessians(
-                model, calib, sketch=sk, power_iters=cfg.power_iters if sk == "A" else cfg.sketch_b_power_iters,
+                model, calib, sketch=sk, power_iters=_power_iters(cfg, sk),
                 seed=cfg.seed, batch_size=cfg.batch_size,
                 out_dir=out / _hessian_dir(cfg, sk),
                 progress=cfg.progress)
@@ -143,9 +162,8 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
             q_seconds = time.perf_counter() - t
             size_mb, path = float("nan"), None
             if cfg.save:
-                info = {"method": method, "sketch": sk, "calibration": calib_src,
-                        "n_calib": cfg.n_calib, "calib_ctx": cfg.calib_ctx, "seed": cfg.seed,
-                        "base_model": cfg.model or "smollm2-135m", "report": report.to_dict()}
+                info = checkpoint_info(method, sk, calib_src, cfg.n_calib, cfg.calib_ctx,
+                                       cfg.seed, cfg.model, report)
                 saved = save_quantized(qmodel, out / name, tokenizer=tok, info=info,
                                        overwrite=True)
                 size_mb, path = saved.weights_bytes / 1e6, str(saved.path)

@@ -55,11 +55,6 @@ class QuantizeReport:
         return asdict(self)
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 def _layer_seed(seed: int, name: str) -> int:
     # Independent, reproducible sign vectors per layer, stable across runs and resumes.
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
@@ -155,7 +150,7 @@ def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, met
     new = QuantizedLinear.from_codes(res.codes.cpu(), _grid_cpu(res.grid), q,
                                      transform=_cpu(res.transform), bias=bias,
                                      dtype=lin.weight.dtype).to(lin.weight.device)
-    _set_module(parent, rel, new)
+    parent.set_submodule(rel, new)
     return LayerReport(name, tuple(W.shape), _num(getattr(res, "proxy_loss", None)),
                        _num(getattr(res, "sigma_in", None)), _num(getattr(res, "sigma_out", None)),
                        time.perf_counter() - t)
@@ -223,5 +218,5 @@ class _Resume:
                                   dtype=lin.weight.dtype)
             sub = {k[len(rel) + 1:]: v for k, v in state.items() if k.startswith(rel + ".")}
             new.load_state_dict(sub)
-            _set_module(block, rel, new.to(lin.weight.device))
+            block.set_submodule(rel, new.to(lin.weight.device))
         log.info("block %d restored from %s", i, self._path(i))

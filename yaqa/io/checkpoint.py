@@ -122,12 +122,6 @@ def read_record(path: str | os.PathLike) -> dict:
     return record
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None, attn_implementation: str | None = None) -> nn.Module:
     """Rebuild a working model from a checkpoint directory alone."""
@@ -146,7 +140,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         compute_dtype = getattr(torch, compute_dtype)
     for name, spec in record["modules"].items():
         q = quantizer_from_config(spec["quantizer"])
-        _set_module(model, name, QuantizedLinear(spec["in_features"], spec["out_features"], q,
+        model.set_submodule(name, QuantizedLinear(spec["in_features"], spec["out_features"], q,
                                                  bias=spec["bias"],
                                                  incoherence=spec["incoherence"],
                                                  dtype=compute_dtype))
