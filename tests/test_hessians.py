@@ -137,10 +137,16 @@ def test_symmetric_tiling_gives_the_same_factors(llama, ids, monkeypatch):
             assert torch.equal(t, t.T)
 
 
-def test_sketch_a_converges_to_nearest_kronecker_product_of_per_token_fisher():
+def micro_llama(seed: int, n_seqs: int, ctx: int):
+    """A Llama small enough that its full per-layer Fisher (mn x mn) can be formed."""
     model = tiny_model("llama", hidden=16, intermediate=32, heads=2, kv_heads=1, vocab=32,
-                       dtype=torch.float64, seed=1)
-    ids = torch.randint(0, 32, (3, 8), generator=torch.Generator().manual_seed(1))
+                       dtype=torch.float64, seed=seed)
+    ids = torch.randint(0, 32, (n_seqs, ctx), generator=torch.Generator().manual_seed(seed))
+    return model, ids
+
+
+def test_sketch_a_converges_to_nearest_kronecker_product_of_per_token_fisher():
+    model, ids = micro_llama(seed=1, n_seqs=3, ctx=8)
     hs = yaqa.collect_hessians(model, ids, sketch="A", power_iters=50, seed=SEED,
                                dtype=torch.float64, batch_size=2, progress=False)
     for name, (x, g) in per_token_stats(model, ids).items():
@@ -162,9 +168,7 @@ def test_sketch_a_first_half_iteration_matches_its_formula(llama, ids):
 
 
 def test_sketch_b_power_iterations_converge_to_nearest_kronecker_of_sequence_fisher():
-    model = tiny_model("llama", hidden=16, intermediate=32, heads=2, kv_heads=1, vocab=32,
-                       dtype=torch.float64, seed=2)
-    ids = torch.randint(0, 32, (4, 6), generator=torch.Generator().manual_seed(2))
+    model, ids = micro_llama(seed=2, n_seqs=4, ctx=6)
     hs = yaqa.collect_hessians(model, ids, sketch="B", power_iters=120, seed=SEED,
                                dtype=torch.float64, batch_size=4, progress=False)
     for name, gs in per_sequence_weight_grads(model, ids).items():
