@@ -105,3 +105,21 @@ def test_quantizer_config_roundtrip_and_errors():
         IntQuantizer(bits=4, group_size=48).fit(torch.randn(4, 64))
     with pytest.raises(ValueError, match="NaN"):
         IntQuantizer(bits=4, group_size=16).fit(torch.tensor([[float("nan")] * 16]))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_all_zero_group_rounds_to_zero_not_nan_even_with_error_feedback(symmetric):
+    from yaqa.rounding import round_weight
+
+    W = torch.randn(8, 64)
+    W[:, :16] = 0.0  # a whole group of dead input columns
+    q = IntQuantizer(bits=4, group_size=16, symmetric=symmetric)
+    grid = q.fit(W)
+    assert (grid.scale > 0).all()
+    Wq, _ = grid.round_all(W)
+    assert torch.isfinite(Wq).all() and torch.equal(Wq[:, :16], torch.zeros(8, 16))
+    A = torch.randn(64, 48)
+    H = A @ A.T / 48 + 0.1 * torch.eye(64)
+    for method in ("ldlq", "yaqa"):
+        out = round_weight(W, H, torch.eye(8) if method == "yaqa" else None, q, method=method)
+        assert torch.isfinite(out).all(), method

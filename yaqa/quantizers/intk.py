@@ -61,7 +61,10 @@ class IntQuantizer(Quantizer):
             scale = (hi - lo) / maxq
         # fp16 scales are what we store; fit with exactly those so saved == in-memory.
         scale = scale.to(torch.float16).to(torch.float32)
-        scale = torch.where(scale > 0, scale, torch.full_like(scale, 1e-8).to(torch.float16).float())
+        # An all-zero group has range 0; the floor must survive the fp16 cast (1e-8 does not),
+        # else 0/0 turns the group and, through error feedback, the rest of the matrix into NaN.
+        tiny = torch.finfo(torch.float16).tiny
+        scale = torch.where(scale > 0, scale, torch.full_like(scale, tiny))
         if not self.symmetric:
             zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
         return scale, zero
