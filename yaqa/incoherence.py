@@ -279,13 +279,19 @@ class IncoherenceTransform:
             raise ValueError("sign vectors must have lengths n (inputs) and m (outputs)")
         self.sign_in = sign_in.to(torch.int8).cpu()
         self.sign_out = sign_out.to(torch.int8).cpu()
+        self._sign_cache: dict[tuple, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"IncoherenceTransform(m={self.m}, n={self.n}, seed={self.seed})"
 
     def _signs(self, which: str, like: torch.Tensor) -> torch.Tensor:
-        s = self.sign_in if which == "in" else self.sign_out
-        return s.to(device=like.device, dtype=like.dtype)
+        # Cached per device and dtype: the forward pass must not copy them host-to-device
+        # on every call.
+        key = (which, like.device, like.dtype)
+        if key not in self._sign_cache:
+            s = self.sign_in if which == "in" else self.sign_out
+            self._sign_cache[key] = s.to(device=like.device, dtype=like.dtype)
+        return self._sign_cache[key]
 
     def _check(self, t: torch.Tensor, dims: tuple[int, ...], what: str) -> None:
         if tuple(t.shape[-len(dims):]) != dims:

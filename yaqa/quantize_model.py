@@ -88,7 +88,7 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
     ``work_dir`` enables resume: finished blocks are stored there and reloaded next time when the
     settings (and ``fingerprint``) match.
     """
-    method = _ALIASES.get(method, method)
+    method = _ALIASES.get(method.lower(), method.lower())
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS + tuple(_ALIASES)}")
     q = make_quantizer(quantizer, group_size=group_size, symmetric=symmetric,
@@ -147,12 +147,12 @@ def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, met
                        None if H_out is None else H_out.to(dev), q, method=method,
                        incoherence=inc, block_size=block_size, sigma=sigma, return_details=True)
     bias = lin.bias.detach() if lin.bias is not None else None
-    new = QuantizedLinear.from_codes(res.codes.cpu(), _grid_cpu(res.grid), q,
-                                     transform=_cpu(res.transform), bias=bias,
+    new = QuantizedLinear.from_codes(res.codes.cpu(), res.grid, q, transform=res.transform,
+                                     bias=bias,
                                      dtype=lin.weight.dtype).to(lin.weight.device)
     parent.set_submodule(rel, new)
-    return LayerReport(name, tuple(W.shape), _num(getattr(res, "proxy_loss", None)),
-                       _num(getattr(res, "sigma_in", None)), _num(getattr(res, "sigma_out", None)),
+    return LayerReport(name, tuple(W.shape), _num(res.proxy_loss), _num(res.sigma_in),
+                       _num(res.sigma_out),
                        time.perf_counter() - t)
 
 
@@ -160,19 +160,6 @@ def _num(x):
     if x is None:
         return None
     return float(x)
-
-
-def _grid_cpu(grid):
-    for k, v in vars(grid).items():
-        if isinstance(v, torch.Tensor):
-            setattr(grid, k, v.cpu())
-    return grid
-
-
-def _cpu(tf):
-    if tf is None:
-        return None
-    return type(tf).from_state_dict({k: v.cpu() for k, v in tf.state_dict().items()})
 
 
 class _Resume:

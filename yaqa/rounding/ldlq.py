@@ -45,12 +45,12 @@ def ldlq_round(
 
 def _ldlq_loop(W, grid, A, block, Q, codes, F, rows, nb) -> None:
     n = W.shape[1]
-    dev = W.device
+    cols = torch.arange(n, device=W.device)  # sliced per block: no allocation in the loop
     for j in range(nb - 1, -1, -1):
         c0, c1 = j * block, min((j + 1) * block, n)
         Wj = W[:, c0:c1]
         T = Wj + F[:, c0:c1]
-        q, c = grid.round(T, rows, torch.arange(c0, c1, device=dev))
+        q, c = grid.round(T, rows, cols[c0:c1])
         Q[:, c0:c1] = q
         codes[:, c0:c1] = c
         if c0 > 0:

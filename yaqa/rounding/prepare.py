@@ -101,11 +101,11 @@ def damped_cholesky(
     """
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
-    n = H.shape[0]
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
     s = float(sigma)
     while True:
-        C, info = torch.linalg.cholesky_ex(H + s * eye)
+        Hs = H.clone()
+        Hs.diagonal().add_(s)
+        C, info = torch.linalg.cholesky_ex(Hs)
         ok = int(info.item()) == 0 and bool(torch.isfinite(torch.diagonal(C)).all())
         if ok:
             if s != sigma:
