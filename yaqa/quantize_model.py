@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .hessians.storage import atomic_save_tensors, atomic_write_text, block_filename
 from .models import get_adapter
 from .nn import QuantizedLinear
 from .quantizers import Quantizer, make_quantizer
@@ -178,10 +179,11 @@ class _Resume:
                             self.dir)
                 for f in self.dir.glob("block_*.safetensors"):
                     f.unlink()
-        manifest.write_text(json.dumps({"key": self.key, "settings": settings}, default=str))
+        atomic_write_text(manifest, json.dumps({"key": self.key, "settings": settings},
+                                               default=str))
 
     def _path(self, i: int) -> Path:
-        return self.dir / f"block_{i:04d}.safetensors"
+        return self.dir / block_filename(i)
 
     def has(self, i: int) -> bool:
         return self._path(i).exists()
@@ -192,9 +194,7 @@ class _Resume:
             if isinstance(mod, QuantizedLinear):
                 for k, v in mod.state_dict().items():
                     state[f"{name}.{k}"] = v.detach().cpu().contiguous()
-        tmp = self._path(i).with_suffix(".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, self._path(i))
+        atomic_save_tensors(self._path(i), state, {"key": self.key, "block": i})
 
     def restore(self, i: int, block: nn.Module, linears: dict, q: Quantizer,
                 incoherence: bool) -> None:
