@@ -439,6 +439,9 @@ def _collect(model, batches, sketch, power_iters, *, seed, dtype, blocks, out_di
     return results
 
 
+_POLL_ROUNDS = 8  # micro-batch rounds between checks of the per-rank checkpoint flags
+
+
 class _GracefulInterrupt:
     """First Ctrl-C: finish the micro-batch in flight, save a checkpoint, then stop.
 
@@ -526,9 +529,12 @@ def _run_group(col: HessianCollector, batches: Batches, batch_size: int, kinds: 
                 bar.update(ids.numel())
                 if state_dir is not None and (gi + 1) % world == 0:
                     due = checkpoint_every is not None and (gi + 1) % checkpoint_every == 0
-                    due = D.any_rank(due or stop.requested
-                                     or time.monotonic() - last_ckpt > checkpoint_interval_s,
-                                     col.device)
+                    # The clock and Ctrl-C are per-rank: agreeing on them costs an all-reduce
+                    # and a device sync, so ranks compare them every few rounds, not per step.
+                    if world == 1 or ((gi + 1) // world) % _POLL_ROUNDS == 0:
+                        due = D.any_rank(due or stop.requested or
+                                         time.monotonic() - last_ckpt > checkpoint_interval_s,
+                                         col.device)
                     if due:
                         checkpoint_now(p, gi + 1, h.hexdigest())
                         last_ckpt = time.monotonic()
