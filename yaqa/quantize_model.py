@@ -25,10 +25,11 @@ from .hessians.storage import atomic_save_tensors, atomic_write_text, block_file
 from .models import get_adapter
 from .nn import QuantizedLinear
 from .quantizers import Quantizer, make_quantizer
+from .rounding.api import METHODS
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "ldlq", "yaqa")
+# CLI names for the rounding methods: the sketch is chosen where the Hessians are collected.
 _ALIASES = {"gptq": "ldlq", "yaqa-a": "yaqa", "yaqa-b": "yaqa"}
 
 
