@@ -17,7 +17,6 @@ import torch
 
 import yaqa
 from yaqa import quantize_model as yq
-from yaqa import store
 from yaqa.cli import build_parser, main
 
 from tiny_models import tiny_model, tiny_tokenizer
@@ -209,6 +208,7 @@ def test_damaged_files_give_one_line_errors_naming_the_file(tmp_path, model_dir,
 
 
 def test_damaged_progress_json_names_the_file(tmp_path, tokenizer):
+    from yaqa import store
     from yaqa.hessians.storage import read_progress
 
     d = tmp_path / "state"
@@ -240,6 +240,8 @@ def test_bad_group_size_fails_before_hessians_naming_the_layer(tmp_path, model_d
 
 
 def test_overwrite_keeps_the_old_checkpoint_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    from yaqa import store
+
     model = tiny_model("llama")
     yaqa.quantize(model, method="rtn", group_size=32, progress=False)
     out = tmp_path / "ck"
