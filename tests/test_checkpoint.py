@@ -118,12 +118,17 @@ def test_interrupted_quantization_resumes_to_the_same_model(tmp_path, monkeypatc
     assert torch.equal(logits(model), logits(expect))
 
 
-def test_resume_ignores_blocks_from_other_settings(tmp_path):
+def test_resume_refuses_blocks_from_other_settings_and_overwrite_starts_over(tmp_path):
+    from yaqa.store import StaleWorkError
+
     a = tiny_model("llama")
     quantize(a, method="rtn", quantizer="int2", group_size=16, work_dir=tmp_path, progress=False)
     b = tiny_model("llama")
+    with pytest.raises(StaleWorkError, match=r"quantizer: stored 'int2', now 'int4'.*--overwrite"):
+        quantize(b, method="rtn", quantizer="int4", group_size=16, work_dir=tmp_path,
+                 progress=False)
     report = quantize(b, method="rtn", quantizer="int4", group_size=16, work_dir=tmp_path,
-                      progress=False)
+                      overwrite=True, progress=False)
     assert report.resumed_blocks == 0
     assert not torch.equal(logits(a), logits(b))
 

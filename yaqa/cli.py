@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import time
+
+from .recipe import DEFAULT_BITS, DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, recipe_names
 
 log = logging.getLogger("yaqa")
 
@@ -28,16 +29,18 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="local Hugging Face model directory or hub id (default: the embedded "
                         "SmolLM2-135M-Instruct, no network needed after the first install)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE,
+                   help=f"{DEFAULT_DTYPE} (default), bfloat16, float16, auto")
 
 
 def _add_quantizer(p: argparse.ArgumentParser, many_bits: bool = False) -> None:
     if many_bits:
         p.add_argument("--bits", type=_csv(int), default=(4,), help="e.g. 4 or 2,3,4")
     else:
-        p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    p.add_argument("--group-size", type=_group, default=64,
-                   help="input columns per scale; -1 for one scale per output row (default 64)")
+        p.add_argument("--bits", type=int, default=DEFAULT_BITS, choices=(2, 3, 4, 8))
+    p.add_argument("--group-size", type=_group, default=DEFAULT_GROUP_SIZE,
+                   help="input columns per scale; -1 for one scale per output row "
+                        f"(default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--symmetric", action="store_true", help="symmetric grid (default asymmetric)")
     p.add_argument("--scale-search", choices=("maxabs", "mse"), default="maxabs")
     p.add_argument("--no-incoherence", dest="incoherence", action="store_false",
@@ -54,7 +57,8 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None,
                    help="calibration context length (default 512 on a GPU, 256 on CPU)")
     p.add_argument("--power-iters", type=int, default=None,
-                   help="power iterations: Sketch A default 2 (4 passes), Sketch B default 1")
+                   help="power iterations of every sketch: Sketch A default 2 (4 passes), "
+                        "Sketch B default 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
 
@@ -93,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
     _add_model(p)
-    p.add_argument("--method", default="yaqa-b",
-                   choices=("rtn", "ldlq", "gptq", "yaqa-a", "yaqa-b"))
+    p.add_argument("--method", default="yaqa-b", type=str.lower, choices=recipe_names(),
+                   help="a recipe name (default yaqa-b); gptq is ldlq")
     _add_quantizer(p)
     _add_data(p)
     p.add_argument("--hessians", default=None,
@@ -115,12 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole pipeline for several methods, ending in a table")
     _add_model(p)
     p.add_argument("--methods", type=_csv(str), default=None,
-                   help="comma list of rtn, ldlq, yaqa-a, yaqa-b (default rtn,ldlq,yaqa-b)")
+                   help="comma list of recipe names (default rtn,ldlq,yaqa-b)")
     _add_quantizer(p, many_bits=True)
     _add_data(p)
     _add_eval(p)
     p.add_argument("--out", default="yaqa-out", help="work and output directory")
     p.add_argument("--no-save", dest="save", action="store_false")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard stored Hessians and resume state from a different run")
     p.set_defaults(func=cmd_run)
     return ap
 
@@ -128,38 +134,48 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_hessians(args) -> int:
     import torch
 
-    from .data import calibration_windows
-    from .hessians import run_collection
+    from .hessians import load_hessians, run_collection
     from .models import load_model
+    from .pipeline import Calibration
+    from .store import check_output_dir
 
-    device = args.device
-    if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and device in ("auto", "cuda"):
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per rank
-    model, tok = load_model(args.model, dtype=args.dtype, device=device)
-    calib = calibration_windows(tok, _calib_source(args.calib), args.n_seqs, args.ctx,
-                                seed=args.seed, model=model)
+    check_output_dir(args.out)
     blocks = None
     if args.blocks:
         lo, _, hi = args.blocks.partition(":")
         blocks = range(int(lo or 0), int(hi)) if hi else range(int(lo), int(lo) + 1)
+    device = args.device
+    if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and device in ("auto", "cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per rank
+    model, tok = load_model(args.model, dtype=args.dtype, device=device)
+    from .validate import check_finite_weights
+
+    check_finite_weights(model)
+    calib = Calibration(_calib_source(args.calib), args.n_seqs, args.ctx, args.seed).load(tok,
+                                                                                          model)
     t = time.perf_counter()
-    out = run_collection(model, calib, args.out, sketch=args.sketch,
-                         power_iters=_iters(args, args.sketch), seed=args.seed,
+    out = run_collection(model, calib.ids, args.out, sketch=args.sketch,
+                         power_iters=_power_iters(args, args.sketch), seed=args.seed,
                          dtype=torch.float64 if args.fp64 else torch.float32, blocks=blocks,
                          batch_size=args.batch_size, precision=args.precision,
                          blocks_per_pass=args.blocks_per_pass,
                          gradient_checkpointing=args.gradient_checkpointing,
                          overwrite=args.overwrite, progress=not args.quiet)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(f"Sketch {args.sketch} from {calib.numel()} tokens ({args.n_seqs} x {args.ctx}) in "
-              f"{time.perf_counter() - t:.1f} s -> {out}")
+        hs = load_hessians(out, blocks=blocks)
+        h = next(iter(hs.values()))
+        print(f"Sketch {args.sketch} from {h.n_tokens} tokens ({h.n_seqs} sequences of "
+              f"{calib.ids.shape[1]}) in {time.perf_counter() - t:.1f} s -> {out}")
     return 0
 
 
-def _iters(args, sketch: str) -> int:
-    if args.power_iters is not None:
-        return args.power_iters
-    return 2 if sketch == "A" else 1
+def _power_iters(args, hessian: str) -> int | None:
+    """``--power-iters`` reaches every sketch (A and B); None keeps the recipe's default."""
+    from .recipe import POWER_ITERS
+
+    if hessian not in POWER_ITERS:
+        return None
+    return args.power_iters if args.power_iters is not None else POWER_ITERS[hessian]
 
 
 def _calib_source(spec: str) -> str:
@@ -168,41 +184,38 @@ def _calib_source(spec: str) -> str:
     return _source(spec, "calib")
 
 
-def cmd_quantize(args) -> int:
-    from .data import calibration_windows
-    from .hessians import collect_hessians
-    from .io import save_quantized
-    from .models import load_model
-    from .pipeline import HESSIAN_METHODS, checkpoint_info
-    from .quantize_model import quantize
+def recipe_from_args(args, method: str, bits: int):
+    """Turn CLI flags into a Recipe (the only place the CLI knows about recipe fields)."""
+    from .recipe import get_recipe
 
+    base = get_recipe(method)
+    iters = _power_iters(args, base.hessian)
+    return base.replace(quantizer=f"int{bits}", group_size=args.group_size,
+                        symmetric=args.symmetric, scale_search=args.scale_search,
+                        incoherence=args.incoherence, seed=args.seed,
+                        power_iters=iters or base.power_iters)
+
+
+def cmd_quantize(args) -> int:
+    from .io.checkpoint import check_checkpoint_target
+    from .models import load_model
+    from .pipeline import Calibration, quantize_one
+
+    recipe = recipe_from_args(args, args.method, args.bits)
+    check_checkpoint_target(args.out, overwrite=args.overwrite)  # before loading anything
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    sketch = HESSIAN_METHODS.get(args.method)
-    hs, calib_src = None, None
-    if sketch is not None:
-        calib_src = _calib_source(args.calib)
-        calib = calibration_windows(tok, calib_src, args.n_calib, args.ctx, seed=args.seed,
-                                    model=model)
-        hdir = args.hessians or f"{args.out}.hessians-{sketch}"
-        hs = collect_hessians(model, calib, sketch=sketch,
-                              power_iters=_iters(args, sketch),
-                              seed=args.seed, batch_size=args.batch_size, out_dir=hdir,
-                              progress=not args.quiet)
-    report = quantize(model, hs, method=args.method, quantizer=f"int{args.bits}",
-                      group_size=args.group_size, symmetric=args.symmetric,
-                      scale_search=args.scale_search, incoherence=args.incoherence,
-                      seed=args.seed, include_head=args.include_head,
-                      work_dir=f"{args.out}.work",
-                      fingerprint={"model": args.model, "calib": calib_src,
-                                   "n_calib": args.n_calib, "ctx": args.ctx},
-                      progress=not args.quiet)
-    info = checkpoint_info(args.method, sketch, calib_src, args.n_calib, args.ctx, args.seed,
-                           args.model, report)
-    saved = save_quantized(model, args.out, tokenizer=tok, info=info, overwrite=args.overwrite)
-    shutil.rmtree(f"{args.out}.work", ignore_errors=True)  # the resume state is now redundant
-    print(f"{args.method} int{args.bits} g{args.group_size or 'row'}: {len(report.layers)} layers "
-          f"in {report.seconds:.1f} s -> {saved.path} ({saved.weights_bytes / 1e6:.1f} MB "
-          f"weights, {saved.size_bytes / 1e6:.1f} MB on disk)")
+    calib = Calibration(_calib_source(args.calib), args.n_calib, args.ctx, args.seed) \
+        if recipe.hessian != "none" else None
+    res = quantize_one(model, recipe, calib, args.out, tokenizer=tok,
+                       hessian_dir=args.hessians or f"{args.out}.hessians-{recipe.hessian}",
+                       work_dir=f"{args.out}.work", model_name=args.model,
+                       include_head=args.include_head, overwrite=args.overwrite,
+                       batch_size=args.batch_size, progress=not args.quiet)
+    report, saved = res.report, res.saved
+    resumed = f" ({report.resumed_blocks} blocks resumed)" if report.resumed_blocks else ""
+    print(f"{recipe.name} {recipe.quantizer} g{recipe.group_size or 'row'}: "
+          f"{len(report.layers)} layers{resumed} in {report.seconds:.1f} s -> {saved.path} "
+          f"({saved.weights_bytes / 1e6:.1f} MB weights, {saved.size_bytes / 1e6:.1f} MB on disk)")
     return 0
 
 
@@ -234,16 +247,21 @@ def cmd_eval(args) -> int:
 
 def cmd_run(args) -> int:
     from .pipeline import DEFAULT_RUN_METHODS, RunConfig, format_table, run_pipeline
+    from .recipe import canonical_name
 
-    cfg = RunConfig(model=args.model, methods=args.methods or DEFAULT_RUN_METHODS, bits=args.bits,
+    methods = tuple(canonical_name(m) for m in (args.methods or DEFAULT_RUN_METHODS))
+    cfg = RunConfig(model=args.model, methods=methods, bits=args.bits,
                     group_size=args.group_size, symmetric=args.symmetric,
                     scale_search=args.scale_search, incoherence=args.incoherence,
                     calib=args.calib, n_calib=args.n_calib, calib_ctx=args.ctx,
-                    power_iters=args.power_iters or 2, eval_data=args.eval_data,
+                    power_iters=args.power_iters, eval_data=args.eval_data,
                     eval_ctx=args.eval_ctx, n_eval=args.n_eval or None,
                     batch_size=args.batch_size, seed=args.seed, device=args.device,
                     dtype=args.dtype, out_dir=args.out, save=args.save,
-                    progress=not args.quiet)
+                    overwrite=args.overwrite, progress=not args.quiet)
+    for bits in cfg.bits:  # every flag checked before the model loads
+        for m in methods:
+            recipe_from_args(args, m, bits)
     t = time.perf_counter()
     rows = run_pipeline(cfg)
     print(format_table(rows))

@@ -15,11 +15,44 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from . import store
+from .recipe import (DEFAULT_BLOCK_SIZE, DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_INCOHERENCE,
+                     DEFAULT_SIGMA, POWER_ITERS, Recipe, get_recipe)
+
 log = logging.getLogger(__name__)
 
-HESSIAN_METHODS = {"ldlq": "B", "gptq": "B", "yaqa-a": "A", "yaqa-b": "B", "yaqa": "B"}
 # `yaqa run` with no arguments: the three methods that show the point (RTN < GPTQ < YAQA).
 DEFAULT_RUN_METHODS = ("rtn", "ldlq", "yaqa-b")
+
+
+@dataclass
+class Calibration:
+    """Calibration windows: where they come from and, once :meth:`load` ran, the token ids."""
+
+    source: str
+    n: int
+    ctx: int
+    seed: int = 0
+    ids: torch.Tensor | None = None
+
+    def load(self, tokenizer, model: nn.Module) -> Calibration:
+        from .data import calibration_windows
+
+        if self.ids is None:
+            self.ids = calibration_windows(tokenizer, self.source, self.n, self.ctx,
+                                           seed=self.seed, model=model)
+        return self
+
+    def identity(self) -> dict:
+        """Source, n, ctx, seed and a hash of the token ids (the text's content)."""
+        if self.ids is None:
+            raise ValueError("calibration not loaded yet")
+        return {"source": self.source, "n": int(self.ids.shape[0]),
+                "ctx": int(self.ids.shape[1]), "seed": self.seed,
+                "tokens": store.calibration_identity(self.ids)}
 
 
 @dataclass
@@ -27,28 +60,41 @@ class RunConfig:
     model: str | None = None
     methods: tuple[str, ...] = DEFAULT_RUN_METHODS
     bits: tuple[int, ...] = (4,)
-    group_size: int | None = 64
+    group_size: int | None = DEFAULT_GROUP_SIZE
     symmetric: bool = False
     scale_search: str = "maxabs"
-    incoherence: bool = True
-    block_size: int = 16
-    sigma: float = 0.01
+    incoherence: bool = DEFAULT_INCOHERENCE
+    block_size: int = DEFAULT_BLOCK_SIZE
+    sigma: float = DEFAULT_SIGMA
     ldlq_block_size: int | None = None  # None: same as block_size; 1 gives column-wise GPTQ
-    sketch_b_power_iters: int = 1
+    sketch_b_power_iters: int | None = None  # None: the recipe's default
     calib: str = "auto"
     n_calib: int = 64
     calib_ctx: int = 512
-    power_iters: int = 2
+    power_iters: int | None = None  # Sketch A (and Sketch B unless sketch_b_power_iters is set)
     eval_data: str = "auto"
     eval_ctx: int = 512
     n_eval: int | None = 64
     batch_size: int = 4
     seed: int = 0
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = DEFAULT_DTYPE
     out_dir: str = "yaqa-out"
     save: bool = True
+    overwrite: bool = False  # discard stored Hessians / resume state of other runs
     progress: bool = True
+
+    def recipe(self, method: str, bits: int) -> Recipe:
+        base = get_recipe(method)
+        iters = {"A": self.power_iters,
+                 "B": self.sketch_b_power_iters if self.sketch_b_power_iters is not None
+                 else self.power_iters}.get(base.hessian)
+        block = self.ldlq_block_size if base.rounding == "ldlq" and self.ldlq_block_size \
+            else self.block_size
+        return base.replace(quantizer=f"int{bits}", group_size=self.group_size,
+                            symmetric=self.symmetric, scale_search=self.scale_search,
+                            incoherence=self.incoherence, block_size=block, sigma=self.sigma,
+                            seed=self.seed, power_iters=iters or base.power_iters)
 
 
 @dataclass
@@ -78,16 +124,6 @@ def _source(spec: str, kind: str) -> str:
     return "generated"
 
 
-def _power_iters(cfg: RunConfig, sketch: str) -> int:
-    return cfg.power_iters if sketch == "A" else cfg.sketch_b_power_iters
-
-
-def _hessian_dir(cfg: RunConfig, sketch: str) -> str:
-    # Everything that changes the factors is in the name, so runs with other settings never
-    # collide with (or refuse to resume from) each other's stored Hessians.
-    return f"hessians-{sketch}{_power_iters(cfg, sketch)}-{cfg.calib}-{cfg.n_calib}x{cfg.calib_ctx}-s{cfg.seed}"
-
-
 def evaluation_windows(tokenizer, model, source: str, ctx: int, n: int | None, seed: int = 0):
     """Held-out windows; model-generated text uses ``seed + 1`` so it differs from calibration's."""
     from .data import calibration_windows, eval_windows
@@ -98,11 +134,14 @@ def evaluation_windows(tokenizer, model, source: str, ctx: int, n: int | None, s
     return eval_windows(tokenizer, source, ctx, n=n)
 
 
-def checkpoint_info(method: str, sketch: str | None, calib: str | None, n_calib: int,
-                    calib_ctx: int, seed: int, model_name: str | None, report) -> dict:
+def checkpoint_info(recipe: Recipe, calib: Calibration | None, model_name: str | None,
+                    weights: str, report) -> dict:
     """What ``yaqa.json`` records about how a checkpoint was made."""
-    return {"method": method, "sketch": sketch, "calibration": calib, "n_calib": n_calib,
-            "calib_ctx": calib_ctx, "seed": seed, "base_model": model_name or "smollm2-135m",
+    cid = calib.identity() if calib is not None and recipe.hessian != "none" else None
+    return {"method": recipe.name, "recipe": recipe.to_dict(), "sketch": recipe.sketch,
+            "calibration": cid and cid["source"], "n_calib": cid and cid["n"],
+            "calib_ctx": cid and cid["ctx"], "calibration_identity": cid, "seed": recipe.seed,
+            "base_model": model_name or "smollm2-135m", "weights": weights,
             "report": report.to_dict()}
 
 
@@ -110,17 +149,119 @@ def _param_mb(model) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
 
 
-def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
-    from . import evaluate
-    from .data import calibration_windows
+# -- one model, one recipe ---------------------------------------------------------------------
+
+def preflight(model: nn.Module, recipes: list[Recipe], *, outs: list[str | Path] = (),
+              overwrite: bool = False, include_head: bool = False) -> None:
+    """Everything that can be checked before heavy work: each recipe against every layer's
+    shape, finite weights, and the output paths."""
+    from .io.checkpoint import check_checkpoint_target
+    from .validate import check_finite_weights, check_recipe_fits
+
+    for out in outs:
+        check_checkpoint_target(out, overwrite=overwrite)
+    for r in recipes:
+        check_recipe_fits(model, r, include_head=include_head)
+    check_finite_weights(model)
+
+
+def collect_for(model: nn.Module, recipe: Recipe, calib: Calibration, out_dir: str | Path, *,
+                batch_size: int = 4, overwrite: bool = False, progress: bool = True) -> dict:
+    """The Hessians ``recipe`` needs, collected into (or reused from) ``out_dir``."""
     from .hessians import collect_hessians
+
+    t = time.perf_counter()
+    hs = collect_hessians(model, calib.ids, sketch=recipe.hessian,
+                          power_iters=recipe.power_iters, seed=recipe.seed,
+                          batch_size=batch_size, out_dir=out_dir, overwrite=overwrite,
+                          progress=progress)
+    log.info("Hessians %s ready in %.1f s (%s)", recipe.hessian, time.perf_counter() - t, out_dir)
+    return hs
+
+
+@dataclass
+class QuantizeOutcome:
+    report: object        # QuantizeReport
+    saved: object | None  # SavedCheckpoint when saved
+    seconds_saving: float = 0.0
+
+
+def quantize_one(model: nn.Module, recipe: Recipe, calib: Calibration | None,
+                 out: str | Path | None, *, tokenizer=None, hessians: dict | None = None,
+                 hessian_dir: str | Path | None = None, work_dir: str | Path | None = None,
+                 model_name: str | None = None, include_head: bool = False,
+                 overwrite: bool = False, replace_output: bool | None = None,
+                 batch_size: int = 4, progress: bool = True) -> QuantizeOutcome:
+    """Validate, collect (or reuse) Hessians, round block by block (resumable in ``work_dir``)
+    and save a checkpoint to ``out`` (skipped when ``out`` is None).  What ``yaqa quantize``
+    and each row of ``yaqa run`` do.
+
+    ``overwrite`` discards stale Hessians and resume state; ``replace_output`` (default:
+    ``overwrite``) allows replacing an existing checkpoint at ``out``.
+    """
     from .io import save_quantized
-    from .models import load_model
     from .quantize_model import quantize
 
+    replace = overwrite if replace_output is None else replace_output
+    preflight(model, [recipe], outs=[out] if out is not None else [], overwrite=replace,
+              include_head=include_head)
+    if work_dir is not None:
+        store.check_output_dir(work_dir, what="work directory")
+    if recipe.hessian != "none" and hessians is None:
+        if calib is None:
+            raise ValueError(f"method {recipe.name} needs calibration data")
+        if calib.ids is None:
+            if tokenizer is None:
+                raise ValueError("calibration data has no token ids and no tokenizer was given")
+            calib.load(tokenizer, model)
+        hessians = collect_for(model, recipe, calib, hessian_dir, batch_size=batch_size,
+                               overwrite=overwrite, progress=progress)
+    weights = store.weights_identity(model)
+    report = quantize(model, hessians, recipe=recipe, include_head=include_head,
+                      work_dir=work_dir, overwrite=overwrite, progress=progress)
+    saved, t = None, time.perf_counter()
+    if out is not None:
+        info = checkpoint_info(recipe, calib, model_name, weights, report)
+        saved = save_quantized(model, out, tokenizer=tokenizer, info=info, overwrite=replace)
+    if work_dir is not None:
+        shutil.rmtree(work_dir, ignore_errors=True)  # the resume state is now redundant
+    return QuantizeOutcome(report, saved, time.perf_counter() - t)
+
+
+# -- several recipes, one table ----------------------------------------------------------------
+
+def _hessian_plan(recipes: list[Recipe]) -> dict[str, Recipe]:
+    """One collection per distinct Hessian request.  LDLQ's ``H_x`` comes from the same pass as
+    a sketch that is collected anyway, so all rows of a comparison see the same data."""
+    plan: dict[str, Recipe] = {}
+    for r in recipes:
+        if r.hessian != "none":
+            plan.setdefault(f"{r.hessian}{r.power_iters}", r)
+    sketches = [k for k, r in plan.items() if r.sketch]
+    if sketches:
+        for k in [k for k, r in plan.items() if r.hessian == "hx"]:
+            del plan[k]
+    return plan
+
+
+def _hessians_key(plan: dict[str, Recipe], r: Recipe) -> str:
+    key = f"{r.hessian}{r.power_iters}"
+    if key in plan:
+        return key
+    # LDLQ's H_x: from Sketch B's pass when there is one (the same pass GPTQ would make)
+    return sorted(plan, key=lambda k: k[0] != "B")[0]
+
+
+def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
+    from . import evaluate
+    from .models import load_model
+
     out = Path(cfg.out_dir)
+    store.check_output_dir(out)
+    recipes = [cfg.recipe(m, b) for b in cfg.bits for m in cfg.methods]
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    preflight(model, recipes)
     calib_src, eval_src = _source(cfg.calib, "calib"), _source(cfg.eval_data, "eval")
     ev = evaluation_windows(tok, model, eval_src, cfg.eval_ctx, cfg.n_eval, cfg.seed)
     log.info("evaluation: %d windows x %d tokens of %s", ev.shape[0], ev.shape[1], eval_src)
@@ -129,52 +270,37 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
     ref_ppl = evaluate.perplexity(model, ev, batch_size=cfg.batch_size, progress=cfg.progress)
     rows = [ResultRow("original", None, None, _param_mb(model), 0.0, ref_ppl, 1.0, 0.0)]
 
-    hessians: dict[str, dict] = {}
-    sketches = sorted({HESSIAN_METHODS[m] for m in cfg.methods if m in HESSIAN_METHODS})
-    if sketches:
-        calib = calibration_windows(tok, calib_src, cfg.n_calib, cfg.calib_ctx, seed=cfg.seed,
-                                    model=model)
-        for sk in sketches:
-            t = time.perf_counter()
-            hessians[sk] = collect_hessians(
-                model, calib, sketch=sk, power_iters=_power_iters(cfg, sk),
-                seed=cfg.seed, batch_size=cfg.batch_size,
-                out_dir=out / _hessian_dir(cfg, sk),
-                progress=cfg.progress)
-            log.info("sketch %s collected in %.1f s", sk, time.perf_counter() - t)
+    calib = Calibration(calib_src, cfg.n_calib, cfg.calib_ctx, cfg.seed)
+    plan = _hessian_plan(recipes)
+    hessians = {}
+    if plan:
+        calib.load(tok, model)
+        tag = store.identity_hash(calib.identity())[:10]
+        for key, r in plan.items():
+            hessians[key] = collect_for(model, r, calib, out / f"hessians-{key}-{tag}",
+                                        batch_size=cfg.batch_size, overwrite=cfg.overwrite,
+                                        progress=cfg.progress)
 
-    for bits in cfg.bits:
-        for method in cfg.methods:
-            t = time.perf_counter()
-            qmodel = copy.deepcopy(model)
-            sk = HESSIAN_METHODS.get(method)
-            name = f"{method}-int{bits}"
-            report = quantize(qmodel, hessians.get(sk), method=method, quantizer=f"int{bits}",
-                              group_size=cfg.group_size, symmetric=cfg.symmetric,
-                              scale_search=cfg.scale_search, incoherence=cfg.incoherence,
-                              seed=cfg.seed, sigma=cfg.sigma, work_dir=out / "work" / name,
-                              block_size=(cfg.ldlq_block_size or cfg.block_size)
-                              if method in ("ldlq", "gptq") else cfg.block_size,
-                              fingerprint={"model": cfg.model, "calib": calib_src,
-                                           "n_calib": cfg.n_calib, "ctx": cfg.calib_ctx,
-                                           "sketch": sk, "b_iters": cfg.sketch_b_power_iters},
-                              progress=cfg.progress)
-            q_seconds = time.perf_counter() - t
-            size_mb, path = float("nan"), None
-            if cfg.save:
-                info = checkpoint_info(method, sk, calib_src, cfg.n_calib, cfg.calib_ctx,
-                                       cfg.seed, cfg.model, report)
-                saved = save_quantized(qmodel, out / name, tokenizer=tok, info=info,
-                                       overwrite=True)
-                size_mb, path = saved.weights_bytes / 1e6, str(saved.path)
-                shutil.rmtree(out / "work" / name, ignore_errors=True)  # resume state, now saved
-            res = evaluate.compare(model, qmodel, ev, batch_size=cfg.batch_size,
-                                   progress=cfg.progress)
-            rows.append(ResultRow(method, bits, cfg.group_size, size_mb, res.kl, res.ppl,
-                                  res.top1, q_seconds, _bits_per_weight(qmodel), path))
-            log.info("%s: KL %.4f ppl %.2f top1 %.3f", name, res.kl, res.ppl, res.top1)
-            del qmodel
-    (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    for recipe in recipes:
+        t = time.perf_counter()
+        qmodel = copy.deepcopy(model)
+        name = f"{recipe.name}-{recipe.quantizer}"
+        hs = hessians[_hessians_key(plan, recipe)] if recipe.hessian != "none" else None
+        res = quantize_one(qmodel, recipe, calib, out / name if cfg.save else None,
+                           tokenizer=tok, hessians=hs, work_dir=out / "work" / name,
+                           model_name=cfg.model, overwrite=cfg.overwrite,
+                           replace_output=True, progress=cfg.progress)
+        size_mb = res.saved.weights_bytes / 1e6 if res.saved else float("nan")
+        path = str(res.saved.path) if res.saved else None
+        ev_res = evaluate.compare(model, qmodel, ev, batch_size=cfg.batch_size,
+                                  progress=cfg.progress)
+        rows.append(ResultRow(recipe.name, res.report.quantizer.get("bits"), cfg.group_size,
+                              size_mb, ev_res.kl, ev_res.ppl, ev_res.top1,
+                              time.perf_counter() - t - (res.seconds_saving or 0.0),
+                              _bits_per_weight(qmodel), path))
+        log.info("%s: KL %.4f ppl %.2f top1 %.3f", name, ev_res.kl, ev_res.ppl, ev_res.top1)
+        del qmodel
+    store.atomic_write_text(out / "results.json", json.dumps([asdict(r) for r in rows], indent=2))
     return rows
 
 

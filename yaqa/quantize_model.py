@@ -8,29 +8,26 @@ directory is given, saved after each block so an interrupted run resumes where i
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .hessians.storage import atomic_save_tensors, atomic_write_text, block_filename
+from . import store
 from .models import get_adapter
 from .nn import QuantizedLinear
-from .quantizers import Quantizer, make_quantizer
-from .rounding.api import METHODS
+from .quantizers import Quantizer
+from .recipe import DEFAULT_BLOCK_SIZE, DEFAULT_GROUP_SIZE, DEFAULT_INCOHERENCE, DEFAULT_SIGMA
+from .recipe import Recipe, get_recipe
 
 log = logging.getLogger(__name__)
-
-# CLI names for the rounding methods: the sketch is chosen where the Hessians are collected.
-_ALIASES = {"gptq": "ldlq", "yaqa-a": "yaqa", "yaqa-b": "yaqa"}
 
 
 @dataclass
@@ -63,63 +60,112 @@ def _layer_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _factors(method: str, hessians: Mapping | None, name: str):
-    if method == "rtn":
+def _factors(rounding: str, hessians: Mapping | None, name: str):
+    if rounding == "rtn":
         return None, None
     if hessians is None or name not in hessians:
-        raise ValueError(f"method {method!r} needs Hessians for {name}; collect them first "
+        raise ValueError(f"{rounding} rounding needs Hessians for {name}; collect them first "
                          "(yaqa.collect_hessians or `yaqa hessians`)")
     h = hessians[name]
-    if method == "ldlq":
+    if rounding == "ldlq":
         return getattr(h, "H_x", None) if getattr(h, "H_x", None) is not None else h.H_in, None
+    if h.H_out is None:
+        raise ValueError(f"yaqa rounding needs both Kronecker factors for {name}; these "
+                         "Hessians hold only H_x (collect Sketch A or B)")
     return h.H_in, h.H_out
 
 
+def recipe_from_args(method: str, quantizer: str | Quantizer, group_size: int | None, *,
+                     symmetric: bool, scale_search: str, incoherence: bool, seed: int,
+                     block_size: int, sigma: float) -> tuple[Recipe, Quantizer | None]:
+    """The library's keyword arguments as a :class:`Recipe` (plus a quantizer object, when one
+    was passed instead of a name)."""
+    if isinstance(quantizer, Quantizer):
+        qobj, qname = quantizer, f"{quantizer.config().get('format', 'int')}{quantizer.bits}"
+    else:
+        qobj, qname = None, str(quantizer).lower()
+    recipe = get_recipe(method, quantizer=qname, group_size=group_size, symmetric=symmetric,
+                        scale_search=scale_search, incoherence=bool(incoherence), seed=seed,
+                        block_size=block_size, sigma=sigma)
+    return recipe, qobj
+
+
+def hessians_identity(hessians: Mapping | None) -> str | None:
+    """Identity of a set of factors: the collection identities they carry, or (for factors built
+    by hand) a hash of every tensor."""
+    if not hessians:
+        return None
+    ids = sorted({str(getattr(h, "identity", None)) for h in hessians.values()})
+    if "None" not in ids:
+        return store.identity_hash(ids)
+    h = hashlib.sha256()
+    for name in sorted(hessians):
+        for k in ("H_in", "H_out", "H_x"):
+            t = getattr(hessians[name], k, None)
+            if t is not None:
+                h.update(f"{name}.{k}".encode())
+                h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "yaqa",
-             quantizer: str | Quantizer = "int4", group_size: int | None = 128, *,
+             quantizer: str | Quantizer = "int4", group_size: int | None = DEFAULT_GROUP_SIZE, *,
              symmetric: bool = False, scale_search: str = "maxabs",
-             incoherence: bool = False, seed: int = 0, block_size: int = 16,
-             sigma: float = 0.01, include_head: bool = False,
-             device: str | torch.device | None = None, work_dir: str | os.PathLike | None = None,
-             fingerprint: dict | None = None, progress: bool = True) -> QuantizeReport:
+             incoherence: bool = DEFAULT_INCOHERENCE, seed: int = 0,
+             block_size: int = DEFAULT_BLOCK_SIZE, sigma: float = DEFAULT_SIGMA,
+             include_head: bool = False, device: str | torch.device | None = None,
+             work_dir: str | os.PathLike | None = None, fingerprint: dict | None = None,
+             overwrite: bool = False, recipe: Recipe | None = None,
+             progress: bool = True) -> QuantizeReport:
     """Replace every decoder-block linear of ``model`` by its quantized version, in place.
 
-    ``method``: ``"rtn"`` (no Hessians), ``"ldlq"`` (GPTQ: the plain input Hessian ``H_x`` of each
-    entry in ``hessians``, output side identity) or ``"yaqa"`` (both Kronecker factors
-    ``H_in``/``H_out``).  ``hessians`` maps full linear names to objects with those attributes.
-    ``work_dir`` enables resume: finished blocks are stored there and reloaded next time when the
-    settings (and ``fingerprint``) match.
+    ``method``: a recipe name (``"rtn"``; ``"ldlq"``/``"gptq"``: the plain input Hessian ``H_x``
+    of each entry in ``hessians``, output side identity; ``"yaqa"``, ``"yaqa-a"``, ``"yaqa-b"``:
+    both Kronecker factors ``H_in``/``H_out``), or pass a whole :class:`~yaqa.recipe.Recipe` as
+    ``recipe`` (then the quantizer keywords are ignored).  ``hessians`` maps full linear names to
+    objects with those attributes.  ``work_dir`` enables resume: finished blocks are stored there
+    and reused only when the recipe, the weights, the Hessians and ``fingerprint`` all match;
+    otherwise :class:`~yaqa.store.StaleWorkError` names what differs (``overwrite=True`` starts
+    over).
     """
-    method = _ALIASES.get(method.lower(), method.lower())
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS + tuple(_ALIASES)}")
-    q = make_quantizer(quantizer, group_size=group_size, symmetric=symmetric,
-                       scale_search=scale_search)
+    qobj = None
+    if recipe is None:
+        recipe, qobj = recipe_from_args(method, quantizer, group_size, symmetric=symmetric,
+                                        scale_search=scale_search, incoherence=incoherence,
+                                        seed=seed, block_size=block_size, sigma=sigma)
+    q = qobj or recipe.make_quantizer()
+    rounding, incoherence, seed = recipe.rounding, recipe.incoherence, recipe.seed
     adapter = get_adapter(model)
-    report = QuantizeReport(method, q.config(), bool(incoherence), seed)
-    settings = {"method": method, "quantizer": q.config(), "incoherence": bool(incoherence),
-                "seed": seed, "block_size": block_size, "sigma": sigma,
-                "fingerprint": fingerprint or {}}
-    resume = _Resume(work_dir, settings) if work_dir is not None else None
+    report = QuantizeReport(rounding, q.config(), bool(incoherence), seed)
+    resume = None
+    if work_dir is not None:
+        identity = {"recipe": recipe.identity(), "quantizer": q.config(),
+                    "weights": store.weights_identity(model),
+                    "hessians": hessians_identity(hessians) if rounding != "rtn" else None,
+                    "extra": fingerprint or {}}
+        resume = _Resume(work_dir, identity, overwrite=overwrite)
     blocks = adapter.blocks(model)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(blocks), desc=f"quantize {method} {q.config()['bits']}-bit",
+    bar = tqdm(total=len(blocks), desc=f"quantize {recipe.name} {q.config()['bits']}-bit",
                disable=not progress, unit="block")
     for i, block in enumerate(blocks):
         linears = adapter.block_linears(block)
         prefix = f"{adapter.blocks_path}.{i}."
         if resume is not None and resume.has(i):
-            resume.restore(i, block, linears, q, incoherence)
+            report.layers += resume.restore(i, block, linears, q, incoherence)
             report.resumed_blocks += 1
             bar.update(1)
             continue
+        done = []
         for rel, lin in linears.items():
             name = prefix + rel
-            H_in, H_out = _factors(method, hessians, name)
-            report.layers.append(_quantize_linear(block, rel, lin, name, method, q, H_in, H_out,
-                                                  incoherence, seed, block_size, sigma, device))
+            H_in, H_out = _factors(rounding, hessians, name)
+            done.append(_quantize_linear(block, rel, lin, name, rounding, q, H_in, H_out,
+                                         incoherence, seed, recipe.block_size, recipe.sigma,
+                                         device))
+        report.layers += done
         if resume is not None:
-            resume.save(i, block)
+            resume.save(i, block, done)
         bar.update(1)
     bar.close()
     if include_head:
@@ -131,7 +177,8 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
                              "also change the embeddings. Leave include_head off for this model")
         name = next(n for n, m in model.named_modules() if m is head)
         report.layers.append(_quantize_linear(model, name, head, name, "rtn", q, None, None,
-                                              incoherence, seed, block_size, sigma, device))
+                                              incoherence, seed, recipe.block_size,
+                                              recipe.sigma, device))
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -165,46 +212,61 @@ def _num(x):
 
 
 class _Resume:
-    """Per-block results of an unfinished run, keyed by a hash of its settings."""
+    """Per-block results of an unfinished run, valid only for the identity they were made with."""
 
-    def __init__(self, work_dir, settings: dict):
+    MANIFEST = "resume.json"
+
+    def __init__(self, work_dir, identity: dict, *, overwrite: bool = False):
         self.dir = Path(work_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str)
-                                  .encode()).hexdigest()[:16]
-        manifest = self.dir / "resume.json"
+        store.check_output_dir(self.dir, what="work directory")
+        manifest = self.dir / self.MANIFEST
         if manifest.exists():
-            old = json.loads(manifest.read_text())
-            if old.get("key") != self.key:
-                log.warning("work dir %s holds blocks from different settings; starting over",
+            stored = store.read_json(manifest).get("identity")
+            try:
+                store.check_identity(f"quantization resume state {self.dir}", stored, identity,
+                                     "--overwrite (overwrite=True)")
+            except store.StaleWorkError:
+                if not overwrite:
+                    raise
+                log.warning("discarding quantization resume state in %s (other settings)",
                             self.dir)
-                for f in self.dir.glob("block_*.safetensors"):
-                    f.unlink()
-        atomic_write_text(manifest, json.dumps({"key": self.key, "settings": settings},
-                                               default=str))
+                shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.key = store.identity_hash(identity)
+        store.atomic_write_json(manifest, {"key": self.key, "identity": identity})
 
     def _path(self, i: int) -> Path:
-        return self.dir / block_filename(i)
+        return self.dir / f"block_{i:04d}.safetensors"
 
     def has(self, i: int) -> bool:
         return self._path(i).exists()
 
-    def save(self, i: int, block: nn.Module) -> None:
+    def save(self, i: int, block: nn.Module, layers: list[LayerReport]) -> None:
         state = {}
         for name, mod in block.named_modules():
             if isinstance(mod, QuantizedLinear):
                 for k, v in mod.state_dict().items():
                     state[f"{name}.{k}"] = v.detach().cpu().contiguous()
-        atomic_save_tensors(self._path(i), state, {"key": self.key, "block": i})
+        store.atomic_save_tensors(self._path(i), state, {"key": self.key, "block": i,
+                                                         "layers": [asdict(r) for r in layers]})
 
     def restore(self, i: int, block: nn.Module, linears: dict, q: Quantizer,
-                incoherence: bool) -> None:
-        state = load_file(str(self._path(i)))
+                incoherence: bool) -> list[LayerReport]:
+        state, meta = store.read_tensors(self._path(i))
+        if meta.get("key") != self.key:
+            raise store.StaleWorkError(f"{self._path(i)} was written by another run than "
+                                       f"{self.dir / self.MANIFEST} describes; pass --overwrite "
+                                       "(overwrite=True) to start over")
         for rel, lin in linears.items():
             new = QuantizedLinear(lin.in_features, lin.out_features, q,
                                   bias=lin.bias is not None, incoherence=bool(incoherence),
                                   dtype=lin.weight.dtype)
             sub = {k[len(rel) + 1:]: v for k, v in state.items() if k.startswith(rel + ".")}
-            new.load_state_dict(sub)
+            try:
+                new.load_state_dict(sub)
+            except RuntimeError as e:
+                raise store.StoreError(f"{self._path(i)}: tensors for {rel} do not fit "
+                                       f"({str(e).splitlines()[0]})") from None
             block.set_submodule(rel, new.to(lin.weight.device))
         log.info("block %d restored from %s", i, self._path(i))
+        return [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in meta.get("layers", [])]

@@ -27,13 +27,15 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..models.adapters import get_adapter, input_embeddings
+from ..validate import check_finite_weights
 from . import distributed as D
 from .accumulators import LayerAccumulator, ProductCache, resolve_precision
 from .labels import sampled_label_grad
 from .storage import (FORMAT_VERSION, IDENTITY_KEYS, HessianMetadataError, LayerHessian,
                       atomic_save_tensors, block_filename, check_run_identity, dtype_name,
                       load_checkpoint, load_hessians, mismatches, model_fingerprint, read_meta,
-                      read_progress, resume_dir, save_checkpoint, write_meta)
+                      identity_problems, read_progress, resume_dir, run_identity, save_checkpoint, write_meta)
+from ..store import calibration_identity, identity_hash
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,15 @@ def pass_kinds(sketch: str, power_iters: int) -> list[str]:
     with an H_in update between consecutive ones: 2·power_iters passes in all (the reference's
     6 passes are power_iters=3). The final pair is (H_in of the last even pass, H_out of the last).
     """
+    if sketch == "hx":
+        return ["hx"]
     if power_iters < 1:
         raise ValueError(f"power_iters must be >= 1, got {power_iters}")
     if sketch == "B":
         return ["b"] + ["b_iter"] * (power_iters - 1)
     if sketch == "A":
         return ["hx"] + ["a_out", "a_in"] * (power_iters - 1) + ["a_out"]
-    raise ValueError(f"sketch must be 'A' or 'B', got {sketch!r}")
+    raise ValueError(f"sketch must be 'A', 'B' or 'hx', got {sketch!r}")
 
 
 class _Tap(torch.autograd.Function):
@@ -258,12 +262,23 @@ class HessianCollector:
             self.acc[name].load_state_tensors(mine, kind, counts)
         self.kind = kind
 
-    def results(self, sketch: str, power_iters: int) -> dict[str, LayerHessian]:
+    def check_finite(self) -> None:
+        """Name the first layer whose factors are not finite (before anything is stored)."""
+        for name, acc in self.acc.items():
+            for k, t in acc.factors.items():
+                if not bool(torch.isfinite(t).all()):
+                    raise HessianMetadataError(
+                        f"{name}.{k} is not finite after collection: check the model's weights "
+                        "for inf/nan, or use a wider dtype (--fp64)")
+
+    def results(self, sketch: str, power_iters: int,
+                identity: str | None = None) -> dict[str, LayerHessian]:
         out = {}
         for name, acc in self.acc.items():
             f = acc.factors
-            out[name] = LayerHessian(name, f["H_in"], f["H_out"], f.get("H_x"),
-                                     acc.counts["seqs"], acc.counts["tokens"], sketch, power_iters)
+            out[name] = LayerHessian(name, f["H_in"], f.get("H_out"), f.get("H_x"),
+                                     acc.counts["seqs"], acc.counts["tokens"], sketch, power_iters,
+                                     identity)
         return out
 
 
@@ -382,6 +397,7 @@ def _collect(model, batches, sketch, power_iters, *, seed, dtype, blocks, out_di
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     adapter = get_adapter(model)
+    check_finite_weights(model)
     n_blocks = len(adapter.blocks(model))
     selected = sorted(set(range(n_blocks) if blocks is None else blocks))
     group = blocks_per_pass or len(selected)
@@ -393,13 +409,17 @@ def _collect(model, batches, sketch, power_iters, *, seed, dtype, blocks, out_di
                          "ids, not a one-shot iterator")
     rank, world = D.rank_and_world()
     device = input_embeddings(model).weight.device
+    out_path = Path(out_dir) if out_dir is not None else None
     identity = {
         "format_version": FORMAT_VERSION, "yaqa_version": __version__,
         "model": model_fingerprint(model, adapter), "sketch": sketch,
         "power_iters": power_iters, "passes": kinds, "seed": seed, "dtype": dtype_name(dtype),
         "precision": resolve_precision(precision, device, dtype), "collect_hx": collect_hx,
+        "calibration": calibration_identity(batches),
     }
-    out_path = Path(out_dir) if out_dir is not None else None
+    if identity["calibration"] is None and out_path is not None:
+        log.warning("the calibration data is a one-shot iterator, so stored Hessians in %s "
+                    "cannot be checked against it; pass a tensor or list to make sure", out_path)
     if out_path is not None:
         if rank == 0:
             out_path.mkdir(parents=True, exist_ok=True)
@@ -430,7 +450,8 @@ def _collect(model, batches, sketch, power_iters, *, seed, dtype, blocks, out_di
             summary = _run_group(collector, batches, batch_size, kinds, out_path, identity, bar,
                                  checkpoint_every, checkpoint_interval_s)
             if keep:
-                results.update(collector.results(sketch, power_iters))
+                results.update(collector.results(sketch, power_iters,
+                                                 identity_hash(run_identity(identity))))
             del collector
             log.info("blocks %d-%d: %d sequences, %d tokens per pass", g[0], g[-1],
                      summary["n_seqs"], summary["n_tokens"])
@@ -481,7 +502,7 @@ def _run_group(col: HessianCollector, batches: Batches, batch_size: int, kinds: 
     if state_dir is not None:
         prog = read_progress(state_dir)
         if prog is not None:
-            bad = mismatches(prog.get("identity", {}), identity, IDENTITY_KEYS)
+            bad = identity_problems(prog.get("identity", {}), identity)
             if bad:
                 raise HessianMetadataError(f"resume state in {state_dir} is from another request "
                                            f"({'; '.join(bad)})")
@@ -547,6 +568,7 @@ def _run_group(col: HessianCollector, batches: Batches, batch_size: int, kinds: 
             summary = {"ctx": sorted(ctx), "data_sha256": h.hexdigest()}
             if state_dir is not None and p + 1 < len(kinds):
                 checkpoint_now(p + 1, 0, h.hexdigest())
+    col.check_finite()
     any_acc = next(iter(col.acc.values()))
     summary["n_tokens"] = any_acc.counts["tokens"]
     summary["n_seqs"] = any_acc.counts["seqs"]

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..models.adapters import ModelAdapter, get_adapter
+from ..store import (StaleWorkError, StoreError, atomic_save_tensors, atomic_write_text,
+                     diff_identity, identity_hash, read_json, read_tensors, replace_dir,
+                     weights_identity)
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,11 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 # keys that must agree for stored results (or a checkpoint) to belong to the current request
 IDENTITY_KEYS = ("format_version", "sketch", "power_iters", "seed", "dtype", "precision",
-                 "collect_hx")
+                 "collect_hx", "calibration")
+MODEL_KEYS = ("linears_sha256", "weights_sha256", "dtype")
 
 
-class HessianMetadataError(ValueError):
+class HessianMetadataError(StoreError):
     """Stored Hessians (or a resume checkpoint) do not match the model or the request."""
 
 
@@ -54,12 +56,13 @@ class LayerHessian:
 
     name: str
     H_in: Tensor
-    H_out: Tensor
+    H_out: Tensor | None  # None when only H_x was collected (forward-only, for GPTQ/LDLQ)
     H_x: Tensor | None
     n_seqs: int
     n_tokens: int
     sketch: str
     power_iters: int
+    identity: str | None = None  # hash of the collection's identity (model, data, request)
 
 
 def block_filename(i: int) -> str:
@@ -71,48 +74,39 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def model_fingerprint(model: nn.Module, adapter: ModelAdapter | None = None) -> dict[str, Any]:
-    """What the stored factors depend on: the layer shapes (strict) and a sample of the weights."""
+    """What the stored factors depend on: the layer shapes and every byte of the weights."""
     adapter = adapter or get_adapter(model)
     linears = adapter.named_linears(model)
     shapes = [(name, int(mod.out_features), int(mod.in_features)) for name, _, mod in linears]
-    h = hashlib.sha256()
-    for _, _, mod in (linears[0], linears[-1]):
-        w = mod.weight.detach().reshape(-1)
-        sample = w[:: max(1, w.numel() // 4096)][:4096]
-        h.update(sample.to("cpu", torch.float64).numpy().tobytes())
     cfg = getattr(model, "config", None)
     return {
         "model_name": str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
         "model_type": str(getattr(cfg, "model_type", "")),
         "n_blocks": len(adapter.blocks(model)),
         "linears_sha256": hashlib.sha256(json.dumps(shapes).encode()).hexdigest(),
-        "weights_sha256": h.hexdigest(),
+        "weights_sha256": weights_identity(model),
+        "dtype": dtype_name(next(model.parameters()).dtype),
     }
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def run_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """The part of a collection's identity that decides the factors."""
+    return {**{k: identity.get(k) for k in IDENTITY_KEYS},
+            "model": {k: identity.get("model", {}).get(k) for k in MODEL_KEYS}}
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    # safetensors refuses aliased storage; contiguous CPU copies also free the GPU sooner
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-              str(tmp), metadata={"yaqa": json.dumps(meta)})
-    os.replace(tmp, path)
-
-
-def read_tensors(path: Path, device: str | torch.device = "cpu") -> tuple[dict[str, Tensor], dict]:
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        meta = json.loads((f.metadata() or {}).get("yaqa", "{}"))
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+def identity_problems(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two collection identities.  Data read from a one-shot iterator has
+    no calibration hash; then only the per-pass data hash of a resume can catch a change."""
+    a, b = run_identity(stored), run_identity(now)
+    if a["calibration"] is None or b["calibration"] is None:
+        a.pop("calibration"), b.pop("calibration")
+    return diff_identity(a, b)
 
 
 def read_meta(out_dir: Path) -> dict[str, Any] | None:
     p = Path(out_dir) / META_FILE
-    return json.loads(p.read_text()) if p.exists() else None
+    return read_json(p) if p.exists() else None
 
 
 def mismatches(stored: dict[str, Any], wanted: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
@@ -121,25 +115,35 @@ def mismatches(stored: dict[str, Any], wanted: dict[str, Any], keys: tuple[str, 
 
 
 def check_run_identity(out_dir: Path, identity: dict[str, Any], *, overwrite: bool) -> None:
-    """Refuse to mix results of different requests (or models) in one directory."""
+    """Refuse to mix results of different requests, models or data in one directory.
+
+    A directory with files but no meta.json is not ours (e.g. a model directory): refused even
+    with ``overwrite``.  With ``overwrite``, a mismatching directory is renamed aside, replaced by
+    an empty one, and only then deleted.
+    """
     out_dir = Path(out_dir)
     stored = read_meta(out_dir)
     if stored is None:
+        if out_dir.is_dir() and any(p.name != "resume" for p in out_dir.iterdir()):
+            raise HessianMetadataError(f"{out_dir} is not empty and not a yaqa Hessian directory "
+                                       "(no meta.json); choose another Hessian directory")
         return
-    problems = mismatches(stored, identity, IDENTITY_KEYS)
-    sm, wm = stored.get("model", {}), identity["model"]
-    problems += [f"model.{p}" for p in mismatches(sm, wm, ("linears_sha256", "weights_sha256"))]
+    problems = identity_problems(stored, identity)
     if not problems:
         return
     if overwrite:
         log.warning("overwriting Hessians in %s (%s)", out_dir, "; ".join(problems))
-        for p in list(out_dir.glob("block_*.safetensors")) + [out_dir / META_FILE]:
-            p.unlink()
-        shutil.rmtree(out_dir / "resume", ignore_errors=True)
+        fresh = out_dir.with_name(f".{out_dir.name}.yaqa-tmp-{os.getpid()}-new")
+        fresh.mkdir()
+        replace_dir(fresh, out_dir)
         return
-    raise HessianMetadataError(
-        f"{out_dir} holds Hessians from a different run ({'; '.join(problems)}). "
-        "Use another output directory, or pass overwrite=True to discard them.")
+    raise StaleHessiansError(
+        f"{out_dir} holds Hessians from a different run ({'; '.join(problems)}); pass "
+        "--overwrite (overwrite=True) to discard them, or use another Hessian directory")
+
+
+class StaleHessiansError(HessianMetadataError, StaleWorkError):
+    """Stored Hessians were collected for other weights, data or settings."""
 
 
 def write_meta(out_dir: Path, meta: dict[str, Any]) -> None:
@@ -172,7 +176,7 @@ def save_checkpoint(state_dir: Path, progress: dict[str, Any],
 
 def read_progress(state_dir: Path) -> dict[str, Any] | None:
     p = state_dir / "progress.json"
-    return json.loads(p.read_text()) if p.exists() else None
+    return read_json(p) if p.exists() else None
 
 
 def load_checkpoint(state_dir: Path, progress: dict[str, Any], blocks: list[int],
@@ -227,25 +231,30 @@ def load_hessians(path: str | os.PathLike, model: nn.Module | None = None, *,
             "collection again with the same out_dir to resume, or pass blocks=... to load a subset")
     problems: list[str] = []
     out: dict[str, LayerHessian] = {}
+    ident = identity_hash(run_identity(meta))
     for b in wanted_blocks:
         tensors, bmeta = read_tensors(present[b], device)
         prefix = bmeta.get("block_prefix", "")
         for rel, info in bmeta.get("layers", {}).items():
             name = f"{prefix}{rel}"
-            h_in, h_out = tensors[f"{rel}.H_in"], tensors[f"{rel}.H_out"]
+            h_in, h_out = tensors.get(f"{rel}.H_in"), tensors.get(f"{rel}.H_out")
+            if h_in is None:
+                problems.append(f"{name}: {present[b]} lacks {rel}.H_in")
+                continue
             if expected:
                 if name not in expected:
                     problems.append(f"{name}: stored, but the model has no such linear layer")
                     continue
                 _, m, n = expected.pop(name)
-                if tuple(h_in.shape) != (n, n) or tuple(h_out.shape) != (m, m):
+                out_shape = (m, m) if h_out is None else tuple(h_out.shape)
+                if tuple(h_in.shape) != (n, n) or out_shape != (m, m):
                     problems.append(f"{name}: stored H_in {tuple(h_in.shape)}, H_out "
-                                    f"{tuple(h_out.shape)}; the layer is {m}×{n} (out×in), so "
+                                    f"{out_shape}; the layer is {m}×{n} (out×in), so "
                                     f"expected ({n}, {n}) and ({m}, {m})")
                     continue
             out[name] = LayerHessian(name, h_in, h_out, tensors.get(f"{rel}.H_x"),
                                      int(info["n_seqs"]), int(info["n_tokens"]),
-                                     meta["sketch"], int(meta["power_iters"]))
+                                     meta["sketch"], int(meta["power_iters"]), ident)
     left = [n for n, (b, _, _) in expected.items() if b in wanted_blocks]
     if left:
         problems.append(f"no factors stored for {left}")

@@ -19,16 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import nn
 
-from .. import __version__
+from .. import __version__, store
 from ..nn import QuantizedLinear
 from ..quantizers import quantizer_from_config
 
@@ -58,23 +56,36 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def save_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None,
-                   info: dict | None = None, overwrite: bool = False) -> SavedCheckpoint:
-    """Write ``model`` (with QuantizedLinear modules) to ``out_dir``."""
+def check_checkpoint_target(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """``out_dir`` may receive a checkpoint: it is new, empty, or (with ``overwrite``) a yaqa
+    checkpoint; never a file or someone else's directory.  Run before any heavy work."""
     out = Path(out_dir)
-    qmods = quantized_modules(model)
-    if not qmods:
-        raise CheckpointError("model has no quantized layers; run yaqa.quantize first")
-    if out.exists() and any(out.iterdir()):
+    try:
+        store.check_output_dir(out)
+    except store.StoreError as e:
+        raise CheckpointError(str(e)) from None
+    if out.is_dir() and any(out.iterdir()):
         if not (out / RECORD).exists():
             raise CheckpointError(f"{out} exists and is not a yaqa checkpoint; refusing to "
                                   "overwrite it (choose another --out)")
         if not overwrite:
             raise CheckpointError(f"{out} already holds a checkpoint; pass overwrite=True "
                                   "(--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    return out
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None,
+                   info: dict | None = None, overwrite: bool = False) -> SavedCheckpoint:
+    """Write ``model`` (with QuantizedLinear modules) to ``out_dir``.
+
+    The directory is built under a temporary name and swapped in by rename; an old checkpoint
+    is deleted only after the swap.
+    """
+    qmods = quantized_modules(model)
+    if not qmods:
+        raise CheckpointError("model has no quantized layers; run yaqa.quantize first")
+    out = check_checkpoint_target(out_dir, overwrite=overwrite)
+    with store.atomic_dir(out) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -96,12 +107,6 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=No
             "info": info or {},
         }
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = dir_size(out)
     weights = (out / WEIGHTS).stat().st_size
     log.info("saved %s (%.2f MB)", out, size / 1e6)
@@ -114,7 +119,10 @@ def read_record(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"no such checkpoint directory: {p}")
     if not (p / RECORD).exists() or not (p / WEIGHTS).exists():
         raise CheckpointError(f"{p} is not a yaqa checkpoint (missing {RECORD} or {WEIGHTS})")
-    record = json.loads((p / RECORD).read_text())
+    try:
+        record = store.read_json(p / RECORD)
+    except store.StoreError as e:
+        raise CheckpointError(str(e)) from None
     if record.get("format") != "yaqa" or int(record.get("format_version", -1)) > FORMAT_VERSION:
         raise CheckpointError(f"{p}: unsupported checkpoint format "
                               f"{record.get('format')!r} v{record.get('format_version')}; "
@@ -144,7 +152,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                                                  bias=spec["bias"],
                                                  incoherence=spec["incoherence"],
                                                  dtype=compute_dtype))
-    state = load_file(str(p / WEIGHTS))
+    try:
+        state, _ = store.read_tensors(p / WEIGHTS)
+    except store.StoreError as e:
+        raise CheckpointError(str(e)) from None
     result = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from ..recipe import DEFAULT_DTYPE
 from .adapters import UnsupportedModelError, get_adapter
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ _COMPLETE_MARKER = ".yaqa-complete"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+# Architectures whose LM head is trained for next-token prediction.
+_CAUSAL_ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -87,7 +92,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device,
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, *,
-               dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+               dtype: str | torch.dtype = DEFAULT_DTYPE, device: str | torch.device = "cpu",
                offline: bool | None = None) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)``, the model in eval mode on ``device``.
 
@@ -96,8 +101,13 @@ def load_model(name_or_path: str | os.PathLike | None = None, *,
     seconds at most) instead of letting the hub client retry for half a minute; ``True`` only
     looks at local files and the hub cache.
 
-    Raises ModelNotFoundError when nothing can be found, UnsupportedModelError when the model
-    has no decoder blocks yaqa knows how to quantize.
+    ``dtype``: float32 by default (the same default as the CLI), ``"auto"`` for the stored
+    dtype on accelerators.  The model gets ``yaqa_weights_identity``: a hash of every byte of
+    its weight files (cached by size and mtime) and the dtype, which keys stored Hessians and
+    resume state.
+
+    Raises ModelNotFoundError when nothing can be found or a weight file is damaged,
+    UnsupportedModelError when the model is not a causal LM with decoder blocks yaqa knows.
     """
     dev = resolve_device(device)
     if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
@@ -182,7 +192,13 @@ def _load_hf(path: str, label: str, dtype: str | torch.dtype, dev: torch.device,
         config = AutoConfig.from_pretrained(path, **hub_kwargs)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(f"cannot load the config of {label!r}: {_first_line(e)}") from e
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(a.endswith(_CAUSAL_ARCH_SUFFIXES) for a in archs):
+        raise UnsupportedModelError(
+            f"{label!r} is a {archs[0]} (model_type={config.model_type!r}), not a causal "
+            "language model: transformers would give it a randomly initialised LM head")
     torch_dtype = resolve_dtype(dtype, dev, getattr(config, "dtype", None))
+    _check_weight_files(path)
     kwargs = dict(hub_kwargs, dtype=torch_dtype)
     if dev.type != "cpu":
         kwargs["device_map"] = str(dev)  # loads shards straight onto the device
@@ -196,7 +212,17 @@ def _load_hf(path: str, label: str, dtype: str | torch.dtype, dev: torch.device,
         raise
     except OSError as e:
         raise ModelNotFoundError(f"cannot load the weights of {label!r}: {_first_line(e)}") from e
+    except Exception as e:  # noqa: BLE001 - SafetensorError, size mismatches: a damaged file
+        raise ModelNotFoundError(f"cannot load the weights of {label!r} from {path}: "
+                                 f"{type(e).__name__}: {_first_line(e)} (a damaged or "
+                                 "truncated weight file?)") from None
     model.eval()
+    if Path(path).is_dir():
+        from ..store import files_fingerprint, identity_hash
+
+        files = files_fingerprint(path)
+        if files is not None:
+            model.yaqa_weights_identity = identity_hash([files, str(torch_dtype)])
     get_adapter(model)  # fail now, not after calibration, if yaqa cannot quantize it
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
@@ -205,6 +231,22 @@ def _load_hf(path: str, label: str, dtype: str | torch.dtype, dev: torch.device,
     log.info("loaded %s (%s, %s, %.1fM parameters) in %.1f s", label, torch_dtype, dev,
              sum(p.numel() for p in model.parameters()) / 1e6, time.perf_counter() - t0)
     return model, tokenizer
+
+
+def _check_weight_files(path: str) -> None:
+    """Read the header of every safetensors file of a local model: a truncated or damaged file
+    is named here instead of surfacing as a bare SafetensorError from deep inside transformers."""
+    if not Path(path).is_dir():
+        return
+    from safetensors import safe_open
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError and OSError alike
+            raise ModelNotFoundError(f"{f} is damaged or truncated ({type(e).__name__}: "
+                                     f"{_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:

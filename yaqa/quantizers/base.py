@@ -51,6 +51,10 @@ class Quantizer(ABC):
     @abstractmethod
     def fit(self, W: torch.Tensor) -> FittedGrid: ...
 
+    def check_shape(self, out_features: int, in_features: int) -> None:
+        """Raise ValueError when this format cannot represent an out×in weight (checked for every
+        layer before any heavy work)."""
+
     @abstractmethod
     def config(self) -> dict:
         """JSON-serialisable description, enough for :func:`quantizer_from_config`."""

@@ -40,6 +40,9 @@ class IntQuantizer(Quantizer):
     def maxq(self) -> int:
         return 2**self.bits - 1
 
+    def check_shape(self, out_features: int, in_features: int) -> None:
+        self._group(in_features)
+
     def _group(self, n: int) -> int:
         g = n if self.group_size is None else self.group_size
         if n % g != 0:

@@ -1,0 +1,146 @@
+"""What a quantization method *is*: one :class:`Recipe`, defined once, and a registry of names.
+
+A recipe holds everything that decides the quantized weights: the rounding algorithm, which
+Hessians it needs, the quantizer, incoherence, tile size, damping and seed.  The CLI, the pipeline
+and the library all start from :func:`get_recipe`, so defaults live here and nowhere else, and a
+recipe's :meth:`~Recipe.identity` (a hash of all its fields) keys stored work automatically:
+adding a field to the dataclass adds it to every identity.
+
+    r = get_recipe("gptq", quantizer="int3", group_size=128)
+    r.rounding, r.hessian          # "ldlq", "hx"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .store import identity_hash
+
+ROUNDINGS = ("rtn", "ldlq", "yaqa")
+# none: no calibration; hx: the plain input Hessian E[xᵀx] (forward passes only);
+# A / B: YAQA's Kronecker sketches of the KL Hessian (A per token, B per sequence)
+HESSIANS = ("none", "hx", "A", "B")
+
+# The one set of defaults (library, `yaqa quantize`, `yaqa run`).
+DEFAULT_BITS = 4
+DEFAULT_GROUP_SIZE = 64
+DEFAULT_INCOHERENCE = True
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_SIGMA = 0.01
+POWER_ITERS = {"A": 2, "B": 1}  # Sketch A: 4 passes; Sketch B: one pass
+DEFAULT_DTYPE = "float32"  # model dtype while collecting and rounding (load_model, CLI, run)
+
+
+class RecipeError(ValueError):
+    """An unknown method name or an impossible combination of recipe fields."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    rounding: str                    # rtn | ldlq | yaqa
+    hessian: str = "none"            # none | hx | A | B
+    power_iters: int = 1             # Sketch A: H_out updates (2x passes); Sketch B: ALS steps
+    quantizer: str = f"int{DEFAULT_BITS}"  # a make_quantizer name: int2, int3, int4, int8
+    group_size: int | None = DEFAULT_GROUP_SIZE  # None: one scale per output row
+    symmetric: bool = False
+    scale_search: str = "maxabs"
+    incoherence: bool = DEFAULT_INCOHERENCE
+    block_size: int = DEFAULT_BLOCK_SIZE  # tile of the LDL/YAQA feedback
+    sigma: float = DEFAULT_SIGMA     # relative damping of the Hessian factors
+    seed: int = 0                    # incoherence signs and sampled labels
+
+    def __post_init__(self) -> None:
+        if self.rounding not in ROUNDINGS:
+            raise RecipeError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.hessian not in HESSIANS:
+            raise RecipeError(f"hessian must be one of {HESSIANS}, got {self.hessian!r}")
+        needs = {"rtn": ("none",), "ldlq": ("hx", "A", "B"), "yaqa": ("A", "B")}[self.rounding]
+        if self.hessian not in needs:
+            raise RecipeError(f"{self.rounding} rounding needs Hessians {needs}, "
+                              f"not {self.hessian!r}")
+        if self.power_iters < 1:
+            raise RecipeError(f"power_iters must be >= 1, got {self.power_iters}")
+        if self.block_size < 1:
+            raise RecipeError(f"block_size must be >= 1, got {self.block_size}")
+        if not self.sigma >= 0:
+            raise RecipeError(f"sigma must be >= 0, got {self.sigma}")
+        if self.group_size is not None and self.group_size < 1:
+            raise RecipeError(f"group_size must be positive or None, got {self.group_size}")
+        try:
+            self.make_quantizer()
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+
+    @property
+    def sketch(self) -> str | None:
+        """The YAQA sketch to collect ("A"/"B"), or None."""
+        return self.hessian if self.hessian in ("A", "B") else None
+
+    def replace(self, **changes: Any) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the result (the display name does not)."""
+        d = self.to_dict()
+        d.pop("name")
+        return d
+
+    def identity_hash(self) -> str:
+        return identity_hash(self.identity())
+
+    def make_quantizer(self):
+        from .quantizers import make_quantizer
+
+        return make_quantizer(self.quantizer, group_size=self.group_size,
+                              symmetric=self.symmetric, scale_search=self.scale_search)
+
+
+# name -> recipe; aliases map to the same recipe under the canonical name
+_REGISTRY: dict[str, Recipe] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_recipe(recipe: Recipe, *aliases: str) -> Recipe:
+    """Add a named method (``yaqa quantize --method NAME`` picks it up)."""
+    key = recipe.name.lower()
+    _REGISTRY[key] = recipe
+    for a in aliases:
+        _ALIASES[a.lower()] = key
+    return recipe
+
+
+register_recipe(Recipe("rtn", "rtn"))
+register_recipe(Recipe("ldlq", "ldlq", "hx"), "gptq")
+register_recipe(Recipe("yaqa-a", "yaqa", "A", power_iters=POWER_ITERS["A"]))
+register_recipe(Recipe("yaqa-b", "yaqa", "B", power_iters=POWER_ITERS["B"]), "yaqa")
+
+
+def recipe_names(aliases: bool = True) -> tuple[str, ...]:
+    return tuple(_REGISTRY) + (tuple(_ALIASES) if aliases else ())
+
+
+def canonical_name(name: str) -> str:
+    key = name.lower()
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise RecipeError(f"unknown method {name!r}; choose from {', '.join(recipe_names())}")
+    return key
+
+
+def get_recipe(name: str, **overrides: Any) -> Recipe:
+    """The registered recipe ``name`` (case-insensitive), with ``overrides`` applied.
+
+    ``group_size=None`` means one scale per output row; leave a field out to keep its default.
+    """
+    base = _REGISTRY[canonical_name(name)]
+    changes = dict(overrides)
+    unknown = set(changes) - {f.name for f in dataclasses.fields(Recipe)}
+    if unknown:
+        raise RecipeError(f"unknown recipe fields {sorted(unknown)}")
+    return base.replace(**changes)
