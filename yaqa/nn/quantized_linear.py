@@ -42,7 +42,7 @@ class QuantizedLinear(nn.Module):
                                                                   self.bits), dtype=torch.uint8,
                                                     device=device))
         # Placeholders with the right shapes, so an empty module can receive a saved state dict.
-        probe = quantizer.grid_from_state(shape, _placeholder_state(quantizer, shape))
+        probe = quantizer.grid_from_state(shape, quantizer.placeholder_state(shape))
         self._grid_keys = tuple(probe.state_dict())
         for k, v in probe.state_dict().items():
             self.register_buffer(f"grid_{k}", v.to(device))
@@ -136,11 +136,3 @@ class QuantizedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, quantizer={self.quantizer.config()}, "
                 f"incoherence={self.incoherence}")
-
-
-def _placeholder_state(quantizer: Quantizer, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    # Fit on a tiny dummy row block to learn the state's keys and dtypes, then size it.
-    m, n = shape
-    g = quantizer.fit(torch.ones(1, n))
-    return {k: torch.zeros((m,) + tuple(v.shape[1:]), dtype=v.dtype)
-            for k, v in g.state_dict().items()}

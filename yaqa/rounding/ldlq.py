@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantizers.base import FittedGrid
+from ..quantizers.base import FittedGrid, check_joint
 from .threads import small_cpu_problem_threads
 
 
@@ -28,6 +28,7 @@ def ldlq_round(
     """
     if A_in is None:
         return grid.round_all(W)
+    check_joint(grid, None, block)
     m, n = W.shape
     if A_in.shape != (n, n):
         raise ValueError(f"A_in must be {n}×{n}, got {tuple(A_in.shape)}")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantizers.base import FittedGrid
+from ..quantizers.base import FittedGrid, check_joint
 from .ldlq import ldlq_round
 from .threads import small_cpu_problem_threads
 
@@ -62,6 +62,7 @@ def yaqa_round(
     if A_in is not None and A_in.shape != (n, n):
         raise ValueError(f"A_in must be {n}×{n}, got {tuple(A_in.shape)}")
     bo, bi = int(block_out), int(block_in)
+    check_joint(grid, bo, bi)
     dev, dt = W.device, W.dtype
     M, N = -(-m // bo), -(-n // bi)
     mp, npad = M * bo, N * bi
