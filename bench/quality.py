@@ -6,6 +6,8 @@ Writes bench/results/quality.{json,md} and quality_kl.png.
 
     python bench/quality.py                       # defaults below, CPU or CUDA (auto)
     python bench/quality.py --n-calib 512 --bits 2,3,4 --device cuda
+    python bench/quality.py --n-calib 1024 --methods rtn,ldlq,yaqa-b \
+        --quantizers trellis2,trellis3,trellis4,mxfp4,nvfp4 --tag _formats --device cuda
 """
 
 from __future__ import annotations
@@ -40,18 +42,25 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "original"):
-        pts = sorted((r["bits"], r["kl"]) for r in rows if r["method"] == method)
-        ax.plot([b for b, _ in pts], [k for _, k in pts], marker="o", label=method)
+    series = dict.fromkeys((r["method"], _family(r)) for r in rows if r["method"] != "original")
+    for method, fam in series:
+        pts = sorted((r.get("bpw") or r["bits"], r["kl"]) for r in rows
+                     if r["method"] == method and _family(r) == fam)
+        ax.plot([b for b, _ in pts], [k for _, k in pts], marker="o", label=f"{method} {fam}")
     ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (int-k, plus group scales)")
+    ax.set_xlabel("bits per weight (codes plus scales)")
     ax.set_ylabel("KL(original || quantized), nats/token")
     ax.set_title("SmolLM2-135M-Instruct, WikiText-2 test")
-    ax.set_xticks(sorted({r["bits"] for r in rows if r["bits"]}))
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def _family(r: dict) -> str:
+    q = r.get("quantizer") or f"int{r['bits']}"
+    return "int" if q.startswith("int") else q.rstrip("0123456789") if q.startswith("trellis") \
+        else q
 
 
 def write_outputs(rows: list[dict], metas: list[dict], stem: str) -> list[str]:
@@ -67,18 +76,23 @@ def write_outputs(rows: list[dict], metas: list[dict], stem: str) -> list[str]:
                   f"({c['power_iters']} power iterations = {2 * c['power_iters']} passes)",
                   f"- evaluation: {c['n_eval']} x {c['eval_ctx']}-token windows of "
                   f"{c['eval_data']}; KL = mean per-token KL(original || quantized), nats",
-                  f"- quantizer: {'symmetric' if c['symmetric'] else 'asymmetric'} int-k, group "
+                  f"- quantizers: {', '.join(c.get('quantizers') or ['int-k'])}; int-k "
+                  f"{'symmetric' if c['symmetric'] else 'asymmetric'}, group "
                   f"{c['group_size']}, scales by {c['scale_search']}, tiles {c['block_size']}, "
                   f"sigma {c['sigma']}, incoherence "
                   f"{'on (random Hadamard both sides)' if c['incoherence'] else 'off'}",
                   f"- total time: {meta['total_seconds']:.0f} s", ""]
-    lines += ["| method | bits | bits/weight | size MB | KL | ppl | top-1 | KL / LDLQ | time s |",
+    lines += ["| method | format | bits/weight | size MB | KL | ppl | top-1 | KL / LDLQ | time s |",
               "|---|---|---|---|---|---|---|---|---|"]
-    ldlq = {r["bits"]: r["kl"] for r in rows if r["method"] == "ldlq"}
+
+    def fmt(r):
+        return r.get("quantizer") or (f"int{r['bits']}" if r["bits"] else "-")
+
+    ldlq = {fmt(r): r["kl"] for r in rows if r["method"] == "ldlq"}
     for r in rows:
-        ratio = f"{r['kl'] / ldlq[r['bits']]:.3f}" if r["bits"] in ldlq and ldlq[r["bits"]] else "-"
+        ratio = f"{r['kl'] / ldlq[fmt(r)]:.3f}" if fmt(r) in ldlq and ldlq[fmt(r)] else "-"
         bpw = f"{r['bpw']:.2f}" if r.get("bpw") else "32"
-        lines.append(f"| {r['method']} | {r['bits'] or '-'} | {bpw} | {r['size_mb']:.1f} | "
+        lines.append(f"| {r['method']} | {fmt(r)} | {bpw} | {r['size_mb']:.1f} | "
                      f"{r['kl']:.4f} | {r['ppl']:.2f} | {r['top1']:.3f} | {ratio} | "
                      f"{r['seconds']:.1f} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -97,7 +111,8 @@ def merge(paths: list[str], stem: str) -> list[str]:
         metas += data.get("runs") or [data["meta"]]
         rows += [r for r in data["rows"] if r["method"] != "original" or not rows]
     order = {m: i for i, m in enumerate(("original", "rtn", "ldlq", "yaqa-a", "yaqa-b"))}
-    rows.sort(key=lambda r: (-(r["bits"] or 99), order.get(r["method"], 9)))
+    rows.sort(key=lambda r: (-(r["bits"] or 99), r.get("quantizer") or "",
+                             order.get(r["method"], 9)))
     return write_outputs(rows, metas, stem)
 
 
@@ -106,6 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--methods", default="rtn,ldlq,yaqa-a,yaqa-b")
     ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--quantizers", default=None,
+                    help="comma-separated formats instead of int<bits>, e.g. "
+                         "trellis2,trellis3,trellis4,mxfp4,nvfp4,int4")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--symmetric", action="store_true")
     ap.add_argument("--scale-search", default="mse")
@@ -133,6 +151,7 @@ def main(argv=None) -> int:
 
     cfg = RunConfig(model=args.model, methods=tuple(args.methods.split(",")),
                     bits=tuple(int(b) for b in args.bits.split(",")), group_size=args.group_size,
+                    quantizers=tuple(args.quantizers.split(",")) if args.quantizers else None,
                     symmetric=args.symmetric, scale_search=args.scale_search,
                     incoherence=args.incoherence, block_size=args.block_size, sigma=args.sigma,
                     ldlq_block_size=args.ldlq_block_size,

@@ -38,6 +38,10 @@ def _add_quantizer(p: argparse.ArgumentParser, many_bits: bool = False) -> None:
         p.add_argument("--bits", type=_csv(int), default=(4,), help="e.g. 4 or 2,3,4")
     else:
         p.add_argument("--bits", type=int, default=DEFAULT_BITS, choices=(2, 3, 4, 8))
+    p.add_argument("--quantizer", type=_csv(str) if many_bits else str, default=None,
+                   help="weight format(s) instead of int<bits>: int2..int8, trellis2, trellis3, "
+                        "trellis4 (QTIP-style, k bits/weight), mxfp4, nvfp4"
+                        + (" (comma-separated)" if many_bits else ""))
     p.add_argument("--group-size", type=_group, default=DEFAULT_GROUP_SIZE,
                    help="input columns per scale; -1 for one scale per output row "
                         f"(default {DEFAULT_GROUP_SIZE})")
@@ -184,13 +188,17 @@ def _calib_source(spec: str) -> str:
     return _source(spec, "calib")
 
 
-def recipe_from_args(args, method: str, bits: int):
-    """Turn CLI flags into a Recipe (the only place the CLI knows about recipe fields)."""
+def recipe_from_args(args, method: str, quantizer: int | str):
+    """Turn CLI flags into a Recipe (the only place the CLI knows about recipe fields).
+
+    ``quantizer``: a make_quantizer name (``--quantizer``), or an int k for int-k (``--bits``).
+    """
     from .recipe import get_recipe
 
     base = get_recipe(method)
     iters = _power_iters(args, base.hessian)
-    return base.replace(quantizer=f"int{bits}", group_size=args.group_size,
+    qname = f"int{quantizer}" if isinstance(quantizer, int) else quantizer.lower()
+    return base.replace(quantizer=qname, group_size=args.group_size,
                         symmetric=args.symmetric, scale_search=args.scale_search,
                         incoherence=args.incoherence, seed=args.seed,
                         power_iters=iters or base.power_iters)
@@ -201,7 +209,7 @@ def cmd_quantize(args) -> int:
     from .models import load_model
     from .pipeline import Calibration, quantize_one
 
-    recipe = recipe_from_args(args, args.method, args.bits)
+    recipe = recipe_from_args(args, args.method, args.quantizer or args.bits)
     check_checkpoint_target(args.out, overwrite=args.overwrite)  # before loading anything
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     calib = Calibration(_calib_source(args.calib), args.n_calib, args.ctx, args.seed) \
@@ -226,6 +234,7 @@ def cmd_eval(args) -> int:
     from .models import load_model
     from .pipeline import (ResultRow, _bits_per_weight, _param_mb, _source, evaluation_windows,
                            format_table)
+    from .quantizers import quantizer_name
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     device = next(model.parameters()).device
@@ -240,7 +249,8 @@ def cmd_eval(args) -> int:
         qcfg = next(iter(rec["modules"].values()))["quantizer"]
         rows.append(ResultRow(rec["info"].get("method", ckpt), qcfg.get("bits"),
                               qcfg.get("group_size"), dir_size(ckpt) / 1e6, r.kl, r.ppl,
-                              r.top1, 0.0, _bits_per_weight(q), path=ckpt))
+                              r.top1, 0.0, _bits_per_weight(q), path=ckpt,
+                              quantizer=quantizer_name(qcfg)))
     print(format_table(rows))
     return 0
 
@@ -251,6 +261,7 @@ def cmd_run(args) -> int:
 
     methods = tuple(canonical_name(m) for m in (args.methods or DEFAULT_RUN_METHODS))
     cfg = RunConfig(model=args.model, methods=methods, bits=args.bits,
+                    quantizers=tuple(args.quantizer) if args.quantizer else None,
                     group_size=args.group_size, symmetric=args.symmetric,
                     scale_search=args.scale_search, incoherence=args.incoherence,
                     calib=args.calib, n_calib=args.n_calib, calib_ctx=args.ctx,
@@ -259,9 +270,9 @@ def cmd_run(args) -> int:
                     batch_size=args.batch_size, seed=args.seed, device=args.device,
                     dtype=args.dtype, out_dir=args.out, save=args.save,
                     overwrite=args.overwrite, progress=not args.quiet)
-    for bits in cfg.bits:  # every flag checked before the model loads
+    for qname in cfg.formats():  # every flag checked before the model loads
         for m in methods:
-            recipe_from_args(args, m, bits)
+            recipe_from_args(args, m, qname)
     t = time.perf_counter()
     rows = run_pipeline(cfg)
     print(format_table(rows))

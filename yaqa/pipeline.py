@@ -60,6 +60,9 @@ class RunConfig:
     model: str | None = None
     methods: tuple[str, ...] = DEFAULT_RUN_METHODS
     bits: tuple[int, ...] = (4,)
+    # Quantizer names (int4, trellis2, mxfp4, ...; see yaqa.quantizers.QUANTIZER_NAMES); when
+    # given they replace the int-k formats of ``bits``.
+    quantizers: tuple[str, ...] | None = None
     group_size: int | None = DEFAULT_GROUP_SIZE
     symmetric: bool = False
     scale_search: str = "maxabs"
@@ -84,14 +87,22 @@ class RunConfig:
     overwrite: bool = False  # discard stored Hessians / resume state of other runs
     progress: bool = True
 
-    def recipe(self, method: str, bits: int) -> Recipe:
+    def formats(self) -> tuple[str, ...]:
+        """The quantizer names of the comparison: ``quantizers``, else ``int<bits>``."""
+        if self.quantizers:
+            return tuple(q.lower() for q in self.quantizers)
+        return tuple(f"int{b}" for b in self.bits)
+
+    def recipe(self, method: str, quantizer: int | str) -> Recipe:
+        """``quantizer``: a make_quantizer name, or an int k for int-k."""
         base = get_recipe(method)
         iters = {"A": self.power_iters,
                  "B": self.sketch_b_power_iters if self.sketch_b_power_iters is not None
                  else self.power_iters}.get(base.hessian)
         block = self.ldlq_block_size if base.rounding == "ldlq" and self.ldlq_block_size \
             else self.block_size
-        return base.replace(quantizer=f"int{bits}", group_size=self.group_size,
+        qname = f"int{quantizer}" if isinstance(quantizer, int) else quantizer
+        return base.replace(quantizer=qname, group_size=self.group_size,
                             symmetric=self.symmetric, scale_search=self.scale_search,
                             incoherence=self.incoherence, block_size=block, sigma=self.sigma,
                             seed=self.seed, power_iters=iters or base.power_iters)
@@ -110,6 +121,7 @@ class ResultRow:
     bpw: float | None = None  # bits per weight of the quantized layers, scales included
     path: str | None = None
     extra: dict = field(default_factory=dict)
+    quantizer: str | None = None  # the quantizer's name (int4, trellis2, nvfp4, ...)
 
 
 def _source(spec: str, kind: str) -> str:
@@ -258,7 +270,7 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
 
     out = Path(cfg.out_dir)
     store.check_output_dir(out)
-    recipes = [cfg.recipe(m, b) for b in cfg.bits for m in cfg.methods]
+    recipes = [cfg.recipe(m, q) for q in cfg.formats() for m in cfg.methods]
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     preflight(model, recipes)
@@ -294,10 +306,11 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
         path = str(res.saved.path) if res.saved else None
         ev_res = evaluate.compare(model, qmodel, ev, batch_size=cfg.batch_size,
                                   progress=cfg.progress)
-        rows.append(ResultRow(recipe.name, res.report.quantizer.get("bits"), cfg.group_size,
+        group = cfg.group_size if recipe.quantizer.startswith("int") else None
+        rows.append(ResultRow(recipe.name, res.report.quantizer.get("bits"), group,
                               size_mb, ev_res.kl, ev_res.ppl, ev_res.top1,
                               time.perf_counter() - t - (res.seconds_saving or 0.0),
-                              _bits_per_weight(qmodel), path))
+                              _bits_per_weight(qmodel), path, quantizer=recipe.quantizer))
         log.info("%s: KL %.4f ppl %.2f top1 %.3f", name, ev_res.kl, ev_res.ppl, ev_res.top1)
         del qmodel
     store.atomic_write_text(out / "results.json", json.dumps([asdict(r) for r in rows], indent=2))
@@ -317,12 +330,13 @@ def _bits_per_weight(model) -> float:
 
 
 def format_table(rows: list[ResultRow]) -> str:
-    head = f"{'method':<10} {'bits':>4} {'group':>5} {'bpw':>5} {'size MB':>8} {'KL':>8} " \
+    head = f"{'method':<10} {'format':>14} {'group':>5} {'bpw':>5} {'size MB':>8} {'KL':>8} " \
            f"{'ppl':>8} {'top-1':>6} {'time s':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         bpw = f"{r.bpw:.2f}" if getattr(r, "bpw", None) else "-"
-        lines.append(f"{r.method:<10} {r.bits or '-':>4} {r.group_size or '-':>5} {bpw:>5} "
+        fmt = getattr(r, "quantizer", None) or (f"int{r.bits}" if r.bits else "-")
+        lines.append(f"{r.method:<10} {fmt:>14} {r.group_size or '-':>5} {bpw:>5} "
                      f"{r.size_mb:>8.1f} {r.kl:>8.4f} {r.ppl:>8.2f} {r.top1:>6.3f} "
                      f"{r.seconds:>7.1f}")
     return "\n".join(lines)

@@ -43,7 +43,7 @@ class Recipe:
     rounding: str                    # rtn | ldlq | yaqa
     hessian: str = "none"            # none | hx | A | B
     power_iters: int = 1             # Sketch A: H_out updates (2x passes); Sketch B: ALS steps
-    quantizer: str = f"int{DEFAULT_BITS}"  # a make_quantizer name: int2, int3, int4, int8
+    quantizer: str = f"int{DEFAULT_BITS}"  # a make_quantizer name: int2..int8, trellis2..4, mxfp4, nvfp4
     group_size: int | None = DEFAULT_GROUP_SIZE  # None: one scale per output row
     symmetric: bool = False
     scale_search: str = "maxabs"

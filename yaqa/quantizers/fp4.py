@@ -75,15 +75,18 @@ class FP4Quantizer(Quantizer):
     def block(self) -> int:
         return FORMATS[self.fmt]
 
+    def check_shape(self, out_features: int, in_features: int) -> None:
+        if in_features % self.block:
+            raise ValueError(f"{self.fmt} uses blocks of {self.block} input columns; the layer's "
+                             f"{in_features} columns are not a multiple of it")
+
     def _blocks(self, W: torch.Tensor) -> torch.Tensor:
         if W.ndim != 2:
             raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
         if not torch.isfinite(W).all():
             raise ValueError("weight contains NaN or Inf; cannot fit a quantization grid")
         m, n = W.shape
-        if n % self.block:
-            raise ValueError(f"{self.fmt} uses blocks of {self.block} input columns; the layer's "
-                             f"{n} columns are not a multiple of it")
+        self.check_shape(m, n)
         return W.detach().float().reshape(m, n // self.block, self.block)
 
     def _candidates(self, amax: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:

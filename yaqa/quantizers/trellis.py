@@ -285,15 +285,19 @@ class TrellisQuantizer(Quantizer):
     def _table(self) -> torch.Tensor | None:
         return hyb_table(self.tlut_bits, self.V) if self.code == "hyb" else None
 
+    def check_shape(self, out_features: int, in_features: int) -> None:
+        if out_features % TILE or in_features % TILE:
+            raise ValueError(f"the trellis quantizer encodes 16x16 tiles; weight "
+                             f"{out_features}x{in_features} is not a multiple of 16 in both "
+                             "dimensions")
+
     def fit(self, W: torch.Tensor) -> "TrellisGrid":
         if W.ndim != 2:
             raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
         if not torch.isfinite(W).all():
             raise ValueError("weight contains NaN or Inf; cannot fit a quantization grid")
         m, n = W.shape
-        if m % TILE or n % TILE:
-            raise ValueError(f"the trellis quantizer encodes 16x16 tiles; weight {m}x{n} is not a "
-                             "multiple of 16 in both dimensions")
+        self.check_shape(m, n)
         table = self._table()
         cb = codebook(self.code, self.L, self.V, table)
         cb_rms = float(cb.pow(2).mean().sqrt())

@@ -1,0 +1,150 @@
+"""Speed of YAQA rounding with the trellis quantizer on Llama-3.1-8B-shaped layers.
+
+Times ``round_weight(..., method="yaqa")`` (random weight, random positive-definite factors,
+incoherence on) for a 4096x4096 and a 14336x4096 layer and projects the time of a whole
+Llama-3.1-8B (32 blocks x 7 linears = 224: q, o 4096x4096; k, v 1024x4096; gate, up
+14336x4096; down 4096x14336) from the measured time per 16x16 tile of each shape class.
+Also times the bare Viterbi per tile (batched) and the dequantize path.  Writes
+bench/results/trellis_speed<tag>.{json,md}.
+
+    python bench/trellis_speed.py --device cuda                       # H100: a few minutes
+    python bench/trellis_speed.py --device cpu --shapes 64x64 --L 10  # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from yaqa.quantizers import TrellisQuantizer
+from yaqa.quantizers.trellis import viterbi_tailbiting
+from yaqa.rounding import round_weight
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LLAMA_8B = {"4096x4096": 2, "1024x4096": 2, "14336x4096": 2, "4096x14336": 1}  # per block
+
+
+def machine(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (torch {torch.__version__})"
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def random_factor(n: int, dev: torch.device, gen: torch.Generator) -> torch.Tensor:
+    X = torch.randn(n, n + 64, generator=gen).to(dev)
+    return X @ X.T / X.shape[1] + 1e-3 * torch.eye(n, device=dev)
+
+
+def time_viterbi(q: TrellisQuantizer, tiles: int, dev: torch.device) -> dict:
+    grid = q.fit(torch.randn(16, 16))
+    cb = grid.codebook(dev)
+    x = torch.randn(tiles, grid.steps, q.V, device=dev)
+    dt = getattr(torch, q.cost_dtype)
+    viterbi_tailbiting(x[:1], cb, q.L, q.bits * q.V, dt)  # warm-up
+    sync(dev)
+    t = time.perf_counter()
+    viterbi_tailbiting(x, cb, q.L, q.bits * q.V, dt)
+    sync(dev)
+    s = time.perf_counter() - t
+    return {"tiles": tiles, "seconds": s, "ms_per_tile": 1e3 * s / tiles}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quantizers", default="trellis2",
+                    help="comma-separated: trellisK (HYB, V=2) or trellisK-1mad / -3inst")
+    ap.add_argument("--shapes", default="4096x4096,14336x4096")
+    ap.add_argument("--L", type=int, default=16)
+    ap.add_argument("--cost-dtype", default="float32", help="float32 or float16")
+    ap.add_argument("--viterbi-tiles", type=int, default=256)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    from yaqa.quantizers import make_quantizer
+
+    gen = torch.Generator().manual_seed(0)
+    runs = []
+    for name in args.quantizers.split(","):
+        base = make_quantizer(name)
+        if not isinstance(base, TrellisQuantizer):
+            raise SystemExit(f"{name} is not a trellis quantizer")
+        tl = min(base.tlut_bits, args.L - 2)
+        q = TrellisQuantizer(**{**vars(base), "L": args.L, "tlut_bits": tl,
+                                "cost_dtype": args.cost_dtype})
+        vit = time_viterbi(q, args.viterbi_tiles, dev)
+        print(f"{name}: Viterbi {vit['tiles']} tiles in {vit['seconds']:.2f} s "
+              f"({vit['ms_per_tile']:.3f} ms/tile)", flush=True)
+        per_tile = {}
+        for shape in args.shapes.split(","):
+            m, n = (int(v) for v in shape.split("x"))
+            W = torch.randn(m, n, generator=gen).to(dev)
+            Hi, Ho = random_factor(n, dev, gen), random_factor(m, dev, gen)
+            sync(dev)
+            t = time.perf_counter()
+            res = round_weight(W, Hi, Ho, q, "yaqa", incoherence=True, return_details=True)
+            sync(dev)
+            s = time.perf_counter() - t
+            t = time.perf_counter()
+            res.grid.dequantize(res.codes)
+            sync(dev)
+            deq = time.perf_counter() - t
+            tiles = m * n // 256
+            per_tile[shape] = s / tiles
+            row = {"quantizer": name, "config": q.config(), "shape": shape, "seconds": s,
+                   "tiles": tiles, "ms_per_tile": 1e3 * s / tiles,
+                   "proxy_relative": res.proxy_loss_relative, "dequantize_seconds": deq}
+            runs.append(row)
+            print(f"{name} {shape}: YAQA {s:.1f} s ({row['ms_per_tile']:.3f} ms/tile), "
+                  f"relative proxy {res.proxy_loss_relative:.4f}, dequantize {deq:.3f} s",
+                  flush=True)
+            del W, Hi, Ho, res
+        # Projection: each 8B shape class at the measured time per tile of the closest shape
+        # (the 14336-row timing for the 14336-sized layers, the 4096x4096 one for the rest).
+        big = per_tile.get("14336x4096") or max(per_tile.values())
+        small = per_tile.get("4096x4096") or min(per_tile.values())
+        total = 0.0
+        for shape, count in LLAMA_8B.items():
+            m, n = (int(v) for v in shape.split("x"))
+            total += 32 * count * (m * n / 256) * (big if 14336 in (m, n) else small)
+        runs.append({"quantizer": name, "projection": "llama-3.1-8b 224 linears",
+                     "seconds": total, "hours": total / 3600, "viterbi": vit})
+        print(f"{name}: projected Llama-3.1-8B (224 linears) {total / 3600:.2f} h", flush=True)
+
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"machine": machine(dev),
+            "command": "python bench/trellis_speed.py " + " ".join(sys.argv[1:])}
+    (RESULTS / f"trellis_speed{args.tag}.json").write_text(json.dumps({"meta": meta, "runs": runs},
+                                                                        indent=2))
+    lines = [f"# Trellis rounding speed{args.tag}", "", f"- machine: {meta['machine']}",
+             f"- command: `{meta['command']}`", "",
+             "| quantizer | layer | YAQA s | ms / tile | relative proxy | dequantize s |",
+             "|---|---|---|---|---|---|"]
+    for r in runs:
+        if "shape" in r:
+            lines.append(f"| {r['quantizer']} | {r['shape']} | {r['seconds']:.1f} | "
+                         f"{r['ms_per_tile']:.3f} | {r['proxy_relative']:.4f} | "
+                         f"{r['dequantize_seconds']:.3f} |")
+    for r in runs:
+        if "projection" in r:
+            lines.append(f"\n{r['quantizer']}: projected {r['projection']}: {r['hours']:.2f} h; "
+                         f"bare Viterbi {r['viterbi']['ms_per_tile']:.3f} ms/tile "
+                         f"({r['viterbi']['tiles']} tiles per batch)")
+    (RESULTS / f"trellis_speed{args.tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
