@@ -212,3 +212,34 @@ def test_quantizer_names_build_the_documented_formats():
     q = make_quantizer("trellis2-1mad")
     assert (q.bits, q.V, q.code) == (2, 1, "1mad")
     assert quantizer_from_config(q.config()) == q
+
+
+def test_graph_runner_pads_batches_and_returns_the_eager_result(monkeypatch):
+    # No GPU here: a stand-in "graph" runs the same function on the static buffers, which checks
+    # the padding, buffer reuse across batch sizes and codebooks, and slicing of the runner.
+    import yaqa.quantizers.trellis as tr
+
+    class FakeGraph:
+        def __init__(self, key, cb_shape):
+            bucket, T, V, L, kv, dt, dev = key
+            self.sx, self.scb = torch.zeros(bucket, T, V), torch.zeros(cb_shape)
+            self.out = torch.zeros(bucket, T, dtype=torch.int64)
+            self.args = (L, kv, dt)
+
+        def replay(self):
+            self.out.copy_(tr.viterbi_tailbiting(self.sx, self.scb, *self.args))
+
+    def capture(key, cb_shape):
+        g = FakeGraph(key, cb_shape)
+        return g, g.sx, g.scb, g.out
+
+    runner = tr._GraphedTailbiting()
+    monkeypatch.setattr(runner, "_capture", capture)
+    g = torch.Generator().manual_seed(0)
+    L, kv = 8, 2
+    for B in (3, 1, 4, 3):
+        cb = torch.randn(1 << L, 1, generator=g)
+        x = torch.randn(B, 16, 1, generator=g)
+        assert torch.equal(runner(x, cb, L, kv, torch.float32, cap=8),
+                           tr.viterbi_tailbiting(x, cb, L, kv))
+    assert sorted(k[0] for k in runner.graphs) == [1, 4]

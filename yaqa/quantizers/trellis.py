@@ -137,6 +137,10 @@ def viterbi(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
     ``start_low``/``end_low`` (``(B,)`` ints in ``[0, 2^(L-kv))``), when given, force the low
     ``L - kv`` bits of the state before the first step / after the last step (the only bits of
     the start state that matter).  Returns the states ``s_1 .. s_T`` as ``(B, T)`` int64.
+
+    Per step: one strided min over the 2^kv predecessors of each state group (plus its argmin,
+    kept as uint8 back-pointers), and one or two fused multiply-adds over all 2^L states.  No
+    host synchronisation, so the whole function can be captured in a CUDA graph.
     """
     B, T, V = x.shape
     S, P = 1 << L, 1 << kv
@@ -144,43 +148,44 @@ def viterbi(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
     dev = x.device
     cbt = cb.to(device=dev, dtype=cost_dtype)
     c_cols = [cbt[:, v].reshape(1, R, P) for v in range(V)]
-    # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every state of a step: dropped.
+    # |x - c|^2 = |x|^2 - 2 x.c + |c|^2: the |x|^2 term is per sequence, added on the small
+    # (B, R) minima, so the big arrays need only the fused -2 x.c + |c|^2 and costs stay true
+    # (non-negative, small), which keeps float16 costs usable.
     cnorm = cbt.pow(2).sum(1).reshape(1, R, P)
     xs = x.to(cost_dtype)
+    xnorm = xs.pow(2).sum(-1)  # (B, T)
     back = torch.zeros(T, B, R, dtype=torch.uint8, device=dev)
-    inf = torch.finfo(cost_dtype).max / 4
     if start_low is None:
-        best_prev = torch.zeros(B, R, 1, dtype=cost_dtype, device=dev)
+        best_prev = torch.zeros(B, R, dtype=cost_dtype, device=dev)
     else:
-        best_prev = torch.full((B, R, 1), inf, dtype=cost_dtype, device=dev)
-        best_prev[torch.arange(B, device=dev), start_low.to(dev), 0] = 0
+        big = torch.finfo(cost_dtype).max / 16
+        best_prev = torch.full((B, R), big, dtype=cost_dtype, device=dev)
+        best_prev.scatter_(1, start_low.to(dev).view(B, 1), 0.0)
     cost = None
     for t in range(T):
         if t > 0:
             # State s = h R + l is followed by l P + b: the predecessors of group l are h = 0..P-1.
-            vals, idx = cost.view(B, P, R).min(dim=1)
+            best_prev, idx = cost.view(B, P, R).min(dim=1)
             back[t] = idx
-            best_prev = vals.unsqueeze(-1)
+        best_prev = best_prev + xnorm[:, t:t + 1]
         xt = xs[:, t]
         cost = torch.addcmul(cnorm, xt[:, 0].view(B, 1, 1), c_cols[0], value=-2)
         for v in range(1, V):
             cost.addcmul_(xt[:, v].view(B, 1, 1), c_cols[v], value=-2)
-        cost += best_prev  # (B, R, P): row l holds the P successors of group l
+        cost += best_prev.unsqueeze(-1)  # (B, R, P): row l holds the P successors of group l
     cost = cost.view(B, S)
     if end_low is None:
         last = cost.argmin(1)
     else:
         cand = end_low.to(dev).view(B, 1) + R * torch.arange(P, device=dev).view(1, P)
         last = cand.gather(1, cost.gather(1, cand).argmin(1, keepdim=True)).squeeze(1)
-    states = torch.empty(B, T, dtype=torch.int64, device=dev)
-    states[:, T - 1] = last
-    rows = torch.arange(B, device=dev)
+    out = [last]
     s = last
     for t in range(T - 1, 0, -1):
         low = s >> kv
-        s = back[t, rows, low].to(torch.int64) * R + low
-        states[:, t - 1] = s
-    return states
+        s = torch.add(low, back[t].gather(1, low.unsqueeze(1)).squeeze(1), alpha=R)
+        out.append(s)
+    return torch.stack(out[::-1], dim=1)
 
 
 def path_states(steps: torch.Tensor, L: int, kv: int) -> torch.Tensor:
@@ -206,6 +211,54 @@ def viterbi_tailbiting(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
     low = rot[:, half - 1] & ((1 << (L - kv)) - 1)  # rotated index half-1 = original step T
     states = viterbi(x, cb, L, kv, start_low=low, end_low=low, cost_dtype=cost_dtype)
     return states & ((1 << kv) - 1)
+
+
+class _GraphedTailbiting:
+    """Replays CUDA graphs of :func:`viterbi_tailbiting`, one per (padded) batch size.
+
+    Eager Viterbi launches ~10 small kernels per step, ~2500 per tile batch; at the edges of a
+    YAQA wavefront (a few tiles per step) launch overhead, not the work, sets the time.  A graph
+    replays them all from one launch.  Batches are padded to a power of two (capped at the
+    quantizer's chunk) so a handful of graphs serve every wavefront step; codewords are copied
+    into a static buffer, so one graph serves every layer.  If capture fails, rounding falls
+    back to eager mode (same code, same results) with a warning.
+    """
+
+    def __init__(self) -> None:
+        self.graphs: dict[tuple, tuple] = {}
+        self.failed = False
+
+    def __call__(self, x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
+                 cost_dtype: torch.dtype, cap: int) -> torch.Tensor:
+        B = x.shape[0]
+        bucket = min(1 << (B - 1).bit_length(), max(cap, B))
+        key = (bucket, x.shape[1], x.shape[2], L, kv, cost_dtype, x.device)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(key, cb.shape)
+        g, sx, scb, out = self.graphs[key]
+        sx[:B].copy_(x)
+        scb.copy_(cb)
+        g.replay()
+        return out[:B].clone()
+
+    @staticmethod
+    def _capture(key: tuple, cb_shape: torch.Size) -> tuple:
+        bucket, T, V, L, kv, dt, dev = key
+        sx = torch.zeros(bucket, T, V, device=dev)
+        scb = torch.zeros(cb_shape, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            viterbi_tailbiting(sx, scb, L, kv, dt)  # warm-up outside the capture
+        torch.cuda.current_stream(dev).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = viterbi_tailbiting(sx, scb, L, kv, dt)
+        log.debug("captured a trellis Viterbi CUDA graph for %d tiles", bucket)
+        return g, sx, scb, out
+
+
+_GRAPHS = _GraphedTailbiting()
 
 
 def viterbi_tailbiting_exact(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int) -> torch.Tensor:
@@ -249,7 +302,9 @@ class TrellisQuantizer(Quantizer):
 
     ``scale``: ``"tensor"`` (one scale per matrix, as in QTIP) or ``"row"`` (one per output row).
     The scaled weight has RMS ``scale_override`` times the codebook's RMS (QTIP uses 0.9).
-    ``max_batch_bytes`` bounds the Viterbi's memory (back-pointers + costs) per chunk of tiles.
+    ``max_batch_bytes`` bounds the Viterbi's memory (back-pointers + costs) per chunk of tiles;
+    ``cost_dtype="float16"`` halves the Viterbi's memory traffic at some cost in path accuracy;
+    ``cuda_graphs`` replays the Viterbi as CUDA graphs on GPUs (results are the same).
     """
 
     bits: int = 2
@@ -261,6 +316,7 @@ class TrellisQuantizer(Quantizer):
     scale_override: float = 0.9
     cost_dtype: str = "float32"
     max_batch_bytes: int = 1 << 30
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.code not in CODES:
@@ -391,8 +447,19 @@ class TrellisGrid(FittedGrid):
         with _few_threads_for_small_cpu_work(x.device, x.shape[0] << q.L):
             for i in range(0, x.shape[0], step):
                 xi = x[i:i + step].reshape(-1, self.steps, q.V)
-                out.append(self._steps_to_codes(viterbi_tailbiting(xi, cb, q.L, q.bits * q.V, dt)))
+                out.append(self._steps_to_codes(self._viterbi(xi, cb, dt, step)))
         return torch.cat(out) if out else x.new_zeros(0, TILE * TILE, dtype=torch.int64)
+
+    def _viterbi(self, x: torch.Tensor, cb: torch.Tensor, dt: torch.dtype, cap: int) -> torch.Tensor:
+        q = self.q
+        kv = q.bits * q.V
+        if x.device.type == "cuda" and q.cuda_graphs and not _GRAPHS.failed:
+            try:
+                return _GRAPHS(x, cb, q.L, kv, dt, cap)
+            except Exception as e:  # capture is an optimisation; eager mode is the same code
+                _GRAPHS.failed = True
+                log.warning("trellis: CUDA graph capture failed (%s); using eager Viterbi", e)
+        return viterbi_tailbiting(x, cb, q.L, kv, dt)
 
     # -- FittedGrid ---------------------------------------------------------------------------
     def round(self, values, rows, cols):
