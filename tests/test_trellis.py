@@ -243,3 +243,15 @@ def test_graph_runner_pads_batches_and_returns_the_eager_result(monkeypatch):
         assert torch.equal(runner(x, cb, L, kv, torch.float32, cap=8),
                            tr.viterbi_tailbiting(x, cb, L, kv))
     assert sorted(k[0] for k in runner.graphs) == [1, 4]
+
+
+def test_float16_costs_give_a_valid_near_optimal_path():
+    g = torch.Generator().manual_seed(5)
+    L, kv = 10, 2
+    cb = codebook("1mad", L, 1)
+    x = torch.randn(4, 128, 1, generator=g)
+    ref = viterbi_tailbiting(x, cb, L, kv)
+    half = viterbi_tailbiting(x, cb, L, kv, cost_dtype=torch.float16)
+    c_ref = path_cost(x, cb, path_states(ref, L, kv))
+    c_half = path_cost(x, cb, path_states(half, L, kv))
+    assert (c_half <= c_ref * 1.02).all()
