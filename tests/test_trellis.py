@@ -255,3 +255,12 @@ def test_float16_costs_give_a_valid_near_optimal_path():
     c_ref = path_cost(x, cb, path_states(ref, L, kv))
     c_half = path_cost(x, cb, path_states(half, L, kv))
     assert (c_half <= c_ref * 1.02).all()
+
+
+def test_every_quantizer_name_survives_its_config():
+    from yaqa.quantizers import QUANTIZER_NAMES, quantizer_name
+
+    for name in QUANTIZER_NAMES:
+        q = make_quantizer(name)
+        assert quantizer_name(q.config()) == name
+        assert quantizer_from_config(q.config()) == q

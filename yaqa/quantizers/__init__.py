@@ -40,6 +40,17 @@ def make_quantizer(spec: "str | Quantizer", group_size: int | None = 128,
     raise ValueError(f"unknown quantizer {spec!r}; expected one of {', '.join(QUANTIZER_NAMES)}")
 
 
+def quantizer_name(cfg: dict) -> str:
+    """The short name of a quantizer config (``int4``, ``trellis2``, ``trellis3-3inst``, ``nvfp4``)."""
+    fmt = cfg.get("format", "int")
+    if fmt == "trellis":
+        code = cfg.get("code", "hyb")
+        return f"trellis{cfg['bits']}" + ("" if code == "hyb" else f"-{code}")
+    if fmt == "fp4":
+        return cfg["fmt"]
+    return f"int{cfg.get('bits')}"
+
+
 def quantizer_from_config(cfg: dict) -> Quantizer:
     cfg = dict(cfg)
     fmt = cfg.pop("format", "int")
@@ -53,5 +64,5 @@ def quantizer_from_config(cfg: dict) -> Quantizer:
 
 
 __all__ = ["FittedGrid", "Quantizer", "check_joint", "IntGrid", "IntQuantizer", "TrellisGrid",
-           "TrellisQuantizer", "FP4Grid", "FP4Quantizer", "QUANTIZER_NAMES", "make_quantizer",
+           "TrellisQuantizer", "FP4Grid", "FP4Quantizer", "QUANTIZER_NAMES", "make_quantizer", "quantizer_name",
            "quantizer_from_config"]

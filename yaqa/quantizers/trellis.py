@@ -191,7 +191,6 @@ def viterbi(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
 def path_states(steps: torch.Tensor, L: int, kv: int) -> torch.Tensor:
     """States of a tail-biting bitstream: ``steps`` ``(B, T)`` holds each step's ``kv`` bits; the
     state after step t is the last L bits of the circular stream ending there."""
-    T = steps.shape[-1]
     s = torch.zeros_like(steps, dtype=torch.int64)
     for i in range(-(-L // kv)):
         s = s | (torch.roll(steps.to(torch.int64), i, dims=-1) << (kv * i))
