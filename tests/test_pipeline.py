@@ -143,3 +143,25 @@ def test_yaqa_pipeline_works_for_every_supported_family(tmp_path, family):
     with torch.no_grad():
         assert torch.equal(q(tokens).logits, loaded(tokens).logits)
     assert 0 < yaqa.evaluate.kl_divergence(ref, loaded, tokens, progress=False) < 1
+
+
+def test_cli_run_takes_quantizer_names(tmp_path, model_dir, text_file, capsys):
+    out = tmp_path / "out"
+    rc = main(["-q", "run", "--model", str(model_dir), "--device", "cpu", "--calib",
+               str(text_file), "--n-calib", "4", "--ctx", "32", "--methods", "rtn,ldlq",
+               "--quantizer", "nvfp4,mxfp4", "--eval-data", str(text_file), "--n-eval", "2",
+               "--eval-ctx", "32", "--out", str(out)])
+    assert rc == 0
+    assert "nvfp4" in capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["quantizer"]) for r in rows[1:]] == \
+        [("rtn", "nvfp4"), ("ldlq", "nvfp4"), ("rtn", "mxfp4"), ("ldlq", "mxfp4")]
+    assert all(r["kl"] > 0 and r["bits"] == 4 for r in rows[1:])
+
+
+@pytest.mark.parametrize("sub", ["quantize", "run"])
+def test_cli_rejects_an_unknown_quantizer_before_loading_anything(sub, tmp_path, capsys):
+    assert main([sub, "--model", str(tmp_path / "no-such-model"), "--quantizer", "fp3",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown quantizer 'fp3'" in err and "Traceback" not in err
