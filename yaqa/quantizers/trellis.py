@@ -468,11 +468,14 @@ class TrellisGrid(FittedGrid):
         dev = values.device
         rows = rows.to(dev).expand(*lead, r)
         cols = cols.to(dev).expand(*lead, c)
+        # One fused check (a single host sync): every run of 16 indices is consecutive and starts
+        # at a multiple of 16.
+        step = torch.arange(TILE, device=dev)
         starts_r, starts_c = rows[..., ::TILE], cols[..., ::TILE]
-        aligned = (starts_r % TILE == 0).all() and (starts_c % TILE == 0).all() and \
-            torch.equal(rows, (starts_r.unsqueeze(-1) + torch.arange(TILE, device=dev)).reshape(rows.shape)) and \
-            torch.equal(cols, (starts_c.unsqueeze(-1) + torch.arange(TILE, device=dev)).reshape(cols.shape))
-        if not aligned:
+        aligned = ((starts_r % TILE == 0).all() & (starts_c % TILE == 0).all()
+                   & (rows == (starts_r.unsqueeze(-1) + step).reshape(rows.shape)).all()
+                   & (cols == (starts_c.unsqueeze(-1) + step).reshape(cols.shape)).all())
+        if not bool(aligned):
             raise ValueError("the trellis rounds aligned 16x16 tiles; rows and columns must be "
                              "consecutive runs starting at multiples of 16")
         s = self.scale.to(dev)[rows].unsqueeze(-1)  # (..., r, 1)
