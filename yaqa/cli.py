@@ -232,7 +232,6 @@ def cmd_eval(args) -> int:
     from .io import load, read_record
     from .io.checkpoint import dir_size
     from .models import load_model
-    from .quantizers import quantizer_name
     from .pipeline import (ResultRow, _bits_per_weight, _param_mb, _source, evaluation_windows,
                            format_table)
     from .quantizers import quantizer_name

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import store
 from .models import get_adapter
 from .nn import QuantizedLinear
-from .quantizers import Quantizer
+from .quantizers import Quantizer, quantizer_name
 from .recipe import DEFAULT_BLOCK_SIZE, DEFAULT_GROUP_SIZE, DEFAULT_INCOHERENCE, DEFAULT_SIGMA
 from .recipe import Recipe, get_recipe
 
@@ -81,7 +81,7 @@ def recipe_from_args(method: str, quantizer: str | Quantizer, group_size: int | 
     """The library's keyword arguments as a :class:`Recipe` (plus a quantizer object, when one
     was passed instead of a name)."""
     if isinstance(quantizer, Quantizer):
-        qobj, qname = quantizer, f"{quantizer.config().get('format', 'int')}{quantizer.bits}"
+        qobj, qname = quantizer, quantizer_name(quantizer.config())
     else:
         qobj, qname = None, str(quantizer).lower()
     recipe = get_recipe(method, quantizer=qname, group_size=group_size, symmetric=symmetric,
