@@ -68,3 +68,21 @@ def test_checkpoint_roundtrip_is_exact_for_every_quantizer(tmp_path, name):
     # Stored bits per weight: exactly k for the trellis plus per-row scales.
     lin = mods[0]
     assert lin.qweight.numel() * 8 == lin.in_features * lin.out_features * lin.bits
+
+
+def test_recipes_carry_the_new_quantizer_names_and_check_layer_shapes():
+    from yaqa.recipe import RecipeError, get_recipe
+    from yaqa.validate import ModelCheckError, check_recipe_fits
+
+    r = get_recipe("yaqa-b", quantizer="trellis3")
+    q = r.make_quantizer()
+    assert isinstance(q, TrellisQuantizer) and q.bits == 3
+    assert isinstance(get_recipe("ldlq", quantizer="NVFP4".lower()).make_quantizer(), FP4Quantizer)
+    with pytest.raises(RecipeError, match="unknown quantizer"):
+        get_recipe("rtn", quantizer="fp8")
+    model = tiny_model("llama", hidden=48, intermediate=96, heads=3, kv_heads=3)
+    with pytest.raises(ModelCheckError, match="blocks of 32"):
+        check_recipe_fits(model, get_recipe("rtn", quantizer="mxfp4", incoherence=False))
+    check_recipe_fits(model, get_recipe("rtn", quantizer="nvfp4", incoherence=False))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        TrellisQuantizer().check_shape(24, 32)
