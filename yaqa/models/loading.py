@@ -223,6 +223,9 @@ def _load_hf(path: str, label: str, dtype: str | torch.dtype, dev: torch.device,
         files = files_fingerprint(path)
         if files is not None:
             model.yaqa_weights_identity = identity_hash([files, str(torch_dtype)])
+    # The published dtype, so a quantized checkpoint saves its unquantized tensors in it even
+    # when the model was loaded in float32 for calibration.
+    model.yaqa_stored_dtype = getattr(config, "dtype", None)
     get_adapter(model)  # fail now, not after calibration, if yaqa cannot quantize it
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
