@@ -194,3 +194,19 @@ def test_without_import_yaqa_transformers_does_not_know_the_method(ckpt):
     assert out.stdout.strip() == "False"
     assert "yaqa" in __import__("transformers.quantizers.auto").quantizers.auto.AUTO_QUANTIZER_MAPPING
     assert yaqa.hf.QUANT_METHOD == "yaqa"
+
+
+def test_generate_cli_prints_text_and_speed(tmp_path, capsys):
+    from tiny_models import tiny_tokenizer
+
+    from yaqa.cli import main
+
+    tok = tiny_tokenizer("the cat sat on the mat. " * 50, vocab_size=280)
+    model = tiny_model("llama", vocab=len(tok))
+    quantize(model, method="rtn", quantizer="int4", group_size=32, progress=False)
+    save_quantized(model, tmp_path / "c", tokenizer=tok)
+    assert main(["generate", str(tmp_path / "c"), "the cat", "--max-new-tokens", "5",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("the cat") and "5 tokens in" in out and "tokens/s" in out
+    assert main(["generate", str(tmp_path / "missing")]) == 2

@@ -87,13 +87,19 @@ def cpu_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
 # Triton
 
 
-@functools.lru_cache(maxsize=1)
+_TRITON_OK: bool | None = None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    # A plain global, not lru_cache: torch.compile traces this on every compiled forward.
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            _TRITON_OK = torch.cuda.is_available()
+        except ImportError:
+            _TRITON_OK = False
+    return _TRITON_OK
 
 
 def kernel_supports(bits: int, group: int, m: int, n: int) -> bool:
