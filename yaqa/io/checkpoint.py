@@ -208,7 +208,17 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
             kwargs["attn_implementation"] = attn
         if dev.type != "cpu":
             kwargs["device_map"] = str(dev)
-        model = AutoModelForCausalLM.from_pretrained(p, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(p, **kwargs)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a damaged checkpoint
+            if isinstance(e, (KeyboardInterrupt, MemoryError)):
+                raise
+            text = str(e).strip().splitlines()
+            raise CheckpointError(f"{p / WEIGHTS} cannot be loaded ({type(e).__name__}: "
+                                  f"{text[0] if text else ''}); is it damaged or truncated?"
+                                  ) from None
         if dense_cache:
             from ..nn import set_dense_cache
 
