@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import evaluate, rounding  # noqa: E402
+from . import evaluate, hf, rounding  # noqa: E402  (hf registers quant_method "yaqa")
 from .hessians import collect_hessians, load_hessians  # noqa: E402
 from .io import load, save_quantized  # noqa: E402
 from .models import load_model  # noqa: E402

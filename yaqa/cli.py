@@ -132,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="discard stored Hessians and resume state from a different run")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("generate", help="generate text with a quantized checkpoint (tokens/s, memory)")
+    p.add_argument("checkpoint", help="quantized checkpoint directory")
+    p.add_argument("prompt", nargs="?", default="The meaning of life is")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
     return ap
 
 
@@ -244,7 +252,9 @@ def cmd_eval(args) -> int:
     rows = [ResultRow("original", None, None, _param_mb(model), 0.0, ref_ppl, 1.0, 0.0)]
     for ckpt in args.checkpoints:
         rec = read_record(ckpt)
-        q = load(ckpt, device=device)
+        # Same dtype as the reference (a bf16 checkpoint is evaluated in float32 on CPU), and
+        # dense weights: evaluation wants speed, not the packed memory footprint.
+        q = load(ckpt, device=device, dtype=next(model.parameters()).dtype, dense_cache=True)
         r = evaluate.compare(model, q, ev, batch_size=args.batch_size, progress=not args.quiet)
         qcfg = next(iter(rec["modules"].values()))["quantizer"]
         rows.append(ResultRow(rec["info"].get("method", ckpt), qcfg.get("bits"),
@@ -277,6 +287,18 @@ def cmd_run(args) -> int:
     rows = run_pipeline(cfg)
     print(format_table(rows))
     print(f"total {time.perf_counter() - t:.0f} s; results in {args.out}/results.json")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+
+    g = generate(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                 device=args.device, chat=args.chat)
+    print(args.prompt + g.text)
+    peak = f", peak device memory {g.device_peak_mb:.0f} MB" if g.device_peak_mb else ""
+    print(f"[{g.new_tokens} tokens in {g.seconds:.2f} s: {g.tokens_per_s:.1f} tokens/s "
+          f"(first call includes compilation); quantized linears {g.linear_mb:.1f} MB{peak}]")
     return 0
 
 

@@ -267,6 +267,7 @@ def _hessians_key(plan: dict[str, Recipe], r: Recipe) -> str:
 def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
     from . import evaluate
     from .models import load_model
+    from .nn import set_dense_cache
 
     out = Path(cfg.out_dir)
     store.check_output_dir(out)
@@ -304,6 +305,7 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
                            replace_output=True, progress=cfg.progress)
         size_mb = res.saved.weights_bytes / 1e6 if res.saved else float("nan")
         path = str(res.saved.path) if res.saved else None
+        set_dense_cache(qmodel, True)  # evaluation: dense weights are faster than packed
         ev_res = evaluate.compare(model, qmodel, ev, batch_size=cfg.batch_size,
                                   progress=cfg.progress)
         group = cfg.group_size if recipe.quantizer.startswith("int") else None

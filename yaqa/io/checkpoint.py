@@ -1,14 +1,20 @@
 """Quantized checkpoints: packed codes and grids in safetensors plus a JSON record.
 
-Layout of a checkpoint directory::
+Layout of a checkpoint directory (format v2)::
 
-    config.json          the model's Hugging Face config (unchanged)
+    config.json          the model's Hugging Face config plus ``quantization_config``
+                         (``quant_method: "yaqa"`` and the quantized modules), so that after
+                         ``import yaqa`` transformers' ``from_pretrained`` loads it (:mod:`yaqa.hf`)
     tokenizer files      when a tokenizer was given
-    model.safetensors    full-precision tensors (embeddings, norms, head) and, for every quantized
-                         linear, ``qweight`` (packed codes), ``grid_*`` (scales, zeros) and
-                         ``tf_*`` (incoherence sign vectors)
+    model.safetensors    unquantized tensors (embeddings, norms, head) in the model's 16-bit dtype
+                         (or as asked) and, for every quantized linear, ``qweight`` (packed codes,
+                         see :mod:`yaqa.nn.kernels` for the layout), ``grid_*`` (fp16 scales,
+                         uint8 zero points) and ``tf_*`` (incoherence sign vectors)
     yaqa.json            how it was made (method, quantizer, Hessians, data, seeds) and which
                          modules are quantized with which format
+
+Format v1 (yaqa 0.1) had the same tensors, float32 unquantized tensors and no
+``quantization_config``; :func:`load` still reads it.
 
 The directory is written under a temporary name and renamed into place, so an interrupted save
 never leaves a half-written checkpoint behind.
@@ -16,6 +22,7 @@ never leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from torch import nn
 
 from .. import __version__, store
@@ -32,7 +39,7 @@ from ..quantizers import quantizer_from_config
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 RECORD = "yaqa.json"
 WEIGHTS = "model.safetensors"
 
@@ -74,9 +81,54 @@ def check_checkpoint_target(out_dir: str | os.PathLike, *, overwrite: bool = Fal
     return out
 
 
+def module_specs(qmods: dict[str, QuantizedLinear]) -> dict[str, dict]:
+    return {name: {"in_features": m.in_features, "out_features": m.out_features,
+                   "bias": m.bias is not None, "incoherence": m.incoherence,
+                   "quantizer": m.quantizer.config()}
+            for name, m in qmods.items()}
+
+
+def _resolve_save_dtype(model: nn.Module, dtype) -> torch.dtype | None:
+    """``"auto"``: the dtype the model was stored in if 16-bit, else keep each tensor's dtype."""
+    if isinstance(dtype, torch.dtype) or dtype is None:
+        return dtype
+    if dtype != "auto":
+        try:
+            return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                    "float16": torch.float16}[str(dtype)]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}; use 'auto', 'bfloat16', 'float16' or "
+                             "'float32'") from None
+    stored = getattr(model, "yaqa_stored_dtype", None) or getattr(model.config, "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if stored in (torch.bfloat16, torch.float16) else None
+
+
+def _state_to_save(model: nn.Module, qmods: dict[str, QuantizedLinear],
+                   dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    packed = {f"{name}.{k}" for name, m in qmods.items() for k, _ in m.named_buffers()}
+    state, seen = {}, set()
+    for name, t in model.state_dict().items():
+        # Tied weights (embedding = head) are one tensor: save it once, as transformers does.
+        key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        if dtype is not None and name not in packed and t.is_floating_point():
+            t = t.to(dtype)
+        state[name] = t.detach().cpu().contiguous()
+    return state
+
+
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None,
-                   info: dict | None = None, overwrite: bool = False) -> SavedCheckpoint:
+                   info: dict | None = None, overwrite: bool = False,
+                   dtype: torch.dtype | str | None = "auto") -> SavedCheckpoint:
     """Write ``model`` (with QuantizedLinear modules) to ``out_dir``.
+
+    ``dtype``: of the unquantized tensors (embeddings, norms, head, biases).  ``"auto"`` keeps
+    the 16-bit dtype the model was published in (float32 tensors of a bf16 model are saved as
+    bf16); ``None`` saves every tensor as it is in memory.
 
     The directory is built under a temporary name and swapped in by rename; an old checkpoint
     is deleted only after the swap.
@@ -85,12 +137,19 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=No
     if not qmods:
         raise CheckpointError("model has no quantized layers; run yaqa.quantize first")
     out = check_checkpoint_target(out_dir, overwrite=overwrite)
+    save_dtype = _resolve_save_dtype(model, dtype)
+    specs = module_specs(qmods)
     with store.atomic_dir(out) as tmp:
-        model.config.save_pretrained(tmp)
+        config = copy.deepcopy(model.config)
+        config.quantization_config = {"quant_method": "yaqa", "format_version": FORMAT_VERSION,
+                                      "modules": specs}
+        if save_dtype is not None:
+            config.dtype = save_dtype
+        config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "yaqa",
-                                                        "format_version": str(FORMAT_VERSION)})
+        save_file(_state_to_save(model, qmods, save_dtype), str(tmp / WEIGHTS),
+                  metadata={"format": "pt", "yaqa_format_version": str(FORMAT_VERSION)})
         record = {
             "format": "yaqa",
             "format_version": FORMAT_VERSION,
@@ -98,12 +157,8 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=No
             # Attention kernels differ in the last bits; reload with the one used here so the
             # loaded model reproduces the in-memory logits exactly.
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
-            "modules": {
-                name: {"in_features": m.in_features, "out_features": m.out_features,
-                       "bias": m.bias is not None, "incoherence": m.incoherence,
-                       "quantizer": m.quantizer.config()}
-                for name, m in qmods.items()
-            },
+            "dtype": str(save_dtype).removeprefix("torch.") if save_dtype else None,
+            "modules": specs,
             "info": info or {},
         }
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))
@@ -131,15 +186,53 @@ def read_record(path: str | os.PathLike) -> dict:
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None, attn_implementation: str | None = None) -> nn.Module:
-    """Rebuild a working model from a checkpoint directory alone."""
+         dtype: torch.dtype | None = None, attn_implementation: str | None = None,
+         dense_cache: bool = False) -> nn.Module:
+    """Rebuild a working model from a checkpoint directory alone.
+
+    Format v2: ``AutoModelForCausalLM.from_pretrained`` through yaqa's registered quantizer.
+    ``dtype``: of the unquantized tensors and the activations (default: the checkpoint's).
+    ``dense_cache``: keep dense dequantized weights (fast CPU evaluation, unquantized memory).
+    """
+    p = Path(path)
+    record = read_record(p)
+    attn = attn_implementation or record.get("attn_implementation")
+    if int(record["format_version"]) >= 2:
+        from transformers import AutoModelForCausalLM
+
+        from .. import hf  # noqa: F401  (registers quant_method "yaqa")
+
+        dev = torch.device(device)
+        kwargs = {"dtype": dtype or "auto"}
+        if attn:
+            kwargs["attn_implementation"] = attn
+        if dev.type != "cpu":
+            kwargs["device_map"] = str(dev)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(p, **kwargs)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a damaged checkpoint
+            if isinstance(e, (KeyboardInterrupt, MemoryError)):
+                raise
+            text = str(e).strip().splitlines()
+            raise CheckpointError(f"{p / WEIGHTS} cannot be loaded ({type(e).__name__}: "
+                                  f"{text[0] if text else ''}); is it damaged or truncated?"
+                                  ) from None
+        if dense_cache:
+            from ..nn import set_dense_cache
+
+            set_dense_cache(model, True)
+        model.yaqa_record = record
+        return model.eval()
+    return _load_v1(p, record, device, dtype, attn, dense_cache)
+
+
+def _load_v1(p: Path, record: dict, device, dtype, attn, dense_cache: bool) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    p = Path(path)
-    record = read_record(p)
     config = AutoConfig.from_pretrained(p)
-    attn = attn_implementation or record.get("attn_implementation")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(
             config, **({"attn_implementation": attn} if attn else {}))
@@ -151,7 +244,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         model.set_submodule(name, QuantizedLinear(spec["in_features"], spec["out_features"], q,
                                                  bias=spec["bias"],
                                                  incoherence=spec["incoherence"],
-                                                 dtype=compute_dtype))
+                                                 dtype=compute_dtype, dense_cache=dense_cache))
     try:
         state, _ = store.read_tensors(p / WEIGHTS)
     except store.StoreError as e:
@@ -159,6 +252,9 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     result = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.materialize_hadamard()
     meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t.is_meta]
     if meta:

@@ -112,9 +112,13 @@ def load_model(name_or_path: str | os.PathLike | None = None, *,
     dev = resolve_device(device)
     if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
         path, hub_kwargs, label = ensure_default_model(), {}, DEFAULT_MODEL
-    else:
-        path, hub_kwargs = _locate(str(name_or_path), offline)
-        label = str(name_or_path)
+        model, tok = _load_hf(path, label, dtype, dev, hub_kwargs)
+        # The embedded copy is dequantized to float32 from GGUF; SmolLM2 is published in bf16,
+        # which is what its quantized checkpoints store for embeddings and norms.
+        model.yaqa_stored_dtype = torch.bfloat16
+        return model, tok
+    path, hub_kwargs = _locate(str(name_or_path), offline)
+    label = str(name_or_path)
     return _load_hf(path, label, dtype, dev, hub_kwargs)
 
 
@@ -223,6 +227,9 @@ def _load_hf(path: str, label: str, dtype: str | torch.dtype, dev: torch.device,
         files = files_fingerprint(path)
         if files is not None:
             model.yaqa_weights_identity = identity_hash([files, str(torch_dtype)])
+    # The published dtype, so a quantized checkpoint saves its unquantized tensors in it even
+    # when the model was loaded in float32 for calibration.
+    model.yaqa_stored_dtype = getattr(config, "dtype", None)
     get_adapter(model)  # fail now, not after calibration, if yaqa cannot quantize it
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)

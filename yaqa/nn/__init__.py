@@ -1,3 +1,3 @@
-from .quantized_linear import QuantizedLinear
+from .quantized_linear import QuantizedLinear, set_dense_cache
 
-__all__ = ["QuantizedLinear"]
+__all__ = ["QuantizedLinear", "set_dense_cache"]

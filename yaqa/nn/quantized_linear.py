@@ -1,16 +1,20 @@
-"""QuantizedLinear: a linear layer stored as packed integer codes plus its grid.
+"""QuantizedLinear: a linear layer stored as packed integer codes plus its grid, and run packed.
 
 With incoherence processing the codes describe ``W' = V W U^T`` (random Hadamard on both sides),
-so there are two exact ways to run the layer:
+and the layer runs ``y = x W^T = ((x U^T) W'^T) V``: the activations are rotated with the fast
+Hadamard transform (:mod:`.hadamard`) and the matmul reads the packed codes.
 
-- ``mode="fold"`` (default): dequantize once and undo the transforms on the weight,
-  ``W = V^T W' U``, then a plain matmul.  Fastest with dense kernels, on CPU especially.
-- ``mode="rotate"``: keep ``W'`` and rotate the activations instead,
-  ``y = x W^T = ((x U^T) W'^T) V``, with the fast Hadamard transform (O(n log n) per token);
-  the form a fused low-bit kernel would use.
+Forward paths, chosen per call:
 
-Either way the dense weight is cached on first use: these modules trade memory for a simple,
-exact, device-agnostic forward; fused low-bit kernels are a separate concern.
+- int-k grids on CUDA (bits 2/3/4/8, groups 32/64/128): the Triton kernels of :mod:`.kernels`
+  (fused dequantize-GEMV for decode, dequantize + cuBLAS for prefill);
+- int-k grids elsewhere: dequantize a block of rows at a time and matmul (memory stays packed);
+- any other :class:`~yaqa.quantizers.FittedGrid` (the generic path): ``grid.dequantize(codes)`` for
+  the whole matrix, then a matmul; the dense weight is a temporary.
+
+A dense weight cache is opt-in (``dense_cache=True`` or :func:`set_dense_cache`): it trades memory
+for the fastest CPU forward, and then ``mode="fold"`` (default) undoes the transforms on the
+weight once, ``mode="rotate"`` keeps rotating activations.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kernels
+from .hadamard import apply_factors, factors
 from .packing import pack_codes, packed_nbytes, unpack_codes
-from ..quantizers import FittedGrid, Quantizer
+from ..quantizers import FittedGrid, IntGrid, IntQuantizer, Quantizer
 
 
 def _transform_cls():
@@ -31,7 +37,8 @@ def _transform_cls():
 class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, quantizer: Quantizer, *,
                  bias: bool = False, incoherence: bool = False,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 dense_cache: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.quantizer = quantizer
@@ -42,21 +49,43 @@ class QuantizedLinear(nn.Module):
                                                                   self.bits), dtype=torch.uint8,
                                                     device=device))
         # Placeholders with the right shapes, so an empty module can receive a saved state dict.
-        probe = quantizer.grid_from_state(shape, quantizer.placeholder_state(shape))
+        with torch.device("cpu"):  # also when built inside a meta-device context
+            probe = quantizer.grid_from_state(shape, quantizer.placeholder_state(shape))
         self._grid_keys = tuple(probe.state_dict())
         for k, v in probe.state_dict().items():
             self.register_buffer(f"grid_{k}", v.to(device))
         self._tf_keys: tuple[str, ...] = ()
         if incoherence:
-            tf = _transform_cls()(out_features, in_features, seed=0)
+            with torch.device("cpu"):
+                tf = _transform_cls()(out_features, in_features, seed=0)
             self._tf_keys = tuple(tf.state_dict())
             for k, v in tf.state_dict().items():
                 self.register_buffer(f"tf_{k}", v.to(device))
+            self._register_hadamard(device, dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
         self.compute_dtype = dtype
         self.mode = "fold"
+        self.dense_cache = dense_cache
         self._cache: tuple | None = None
+
+    def _register_hadamard(self, device, dtype) -> None:
+        # ±1 Kronecker factors of Had_n (inputs) and Had_m^T (outputs), derived from the shape,
+        # not saved; as buffers they follow .to() and stay device-resident for compiled graphs.
+        self._had_in = len(factors(self.in_features))
+        for i, H in enumerate(factors(self.in_features, False, dtype, device)):
+            self.register_buffer(f"had_in_{i}", H, persistent=False)
+        for i, H in enumerate(factors(self.out_features, True, dtype, device)):
+            self.register_buffer(f"had_out_{i}", H, persistent=False)
+        self._had_out = i + 1
+
+    def materialize_hadamard(self) -> None:
+        """Rebuild the derived Hadamard buffers next to ``qweight`` (after a meta-device load)."""
+        if self.incoherence:
+            dtype = self.bias.dtype if self.bias is not None else self.compute_dtype
+            if dtype is None or not dtype.is_floating_point:
+                dtype = torch.float32
+            self._register_hadamard(self.qweight.device, dtype)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -100,6 +129,24 @@ class QuantizedLinear(nn.Module):
         tf = self.transform()
         return Wp if tf is None else tf.inverse_weight(Wp)
 
+    def int_params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unpacked ``(codes int32 m x n, scale float32 m x G, zero int32 m x G)`` of an int-k layer.
+
+        Value ``(codes - zero) * scale`` per group of ``quantizer.group_size`` input columns, in
+        the transformed basis when ``incoherence`` is set (signs: :meth:`transform`).
+        """
+        if not self.is_int:
+            raise TypeError(f"int_params needs an int-k layer, this one is {self.quantizer.config()}")
+        return (self.codes(), self.grid_scale.float(), self.grid_zero.to(torch.int32))
+
+    @property
+    def is_int(self) -> bool:
+        return isinstance(self.quantizer, IntQuantizer)
+
+    @property
+    def group_size(self) -> int | None:
+        return self.quantizer._group(self.in_features) if self.is_int else None
+
     # -- forward ----------------------------------------------------------------------------
     def _prepared(self, device: torch.device, dtype: torch.dtype):
         if self.mode not in ("fold", "rotate"):
@@ -119,15 +166,52 @@ class QuantizedLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._cache = None  # moving devices or dtypes invalidates the dense weight
-        return super()._apply(fn, *args, **kwargs)
+        # model.half()/.float()/.to(dtype) must move the packed tensors but keep their storage
+        # dtypes (fp16 scales, integer codes): they are the format, not the compute dtype.
+        keep = {k: b.dtype for k, b in self._buffers.items()
+                if b is not None and not k.startswith("had_")}
+        out = super()._apply(fn, *args, **kwargs)
+        for k, dt in keep.items():
+            b = self._buffers[k]
+            if b is not None and b.dtype != dt:
+                self._buffers[k] = b.to(dt)
+        return out
+
+    def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W'^T`` reading the packed codes (W' in the transformed basis)."""
+        m, n = self.out_features, self.in_features
+        if self.is_int:
+            g = self.group_size
+            if (x.is_cuda and kernels.triton_available()
+                    and kernels.kernel_supports(self.bits, g, m, n)):
+                return kernels.intk_matmul(x, self.qweight, self.grid_scale, self.grid_zero,
+                                           self.bits, g, m, n)
+            return kernels.cpu_matmul(x, self.qweight, self.grid_scale, self.grid_zero,
+                                      self.bits, g, m, n)
+        return torch.nn.functional.linear(x, self.transformed_weight().to(x.dtype))
+
+    def _rotate_in(self, x: torch.Tensor) -> torch.Tensor:
+        Hs = [getattr(self, f"had_in_{i}") for i in range(self._had_in)]
+        return apply_factors(x * self.tf_sign_in.to(x.dtype), Hs)
+
+    def _rotate_out(self, y: torch.Tensor) -> torch.Tensor:
+        Hs = [getattr(self, f"had_out_{i}") for i in range(self._had_out)]
+        return apply_factors(y, Hs) * self.tf_sign_out.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        Wp, tf = self._prepared(x.device, x.dtype)
-        if tf is not None:
-            x = tf.input(x)
-        y = torch.nn.functional.linear(x, Wp)
-        if tf is not None:
-            y = tf.output(y)
+        if self.dense_cache:
+            Wp, tf = self._prepared(x.device, x.dtype)
+            if tf is not None:
+                x = tf.input(x)
+            y = torch.nn.functional.linear(x, Wp)
+            if tf is not None:
+                y = tf.output(y)
+        else:
+            if self.incoherence:
+                x = self._rotate_in(x)
+            y = self._packed_matmul(x)
+            if self.incoherence:
+                y = self._rotate_out(y)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -135,4 +219,20 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, quantizer={self.quantizer.config()}, "
-                f"incoherence={self.incoherence}")
+                f"incoherence={self.incoherence}, dense_cache={self.dense_cache}")
+
+
+def set_dense_cache(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the dense weight cache of every QuantizedLinear in ``model`` on or off; returns how many.
+
+    On: each layer keeps a dense copy of its weight after the first forward (fastest on CPU,
+    memory of the unquantized model).  Off (the default): layers run from the packed codes.
+    """
+    count = 0
+    for mod in model.modules():
+        if isinstance(mod, QuantizedLinear):
+            mod.dense_cache = enabled
+            mod.clear_cache()
+            count += 1
+    return count
+
