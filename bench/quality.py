@@ -8,6 +8,12 @@ Writes bench/results/quality.{json,md} and quality_kl.png.
     python bench/quality.py --n-calib 512 --bits 2,3,4 --device cuda
     python bench/quality.py --n-calib 1024 --methods rtn,ldlq,yaqa-b \
         --quantizers trellis2,trellis3,trellis4,mxfp4,nvfp4 --tag _formats --device cuda
+
+Shrinkage sweep (issue 13's table): Hessians collected once per calibration size, every
+shrinkage setting quantized from them; writes bench/results/quality_shrinkage<tag>.{json,md}:
+
+    python bench/quality.py --device cuda --bits 4,3 --calib-sizes 32x512,64x256,256x512 \
+        --shrinkage off,auto,auto-out --tag _a
 """
 
 from __future__ import annotations
@@ -141,13 +147,24 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="yaqa-out/quality")
     ap.add_argument("--tag", default="", help="suffix for the result files")
+    ap.add_argument("--shrinkage", default="auto",
+                    help="YAQA shrinkage setting(s), comma-separated: auto, auto-out, off, or an "
+                         "amount in [0, 1]; several only with --calib-sizes")
+    ap.add_argument("--calib-sizes", default=None, metavar="NxT,...",
+                    help="sweep: LDLQ and YAQA-B at each calibration size (sequences x tokens), "
+                         "YAQA-B once per --shrinkage setting, Hessians collected once per size")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="only combine earlier result files into quality<tag>.{json,md,png}")
     args = ap.parse_args(argv)
+    if args.merge and args.calib_sizes is None and _is_sweep(args.merge[0]):
+        print("\n".join(merge_sweeps(args.merge, f"quality_shrinkage{args.tag}")))
+        return 0
     if args.merge:
         print("\n".join(merge(args.merge, f"quality{args.tag}")))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.calib_sizes:
+        return sweep(args)
 
     cfg = RunConfig(model=args.model, methods=tuple(args.methods.split(",")),
                     bits=tuple(int(b) for b in args.bits.split(",")), group_size=args.group_size,
@@ -158,7 +175,8 @@ def main(argv=None) -> int:
                     sketch_b_power_iters=args.b_power_iters, calib="wikitext2-valid", n_calib=args.n_calib,
                     calib_ctx=args.ctx, power_iters=args.power_iters, eval_data="wikitext2-test",
                     eval_ctx=args.eval_ctx, n_eval=args.n_eval, batch_size=args.batch_size,
-                    device=args.device, out_dir=args.out, save=True, progress=False)
+                    device=args.device, out_dir=args.out, save=True, progress=False,
+                    shrinkage=args.shrinkage)
     t = time.perf_counter()
     rows = [asdict(r) for r in run_pipeline(cfg)]
     total = time.perf_counter() - t
@@ -171,6 +189,111 @@ def main(argv=None) -> int:
     print(table)
     print("\n".join(lines))
     return 0
+
+
+def _sizes(spec: str) -> list[tuple[int, int]]:
+    out = []
+    for part in spec.split(","):
+        n, _, t = part.lower().partition("x")
+        if not (n.isdigit() and t.isdigit()):
+            raise SystemExit(f"--calib-sizes: expected NxT (e.g. 64x256), got {part!r}")
+        out.append((int(n), int(t)))
+    return out
+
+
+def sweep(args) -> int:
+    """LDLQ vs YAQA-B per calibration size and shrinkage setting, one model load per size.
+
+    The first setting's run collects the size's Hessians into ``--out``; later settings read
+    them back from there (and re-evaluate only YAQA-B), so each size costs one collection.
+    """
+    settings = [s.strip() for s in args.shrinkage.split(",") if s.strip()]
+    bits = tuple(int(b) for b in args.bits.split(","))
+    t0 = time.perf_counter()
+    rows, timings = [], []
+    for n, ctx in _sizes(args.calib_sizes):
+        for i, shrink in enumerate(settings):
+            cfg = RunConfig(model=args.model, methods=("ldlq", "yaqa-b") if i == 0 else ("yaqa-b",),
+                            bits=bits, group_size=args.group_size, symmetric=args.symmetric,
+                            scale_search=args.scale_search, incoherence=args.incoherence,
+                            block_size=args.block_size, sigma=args.sigma, shrinkage=shrink,
+                            calib="wikitext2-valid", n_calib=n, calib_ctx=ctx,
+                            eval_data="wikitext2-test", eval_ctx=args.eval_ctx,
+                            n_eval=args.n_eval, batch_size=args.batch_size, device=args.device,
+                            out_dir=args.out, save=False, progress=False)
+            t = time.perf_counter()
+            for r in run_pipeline(cfg):
+                if r.method != "original":
+                    rows.append({**asdict(r), "n_calib": n, "ctx": ctx,
+                                 "shrinkage": shrink if r.method == "yaqa-b" else None})
+            timings.append({"n_calib": n, "ctx": ctx, "shrinkage": shrink,
+                            "seconds": time.perf_counter() - t})
+            logging.info("%dx%d shrinkage %s: %.0f s", n, ctx, shrink, timings[-1]["seconds"])
+    meta = {"machine": machine(), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+            "eval": f"{args.n_eval} x {args.eval_ctx} tokens of wikitext2-test",
+            "quantizer": f"int-k g{args.group_size}, scales {args.scale_search}, incoherence "
+                         f"{args.incoherence}", "timings": timings,
+            "total_seconds": time.perf_counter() - t0}
+    lines = sweep_table(rows, settings, meta)
+    RESULTS.mkdir(exist_ok=True)
+    stem = f"quality_shrinkage{args.tag}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"runs": [meta], "rows": rows}, indent=2))
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _is_sweep(path: str) -> bool:
+    rows = json.loads(Path(path).read_text()).get("rows", [])
+    return bool(rows) and "n_calib" in rows[0]
+
+
+def merge_sweeps(paths: list[str], stem: str) -> list[str]:
+    """One shrinkage table from several sweep files (e.g. the two GPU commands)."""
+    rows, runs = [], []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        rows += data["rows"]
+        runs += data["runs"]
+    settings = list(dict.fromkeys(r["shrinkage"] for r in rows if r["shrinkage"] is not None))
+    meta = {**runs[0], "command": " ; ".join(r["command"] for r in runs),
+            "total_seconds": sum(r["total_seconds"] for r in runs)}
+    lines = sweep_table(rows, settings, meta)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"runs": runs, "rows": rows}, indent=2))
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def sweep_table(rows: list[dict], settings: list[str], meta: dict) -> list[str]:
+    """One line per (size, bits): LDLQ KL, then YAQA-B KL / ratio to LDLQ / mean amounts."""
+    lines = [f"# YAQA-B vs LDLQ by calibration size and shrinkage", "",
+             f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
+             f"- evaluation: {meta['eval']}; quantizer: {meta['quantizer']}",
+             f"- total time: {meta['total_seconds']:.0f} s", "",
+             "KL(original || quantized) in nats; YAQA-B cells: KL (KL / LDLQ) [mean shrinkage "
+             "amount H_in / H_out].", ""]
+    head = "| calibration | bits | LDLQ KL | " + " | ".join(f"YAQA-B {s}" for s in settings) + " |"
+    lines += [head, "|" + "---|" * (3 + len(settings))]
+    keys = sorted({(r["n_calib"], r["ctx"], r["bits"]) for r in rows},
+                  key=lambda k: (k[0] * k[1], -k[2]))
+    for n, ctx, bits in keys:
+        sel = [r for r in rows if (r["n_calib"], r["ctx"], r["bits"]) == (n, ctx, bits)]
+        ldlq = next((r["kl"] for r in sel if r["method"] == "ldlq"), None)
+        cells = []
+        for s in settings:
+            y = next((r for r in sel if r["method"] == "yaqa-b" and r["shrinkage"] == s), None)
+            if y is None:
+                cells.append("-")
+                continue
+            cell = f"{y['kl']:.4g}" + (f" ({y['kl'] / ldlq:.3f})" if ldlq else "")
+            sh = (y.get("extra") or {}).get("shrinkage")
+            if sh and sh.get("mean_out") is not None:
+                cell += f" [{sh['mean_in'] or 0:.2f} / {sh['mean_out']:.2f}]"
+            cells.append(cell)
+        lines.append(f"| {n} x {ctx} | {bits} | {ldlq:.4g} | " + " | ".join(cells) + " |"
+                     if ldlq is not None else f"| {n} x {ctx} | {bits} | - | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

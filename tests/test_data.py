@@ -175,3 +175,37 @@ def test_wikitext2_test_and_valid_load_from_shared_data():
 def test_hf_source_without_datasets_says_how_to_install():
     with pytest.raises(DataError, match="pip install"):
         load_text("hf:wikitext:wikitext-2-raw-v1:test")
+
+
+def test_packaged_wikitext2_loads_without_shared_data_or_network(tmp_path, monkeypatch):
+    """A fresh clone or a wheel: no $YAQA_DATA_DIR, no ../shared; the packaged copy serves both
+    splits, identical to the shared files where those exist."""
+    import yaqa.data as data
+
+    shared = find_wikitext2()
+    monkeypatch.delenv("YAQA_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "_dev_dirs", lambda: [tmp_path / "nowhere"])
+    monkeypatch.chdir(tmp_path)
+    root = find_wikitext2()
+    assert root == data.packaged_wikitext2() and root is not None
+    assert "corpora" in root.parts and (root / "README.md").is_file()
+    assert "CC BY-SA" in (root / "README.md").read_text()
+    test, valid = load_text("wikitext2-test"), load_text("wikitext2-valid")
+    assert test.startswith(" = Robert Boulter = ") and len(test) > 1_000_000
+    assert " = Homarus gammarus = " in valid[:40] and len(valid) > 1_000_000
+    if shared is not None and "corpora" not in shared.parts:
+        assert test == (shared / "wiki.test.raw").read_text(encoding="utf-8")
+        assert valid == (shared / "wiki.valid.tokens").read_text(encoding="utf-8")
+    # $YAQA_DATA_DIR still wins over the packaged copy
+    (tmp_path / "wikitext-2").mkdir()
+    (tmp_path / "wikitext-2" / "wiki.test.raw").write_text(" = Mine = \n")
+    monkeypatch.setenv("YAQA_DATA_DIR", str(tmp_path))
+    assert load_text("wikitext2-test") == " = Mine = \n"
+
+
+def test_generated_text_progress_names_its_purpose(capsys):
+    model = tiny_model("llama", vocab=40)
+    calibration_windows(None, "generated", n=2, ctx=5, model=model, bos_id=1,
+                        purpose="evaluation")
+    err = capsys.readouterr().err
+    assert "generating evaluation text" in err and "tok/s" in err

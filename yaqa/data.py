@@ -5,11 +5,12 @@ Sources (``source`` arguments):
 - a path: one text file, or a directory whose ``*.txt``, ``*.raw`` and ``*.tokens`` files are
   read in sorted order and joined with a blank line;
 - ``"wikitext2"`` / ``"wikitext2-test"``: WikiText-2 ``wiki.test.raw`` (evaluation only);
-  ``"wikitext2-valid"``: ``wiki.valid.tokens`` (use this one for calibration);
+  ``"wikitext2-valid"``: ``wiki.valid.tokens`` (use this one for calibration). Both ship with the
+  package (gzip-compressed, CC BY-SA, see ``yaqa/corpora/wikitext-2/README.md``);
+  ``$YAQA_DATA_DIR`` and the project's ``../shared/data/wikitext-2`` take precedence;
 - ``"hf:<name>[:<config>][:<split>]"``: a Hugging Face dataset (needs ``datasets`` and network),
   rows of its ``text`` column joined with a blank line, as GPTQ does;
-- ``"generated"`` (calibration only): text sampled from the model itself, the fallback that
-  needs neither files nor network;
+- ``"generated"``: text sampled from the model itself, for when no text is at hand;
 - a 1-D LongTensor of token ids, already tokenized (no tokenizer needed).
 
 Windows are LongTensors ``[n, ctx]``.  ``add_bos=None`` (the default) follows the tokenizer: BOS
@@ -23,6 +24,8 @@ without BOS) evaluable.  The number of scored tokens per window is ``ctx - 1`` e
 
 from __future__ import annotations
 
+import gzip
+import importlib.resources
 import inspect
 import logging
 import os
@@ -50,23 +53,44 @@ class DataNotFoundError(DataError, FileNotFoundError):
     """A data source (file, directory, WikiText-2 copy) does not exist."""
 
 
+def _dev_dirs() -> list[Path]:
+    """The project's shared copy beside a development checkout (or the working directory)."""
+    rel = Path("..", "shared", "data", "wikitext-2")
+    return [Path.cwd() / rel, Path(__file__).resolve().parents[1] / rel]
+
+
+def packaged_wikitext2() -> Path | None:
+    """The compressed WikiText-2 copy inside the installed package, or None if it was left out."""
+    root = importlib.resources.files("yaqa") / "corpora" / "wikitext-2"
+    path = Path(str(root))
+    return path if any((path / f"{f}.gz").is_file() for f in WIKITEXT2_FILES.values()) else None
+
+
 def find_wikitext2() -> Path | None:
-    """Directory holding the WikiText-2 files, or None.
+    """Directory holding the WikiText-2 files (plain or ``.gz``), or None.
 
     Looks at ``$YAQA_DATA_DIR`` (either the ``wikitext-2`` directory itself or its parent), then
     ``../shared/data/wikitext-2`` relative to the working directory and to the repository that
-    contains this package (the project's shared data sits next to the checkout).
+    contains this package (the project's shared data sits next to the checkout), then the copy
+    shipped inside the package.
     """
     candidates = []
     env = os.environ.get("YAQA_DATA_DIR")
     if env:
         candidates += [Path(env).expanduser(), Path(env).expanduser() / "wikitext-2"]
-    repo_root = Path(__file__).resolve().parents[1]
-    rel = Path("..", "shared", "data", "wikitext-2")
-    candidates += [Path.cwd() / rel, repo_root / rel]
+    candidates += _dev_dirs()
     for c in candidates:
         if any((c / f).is_file() for f in set(WIKITEXT2_FILES.values())):
             return c.resolve()
+    return packaged_wikitext2()
+
+
+def _read_wikitext2_file(root: Path, name: str) -> str | None:
+    if (root / name).is_file():
+        return (root / name).read_text(encoding="utf-8")
+    if (root / f"{name}.gz").is_file():
+        with gzip.open(root / f"{name}.gz", "rt", encoding="utf-8") as f:
+            return f.read()
     return None
 
 
@@ -77,13 +101,13 @@ def load_text(source: str | os.PathLike) -> str:
         root = find_wikitext2()
         if root is None:
             raise DataNotFoundError(
-                f"{s}: WikiText-2 not found; set YAQA_DATA_DIR to the directory holding "
-                f"{WIKITEXT2_FILES[s]}, place it in ../shared/data/wikitext-2, or pass a text "
-                "file, an 'hf:' dataset, or 'generated' (calibration only)")
-        path = root / WIKITEXT2_FILES[s]
-        if not path.is_file():
-            raise DataNotFoundError(f"{s}: {path} does not exist")
-        return path.read_text(encoding="utf-8")
+                f"{s}: WikiText-2 not found (and this installation lacks the packaged copy); "
+                f"set YAQA_DATA_DIR to the directory holding {WIKITEXT2_FILES[s]}, or pass a "
+                "text file, an 'hf:' dataset, or 'generated'")
+        text = _read_wikitext2_file(root, WIKITEXT2_FILES[s])
+        if text is None:
+            raise DataNotFoundError(f"{s}: {root / WIKITEXT2_FILES[s]} does not exist")
+        return text
     if s.startswith("hf:"):
         return _load_hf_text(s)
     if s == "generated":
@@ -200,7 +224,7 @@ def eval_windows(tokenizer, source: Source, ctx: int, n: int | None = None,
 def calibration_windows(tokenizer, source: Source, n: int, ctx: int, seed: int = 0,
                         model: nn.Module | None = None, add_bos: bool | None = None, *,
                         bos_id: int | None = None, batch_size: int = 8,
-                        progress: bool = True) -> torch.Tensor:
+                        progress: bool = True, purpose: str = "calibration") -> torch.Tensor:
     """``n`` calibration windows of ``ctx`` tokens, identical for identical arguments.
 
     Text sources: window starts drawn uniformly (with replacement, as GPTQ does) from a generator
@@ -217,7 +241,7 @@ def calibration_windows(tokenizer, source: Source, n: int, ctx: int, seed: int =
         bos = bos_token_id(tokenizer, model, bos_id)
         return generate_windows(model, n, ctx, seed=seed, bos_id=bos,
                                 add_bos=wants_bos(tokenizer, add_bos),
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress, purpose=purpose)
     if isinstance(source, str) and source in ("wikitext2", "wikitext2-test"):
         log.warning("calibrating on the WikiText-2 test split that perplexity is reported on; "
                     "use 'wikitext2-valid' to keep evaluation held out")
@@ -236,7 +260,7 @@ def calibration_windows(tokenizer, source: Source, n: int, ctx: int, seed: int =
 @torch.inference_mode()
 def generate_windows(model: nn.Module, n: int, ctx: int, *, seed: int = 0, bos_id: int | None,
                      add_bos: bool = True, temperature: float = 1.0, batch_size: int = 8,
-                     progress: bool = True) -> torch.Tensor:
+                     progress: bool = True, purpose: str = "calibration") -> torch.Tensor:
     """``n`` sequences sampled from ``model`` starting at BOS, ancestral sampling.
 
     Temperature 1 with no top-k/top-p, so the samples follow the model's own distribution (the
@@ -254,9 +278,9 @@ def generate_windows(model: nn.Module, n: int, ctx: int, *, seed: int = 0, bos_i
     gen = torch.Generator(device=device).manual_seed(seed)
     length = ctx if add_bos else ctx + 1
     out = torch.empty(n, length, dtype=torch.long)
-    n_batches = -(-n // batch_size)
-    bar = tqdm(total=n_batches * (length - 1), desc="generating calibration text",
-               disable=not progress, unit="tok")
+    # counted in generated tokens (all rows of a batch), so the rate reads as tokens/s
+    bar = tqdm(total=n * (length - 1), desc=f"generating {purpose} text", disable=not progress,
+               unit="tok", unit_scale=True)
     # transformers 5.x renamed past_key_values to cache; accept both so older versions work.
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters \
         else "past_key_values"
@@ -273,7 +297,7 @@ def generate_windows(model: nn.Module, n: int, ctx: int, *, seed: int = 0, bos_i
                 probs = torch.softmax(res.logits[:, -1].float() / temperature, dim=-1)
                 step_input = torch.multinomial(probs, 1, generator=gen)
                 seq[:, t] = step_input[:, 0]
-                bar.update(1)
+                bar.update(b)
             out[b0: b0 + b] = seq.cpu()
     finally:
         bar.close()

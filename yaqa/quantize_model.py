@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import store
+from .hessians.shrinkage import Shrinkage, shrink_layer
 from .models import get_adapter
 from .nn import QuantizedLinear
 from .quantizers import Quantizer, quantizer_name
@@ -38,6 +39,8 @@ class LayerReport:
     sigma_in: float | None
     sigma_out: float | None
     seconds: float
+    shrink_in: float | None = None   # amounts H_in/H_out were shrunk by (None: not shrunk)
+    shrink_out: float | None = None
 
 
 @dataclass
@@ -49,6 +52,7 @@ class QuantizeReport:
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
     resumed_blocks: int = 0
+    shrinkage: str = "off"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,24 +64,28 @@ def _layer_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _factors(rounding: str, hessians: Mapping | None, name: str):
+def _factors(rounding: str, hessians: Mapping | None, name: str, shrinkage: str = "off"):
+    """(H_in, H_out, a_in, a_out) for one layer; YAQA's factors shrunk as ``shrinkage`` says."""
     if rounding == "rtn":
-        return None, None
+        return None, None, None, None
     if hessians is None or name not in hessians:
         raise ValueError(f"{rounding} rounding needs Hessians for {name}; collect them first "
                          "(yaqa.collect_hessians or `yaqa hessians`)")
     h = hessians[name]
+    H_x = getattr(h, "H_x", None)
     if rounding == "ldlq":
-        return getattr(h, "H_x", None) if getattr(h, "H_x", None) is not None else h.H_in, None
+        return H_x if H_x is not None else h.H_in, None, None, None
     if h.H_out is None:
         raise ValueError(f"yaqa rounding needs both Kronecker factors for {name}; these "
                          "Hessians hold only H_x (collect Sketch A or B)")
-    return h.H_in, h.H_out
+    return shrink_layer(h.H_in, h.H_out, H_x, getattr(h, "shrinkage", None),
+                        Shrinkage.parse(shrinkage))
 
 
 def recipe_from_args(method: str, quantizer: str | Quantizer, group_size: int | None, *,
                      symmetric: bool, scale_search: str, incoherence: bool, seed: int,
-                     block_size: int, sigma: float) -> tuple[Recipe, Quantizer | None]:
+                     block_size: int, sigma: float,
+                     shrinkage: str | float = "auto") -> tuple[Recipe, Quantizer | None]:
     """The library's keyword arguments as a :class:`Recipe` (plus a quantizer object, when one
     was passed instead of a name)."""
     if isinstance(quantizer, Quantizer):
@@ -86,7 +94,7 @@ def recipe_from_args(method: str, quantizer: str | Quantizer, group_size: int | 
         qobj, qname = None, str(quantizer).lower()
     recipe = get_recipe(method, quantizer=qname, group_size=group_size, symmetric=symmetric,
                         scale_search=scale_search, incoherence=bool(incoherence), seed=seed,
-                        block_size=block_size, sigma=sigma)
+                        block_size=block_size, sigma=sigma, shrinkage=str(shrinkage))
     return recipe, qobj
 
 
@@ -116,13 +124,18 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
              include_head: bool = False, device: str | torch.device | None = None,
              work_dir: str | os.PathLike | None = None, fingerprint: dict | None = None,
              overwrite: bool = False, recipe: Recipe | None = None,
-             progress: bool = True) -> QuantizeReport:
+             shrinkage: str | float = "auto", progress: bool = True) -> QuantizeReport:
     """Replace every decoder-block linear of ``model`` by its quantized version, in place.
 
     ``method``: a recipe name (``"rtn"``; ``"ldlq"``/``"gptq"``: the plain input Hessian ``H_x``
     of each entry in ``hessians``, output side identity; ``"yaqa"``, ``"yaqa-a"``, ``"yaqa-b"``:
     both Kronecker factors ``H_in``/``H_out``), or pass a whole :class:`~yaqa.recipe.Recipe` as
-    ``recipe`` (then the quantizer keywords are ignored).  ``hessians`` maps full linear names to
+    ``recipe`` (then the quantizer keywords are ignored).  ``shrinkage`` (YAQA only):
+    ``"auto"`` shrinks each layer's factors towards the LDLQ pair (H_out → I, H_in → H_x) by
+    the amounts estimated from the calibration data's noise (stored with single-pass Sketch-B
+    Hessians; layers without the statistic are left alone), ``"auto-out"`` H_out only,
+    ``"off"`` uses the factors as collected, a number in [0, 1] is a fixed amount for both
+    (see :mod:`yaqa.hessians.shrinkage`).  ``hessians`` maps full linear names to
     objects with those attributes.  ``work_dir`` enables resume: finished blocks are stored there
     and reused only when the recipe, the weights, the Hessians and ``fingerprint`` all match;
     otherwise :class:`~yaqa.store.StaleWorkError` names what differs (``overwrite=True`` starts
@@ -132,11 +145,13 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
     if recipe is None:
         recipe, qobj = recipe_from_args(method, quantizer, group_size, symmetric=symmetric,
                                         scale_search=scale_search, incoherence=incoherence,
-                                        seed=seed, block_size=block_size, sigma=sigma)
+                                        seed=seed, block_size=block_size, sigma=sigma,
+                                        shrinkage=shrinkage)
     q = qobj or recipe.make_quantizer()
     rounding, incoherence, seed = recipe.rounding, recipe.incoherence, recipe.seed
     adapter = get_adapter(model)
-    report = QuantizeReport(rounding, q.config(), bool(incoherence), seed)
+    report = QuantizeReport(rounding, q.config(), bool(incoherence), seed,
+                            shrinkage=recipe.shrinkage)
     resume = None
     if work_dir is not None:
         identity = {"recipe": recipe.identity(), "quantizer": q.config(),
@@ -159,10 +174,11 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
         done = []
         for rel, lin in linears.items():
             name = prefix + rel
-            H_in, H_out = _factors(rounding, hessians, name)
-            done.append(_quantize_linear(block, rel, lin, name, rounding, q, H_in, H_out,
-                                         incoherence, seed, recipe.block_size, recipe.sigma,
-                                         device))
+            H_in, H_out, a_in, a_out = _factors(rounding, hessians, name, recipe.shrinkage)
+            lr = _quantize_linear(block, rel, lin, name, rounding, q, H_in, H_out, incoherence,
+                                  seed, recipe.block_size, recipe.sigma, device)
+            lr.shrink_in, lr.shrink_out = a_in, a_out
+            done.append(lr)
         report.layers += done
         if resume is not None:
             resume.save(i, block, done)

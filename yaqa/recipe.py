@@ -51,6 +51,8 @@ class Recipe:
     block_size: int = DEFAULT_BLOCK_SIZE  # tile of the LDL/YAQA feedback
     sigma: float = DEFAULT_SIGMA     # relative damping of the Hessian factors
     seed: int = 0                    # incoherence signs and sampled labels
+    # YAQA only: shrink the Sketch-B factors towards LDLQ's (auto | auto-out | off | an amount)
+    shrinkage: str = "auto"
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
@@ -61,6 +63,13 @@ class Recipe:
         if self.hessian not in needs:
             raise RecipeError(f"{self.rounding} rounding needs Hessians {needs}, "
                               f"not {self.hessian!r}")
+        from .hessians.shrinkage import Shrinkage
+
+        try:  # one spelling per setting, so equal settings give equal identities
+            shrink = str(Shrinkage.parse(self.shrinkage)) if self.rounding == "yaqa" else "off"
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        object.__setattr__(self, "shrinkage", shrink)
         if self.power_iters < 1:
             raise RecipeError(f"power_iters must be >= 1, got {self.power_iters}")
         if self.block_size < 1:

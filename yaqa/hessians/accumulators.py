@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .shrinkage import seq_sq_norms_direct, seq_sq_norms_gram
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "full", "tf32", "mixed", "bf16")
@@ -248,7 +250,9 @@ class LayerAccumulator:
 
     # -- pass bookkeeping -------------------------------------------------------------------
     def sum_names(self, kind: str) -> tuple[str, ...]:
-        return {"hx": ("H_x",), "b": ("H_in", "H_out") + (("H_x",) if self.collect_hx else ()),
+        # "seq_sq": Σ_b ‖S_b‖²_F, the per-sequence noise statistic of yaqa.hessians.shrinkage
+        return {"hx": ("H_x",), "b": ("H_in", "H_out", "seq_sq")
+                + (("H_x",) if self.collect_hx else ()),
                 "b_iter": ("H_in", "H_out"), "a_out": ("H_out",), "a_in": ("H_in",)}[kind]
 
     def begin_pass(self, kind: str) -> None:
@@ -256,7 +260,7 @@ class LayerAccumulator:
             raise ValueError(f"unknown pass kind {kind!r}")
         self.kind = kind
         self.counts = {"seqs": 0, "tokens": 0}
-        size = {"H_x": self.n, "H_in": self.n, "H_out": self.m}
+        size = {"H_x": self.n, "H_in": self.n, "H_out": self.m, "seq_sq": 1}
         self.sums = {s: torch.zeros(size[s], size[s], device=self.device, dtype=self.dtype)
                      for s in self.sum_names(kind)}
         self._frozen = None
@@ -322,6 +326,7 @@ class LayerAccumulator:
                           "final")
                 Dt = D.transpose(1, 2).reshape(b * n, m)
                 sym_addmm(self.sums["H_out"], Dt, Dt, prod, "final")
+                self.sums["seq_sq"] += seq_sq_norms_direct(D).sum().to(self.dtype)
         elif kind == "b_iter":
             self._gram_step(X, G, self._frozen_in, self._frozen_out, cache)
         elif kind == "a_out":
@@ -355,12 +360,15 @@ class LayerAccumulator:
                          G.transpose(1, 2), "mid")
         Y = prod.mm(SG, X, "mid").reshape(b * T, n)
         sym_addmm(self.sums["H_in"], X.reshape(b * T, n), Y, prod, "final")
-        del SG, Y
+        del Y
         if Hin is None:
             SX = cache.get(X0, "xxt", lambda: prod.mm(X0, X0.transpose(1, 2), "first"))
         else:
             SX = prod.mm(prod.mm(X.reshape(b * T, n), Hin, "mid").reshape(b, T, n),
                          X.transpose(1, 2), "mid")
+        if "seq_sq" in self.sums and Hin is None and Hout is None:
+            self.sums["seq_sq"] += seq_sq_norms_gram(SX, SG).sum().to(self.dtype)
+        del SG
         Z = prod.mm(SX, G, "mid").reshape(b * T, m)
         sym_addmm(self.sums["H_out"], G.reshape(b * T, m), Z, prod, "final")
 

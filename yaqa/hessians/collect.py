@@ -31,6 +31,7 @@ from ..validate import check_finite_weights
 from . import distributed as D
 from .accumulators import LayerAccumulator, ProductCache, resolve_precision
 from .labels import sampled_label_grad
+from .shrinkage import layer_estimate
 from .storage import (FORMAT_VERSION, IDENTITY_KEYS, HessianMetadataError, LayerHessian,
                       atomic_save_tensors, block_filename, check_run_identity, dtype_name,
                       load_checkpoint, load_hessians, mismatches, model_fingerprint, read_meta,
@@ -278,7 +279,8 @@ class HessianCollector:
             f = acc.factors
             out[name] = LayerHessian(name, f["H_in"], f.get("H_out"), f.get("H_x"),
                                      acc.counts["seqs"], acc.counts["tokens"], sketch, power_iters,
-                                     identity)
+                                     identity,
+                                     layer_estimate(f, acc.counts["seqs"], sketch, power_iters))
         return out
 
 
@@ -599,5 +601,8 @@ def _final_block_files(col: HessianCollector, identity: dict[str, Any], summary:
                 tensors[bi][f"{rel}.{k}"] = acc.factors[k]
         meta[bi]["layers"][rel] = {"n_seqs": acc.counts["seqs"], "n_tokens": acc.counts["tokens"],
                                    "in_features": mod.in_features,
-                                   "out_features": mod.out_features}
+                                   "out_features": mod.out_features,
+                                   "shrinkage": layer_estimate(acc.factors, acc.counts["seqs"],
+                                                               identity["sketch"],
+                                                               identity["power_iters"])}
     return tensors, meta

@@ -52,6 +52,8 @@ class LayerHessian:
 
     ``H_in`` (n×n) and ``H_out`` (m×m) approximate the KL Hessian as ``H_out ⊗ H_in``;
     ``H_x`` (n×n) is the plain GPTQ/LDLQ Hessian E[x^T x] from the same data.
+    ``shrinkage``: the noise statistic and estimated shrinkage amounts of a single Sketch-B pass
+    (:func:`yaqa.hessians.shrinkage.estimate_amounts`), None where there is none.
     """
 
     name: str
@@ -63,6 +65,7 @@ class LayerHessian:
     sketch: str
     power_iters: int
     identity: str | None = None  # hash of the collection's identity (model, data, request)
+    shrinkage: dict | None = None
 
 
 def block_filename(i: int) -> str:
@@ -254,7 +257,8 @@ def load_hessians(path: str | os.PathLike, model: nn.Module | None = None, *,
                     continue
             out[name] = LayerHessian(name, h_in, h_out, tensors.get(f"{rel}.H_x"),
                                      int(info["n_seqs"]), int(info["n_tokens"]),
-                                     meta["sketch"], int(meta["power_iters"]), ident)
+                                     meta["sketch"], int(meta["power_iters"]), ident,
+                                     info.get("shrinkage"))
     left = [n for n, (b, _, _) in expected.items() if b in wanted_blocks]
     if left:
         problems.append(f"no factors stored for {left}")
