@@ -1,4 +1,4 @@
-"""The ``yaqa`` command: hessians | quantize | eval | run."""
+"""The ``yaqa`` command: hessians | quantize | eval | run | export."""
 
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def _add_quantizer(p: argparse.ArgumentParser, many_bits: bool = False) -> None:
     p.add_argument("--scale-search", choices=("maxabs", "mse"), default="maxabs")
     p.add_argument("--no-incoherence", dest="incoherence", action="store_false",
                    help="skip the random Hadamard transforms (on by default)")
+    p.add_argument("--incoherence", dest="incoherence", default=True,
+                   choices=("per-layer", "shared", "block", "none"),
+                   help="per-layer random signs (default); shared: one random Hadamard per size "
+                        "(servable by vLLM); block: Sylvester blocks (vLLM's fast kernel)")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -132,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="discard stored Hessians and resume state from a different run")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="write a checkpoint in a serving format (compressed-tensors)")
+    p.add_argument("checkpoint", help="yaqa checkpoint directory")
+    p.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors",))
+    p.add_argument("--out", required=True, help="output directory (loads in vLLM as it is)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                   help="scales and unquantized tensors (default float16: yaqa's scales exactly)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
     return ap
 
 
@@ -277,6 +290,20 @@ def cmd_run(args) -> int:
     rows = run_pipeline(cfg)
     print(format_table(rows))
     print(f"total {time.perf_counter() - t:.0f} s; results in {args.out}/results.json")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .export.compressed_tensors import export_checkpoint
+
+    rep = export_checkpoint(args.checkpoint, args.out, dtype=getattr(torch, args.dtype),
+                            overwrite=args.overwrite)
+    print(f"{rep.quantized_layers} layers, int{'/'.join(map(str, rep.bits))}, transforms: "
+          f"{rep.transform or 'none'} -> {rep.path} ({rep.size_bytes / 1e6:.1f} MB)")
+    for note in rep.vllm_notes:
+        print(f"vLLM: {note}")
     return 0
 
 

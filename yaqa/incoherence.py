@@ -371,6 +371,21 @@ class IncoherenceTransform:
         self._check(y, (self.m,), "output")
         return self._had(y, transpose=True) * self._signs("out", y)
 
+    def output_inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """``y V^T``: original-basis outputs (e.g. a bias) into the rotated output basis."""
+        self._check(y, (self.m,), "output_inverse")
+        return self._had(y * self._signs("out", y))
+
+    def online_matrix(self, side: str) -> torch.Tensor:
+        """The unnormalised ±1 matrix ``M`` with ``x U^T = x M / sqrt(n)`` (side ``"in"``) or
+        ``y' V = y' M^T / sqrt(m)`` (side ``"out"``), i.e. ``M = sqrt(size) · diag(s) Had^T``;
+        for block transforms the ``block × block`` Sylvester matrix (signs excluded)."""
+        size, s = (self.n, self.sign_in) if side == "in" else (self.m, self.sign_out)
+        if self.block is not None:
+            return fwht(torch.eye(self.block, dtype=torch.float64))
+        Had_T = hadamard_transform(torch.eye(size, dtype=torch.float64))  # rows: Had e_i -> Had^T
+        return torch.round(s.to(torch.float64)[:, None] * Had_T * math.sqrt(size))
+
     # -- storage -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
