@@ -220,3 +220,24 @@ def test_bias_is_rotated_into_the_output_basis():
     b = torch.randn(64, dtype=torch.float64)
     M = tf.online_matrix("out")
     assert torch.allclose(tf.output_inverse(b) @ M.T / math.sqrt(64), b, atol=1e-12)
+
+
+def test_per_layer_mode_keeps_the_previous_sign_seeding():
+    import hashlib
+
+    from yaqa.incoherence import IncoherenceTransform
+
+    name = "model.layers.3.mlp.down_proj"
+    seed = int.from_bytes(hashlib.sha256(f"7:{name}".encode()).digest()[:4], "little")
+    old = IncoherenceTransform(64, 128, seed=seed)
+    new = plan_transforms("per-layer", {name: (64, 128)}, seed=7)[name]
+    assert torch.equal(old.sign_in, new.sign_in) and torch.equal(old.sign_out, new.sign_out)
+
+
+def test_block_mode_checkpoint_round_trip(tmp_path):
+    model = quantized("qwen3", mode="block")
+    yaqa.save_quantized(model, tmp_path / "ckpt")
+    loaded = yaqa.load(tmp_path / "ckpt")
+    assert all(m.transform().block == 32 for m in loaded.modules() if isinstance(m, QuantizedLinear))
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)

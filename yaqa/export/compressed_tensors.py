@@ -339,7 +339,8 @@ def _vllm_notes(layers: dict[str, LayerCodes], schemes: dict[str, _Scheme]) -> l
     notes = []
     bits = sorted({lc.bits for lc in layers.values()} - set(VLLM_BITS))
     if bits:
-        notes.append(f"{bits}-bit weights have no vLLM kernel (it serves 4 and 8 bits)")
+        notes.append(f"{bits}-bit weights: vLLM's Marlin/Machete kernels serve 4 and 8 bits "
+                     "(with zero points only those); other widths need an optional kernel")
     groups = sorted({lc.group_size for lc in layers.values()
                      if lc.group_size not in VLLM_GROUPS and lc.group_size != lc.codes.shape[1]})
     if groups:
