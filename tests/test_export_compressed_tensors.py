@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -241,3 +240,13 @@ def test_block_mode_checkpoint_round_trip(tmp_path):
     assert all(m.transform().block == 32 for m in loaded.modules() if isinstance(m, QuantizedLinear))
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_cli_incoherence_mode_flags():
+    from yaqa.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["quantize", "--out", "x"]).incoherence is True
+    assert parse(["quantize", "--out", "x", "--incoherence", "block"]).incoherence == "block"
+    assert parse(["quantize", "--out", "x", "--no-incoherence"]).incoherence is False
+    assert parse(["run", "--incoherence", "shared"]).incoherence == "shared"
