@@ -218,7 +218,7 @@ def test_bias_is_rotated_into_the_output_basis():
     tf = tfs["x"]
     b = torch.randn(64, dtype=torch.float64)
     M = tf.online_matrix("out")
-    assert torch.allclose(tf.output_inverse(b) @ M.T / math.sqrt(64), b, atol=1e-12)
+    assert torch.allclose(tf.output_inverse(b) @ M.T.double() / math.sqrt(64), b, atol=1e-12)
 
 
 def test_per_layer_mode_keeps_the_previous_sign_seeding():

@@ -383,8 +383,9 @@ class IncoherenceTransform:
         size, s = (self.n, self.sign_in) if side == "in" else (self.m, self.sign_out)
         if self.block is not None:
             return fwht(torch.eye(self.block, dtype=torch.float64))
-        Had_T = hadamard_transform(torch.eye(size, dtype=torch.float64))  # rows: Had e_i -> Had^T
-        return torch.round(s.to(torch.float64)[:, None] * Had_T * math.sqrt(size))
+        # float32 is exact enough: every entry is ±1/sqrt(size) before rounding back to ±1.
+        Had_T = hadamard_transform(torch.eye(size, dtype=torch.float32))  # rows: Had e_i -> Had^T
+        return torch.round(s.to(torch.float32)[:, None] * Had_T * math.sqrt(size))
 
     # -- storage -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

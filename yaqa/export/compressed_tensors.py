@@ -86,7 +86,7 @@ def layer_codes(module: QuantizedLinear) -> LayerCodes:
 # Packing
 
 
-def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1, rows_per_chunk: int = 256) -> torch.Tensor:
+def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1, rows_per_chunk: int = 1024) -> torch.Tensor:
     """Pack unsigned ``bits``-bit codes along ``dim`` of a 2-D tensor into int32 words.
 
     Code ``i`` of a row occupies bits ``[i·b, (i+1)·b)`` of the row's bit stream, word ``k`` holding
@@ -101,14 +101,23 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1, rows_per_chunk: int
         raise ExportError(f"codes out of range for {bits}-bit packing")
     rows, cols = c.shape
     words = -(-cols * bits // 32)
+    if 32 % bits == 0:  # whole codes per word: one shift-and-sum over a reshaped view
+        per = 32 // bits
+        padded = nn.functional.pad(c, (0, words * per - cols)).view(rows, words, per)
+        w = (padded << (torch.arange(per, dtype=torch.int64) * bits)).sum(-1)
+        return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+    pos = torch.arange(cols, dtype=torch.int64) * bits
+    word, off = pos // 32, pos % 32
+    # Codes that straddle a word boundary put their high bits at the bottom of the next word.
+    spill = (off + bits > 32).nonzero().squeeze(1)
     out = torch.empty(rows, words, dtype=torch.int32)
-    bit = torch.arange(bits, dtype=torch.int64)
-    word_bit = torch.arange(32, dtype=torch.int64)
     for r in range(0, rows, rows_per_chunk):
         chunk = c[r:r + rows_per_chunk]
-        stream = ((chunk[..., None] >> bit) & 1).reshape(chunk.shape[0], cols * bits)
-        stream = nn.functional.pad(stream, (0, words * 32 - cols * bits))
-        w = (stream.view(chunk.shape[0], words, 32) << word_bit).sum(-1)
+        acc = torch.zeros(chunk.shape[0], words + 1, dtype=torch.int64)
+        acc.index_add_(1, word, (chunk << off) & 0xFFFFFFFF)  # disjoint bits: add == or
+        if spill.numel():
+            acc.index_add_(1, word[spill] + 1, chunk[:, spill] >> (32 - off[spill]))
+        w = acc[:, :words]
         out[r:r + rows_per_chunk] = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
     return out
 
