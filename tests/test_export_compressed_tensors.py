@@ -250,3 +250,14 @@ def test_cli_incoherence_mode_flags():
     assert parse(["quantize", "--out", "x", "--incoherence", "block"]).incoherence == "block"
     assert parse(["quantize", "--out", "x", "--no-incoherence"]).incoherence is False
     assert parse(["run", "--incoherence", "shared"]).incoherence == "shared"
+
+
+def test_recipe_takes_incoherence_modes_and_keeps_old_identities():
+    from yaqa.recipe import RecipeError, get_recipe
+
+    assert get_recipe("rtn", incoherence="per-layer").incoherence is True
+    assert get_recipe("rtn", incoherence="none").incoherence is False
+    assert get_recipe("rtn", incoherence="block").incoherence == "block"
+    assert get_recipe("rtn", incoherence="per-layer").identity() == get_recipe("rtn").identity()
+    with pytest.raises(RecipeError, match="incoherence mode"):
+        get_recipe("rtn", incoherence="bogus")
