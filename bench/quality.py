@@ -14,6 +14,10 @@ shrinkage setting quantized from them; writes bench/results/quality_shrinkage<ta
 
     python bench/quality.py --device cuda --bits 4,3 --calib-sizes 32x512,64x256,256x512 \
         --shrinkage off,auto,auto-out --tag _a
+
+    # the serving table: incoherence modes x (LDLQ, YAQA-B) at 4 bits, one Hessian collection
+    python bench/quality.py --device cuda --n-calib 1024 --bits 4 --methods ldlq,yaqa-b \
+        --incoherence-modes per-layer,shared,block,none --tag _incoherence
 """
 
 from __future__ import annotations
@@ -122,6 +126,55 @@ def merge(paths: list[str], stem: str) -> list[str]:
     return write_outputs(rows, metas, stem)
 
 
+def incoherence_table(cfg: RunConfig, args) -> int:
+    """KL and perplexity per incoherence mode and method (the compressed-tensors/vLLM variants).
+
+    Every mode runs the pipeline in the same work directory, so the Hessians are collected by
+    the first mode and read back from disk by the others.
+    """
+    t = time.perf_counter()
+    rows: list[dict] = []
+    for mode in args.incoherence_modes.split(","):
+        cfg.incoherence = mode
+        cfg.save = False  # checkpoints of every mode would overwrite each other
+        for r in map(asdict, run_pipeline(cfg)):
+            if r["method"] == "original":
+                if not rows:
+                    rows.append({**r, "incoherence": "-"})
+                continue
+            rows.append({**r, "incoherence": mode})
+            logging.info("%s %s: KL %.4f ppl %.2f", mode, r["method"], r["kl"], r["ppl"])
+    total = time.perf_counter() - t
+    cfg.out_dir = str(cfg.out_dir)
+    meta = {"machine": machine(), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+            "config": asdict(cfg), "total_seconds": total}
+    stem = f"quality{args.tag}"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"runs": [meta], "rows": rows}, indent=2))
+    c = meta["config"]
+    ref = {(r["method"], r["bits"]): r["kl"] for r in rows if r["incoherence"] == "per-layer"}
+    lines = [f"# Quality by incoherence mode: {stem}", "",
+             f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
+             f"- calibration: {c['n_calib']} x {c['calib_ctx']} tokens of {c['calib']}; "
+             f"evaluation: {c['n_eval']} x {c['eval_ctx']} tokens of {c['eval_data']}",
+             f"- quantizer: {'symmetric' if c['symmetric'] else 'asymmetric'} int-k, group "
+             f"{c['group_size']}, scales by {c['scale_search']}",
+             "- modes: per-layer = random signs per layer (yaqa's runtime only); shared = one "
+             "random Hadamard per size (compressed-tensors `random-hadamard`, vLLM dense GEMM); "
+             "block = Sylvester blocks (`hadamard`, vLLM's fast kernel); none = plain W4A16_ASYM",
+             f"- total time: {total:.0f} s", "",
+             "| incoherence | method | bits | KL | ppl | top-1 | KL / per-layer |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = ref.get((r["method"], r["bits"]))
+        ratio = f"{r['kl'] / base:.3f}" if base else "-"
+        lines.append(f"| {r['incoherence']} | {r['method']} | {r['bits'] or '-'} | {r['kl']:.4f} | "
+                     f"{r['ppl']:.2f} | {r['top1']:.3f} | {ratio} |")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -153,6 +206,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-sizes", default=None, metavar="NxT,...",
                     help="sweep: LDLQ and YAQA-B at each calibration size (sequences x tokens), "
                          "YAQA-B once per --shrinkage setting, Hessians collected once per size")
+    ap.add_argument("--incoherence-modes", default=None,
+                    help="comma list of per-layer,shared,block,none: one table row per mode and "
+                         "method, all from the same stored Hessians")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="only combine earlier result files into quality<tag>.{json,md,png}")
     args = ap.parse_args(argv)
@@ -177,6 +233,8 @@ def main(argv=None) -> int:
                     eval_ctx=args.eval_ctx, n_eval=args.n_eval, batch_size=args.batch_size,
                     device=args.device, out_dir=args.out, save=True, progress=False,
                     shrinkage=args.shrinkage)
+    if args.incoherence_modes:
+        return incoherence_table(cfg, args)
     t = time.perf_counter()
     rows = [asdict(r) for r in run_pipeline(cfg)]
     total = time.perf_counter() - t

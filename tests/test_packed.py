@@ -66,6 +66,30 @@ def test_packed_forward_equals_dense_dequantized_path(bits, group, incoherence):
         xw @ res.grid.dequantize(res.codes).T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [None, 32])
+def test_packed_forward_follows_the_stored_block_or_full_hadamard(block, tmp_path):
+    # A block-Hadamard transform (incoherence "block") must be applied blockwise by the packed
+    # path too, also after a save/load round trip, not as the full-size Hadamard of the shape.
+    from yaqa.incoherence import IncoherenceTransform
+
+    torch.manual_seed(5)
+    m, n = 64, 128
+    lin = torch.nn.Linear(n, m, bias=False)
+    q = IntQuantizer(bits=4, group_size=32)
+    tf = IncoherenceTransform(m, n, seed=3, block=block)
+    res = round_weight(lin.weight.detach(), None, None, q, method="rtn", incoherence=tf,
+                       return_details=True)
+    ql = QuantizedLinear.from_codes(res.codes, res.grid, q, transform=res.transform)
+    x = torch.randn(3, n)
+    expected = x @ ql.dequantized_weight().T
+    with torch.no_grad():
+        torch.testing.assert_close(ql(x), expected, rtol=1e-5, atol=1e-5)
+        fresh = QuantizedLinear(n, m, q, incoherence=True)
+        fresh.load_state_dict(ql.state_dict())
+        fresh.materialize_hadamard()
+        torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_int_params_returns_the_unpacked_codes_scales_and_zeros():
     torch.manual_seed(0)
     W = torch.randn(32, 64)

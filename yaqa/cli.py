@@ -1,4 +1,4 @@
-"""The ``yaqa`` command: hessians | quantize | eval | run."""
+"""The ``yaqa`` command: hessians | quantize | eval | run | export."""
 
 from __future__ import annotations
 
@@ -62,6 +62,10 @@ def _add_quantizer(p: argparse.ArgumentParser, many_bits: bool = False) -> None:
                    help="YAQA only: shrink the Sketch-B factors towards LDLQ's by the amount the "
                         "calibration data's noise warrants ('auto', default), H_out only "
                         "('auto-out'), not at all ('off'), or by a fixed amount in [0, 1]")
+    p.add_argument("--incoherence", dest="incoherence", default=True,
+                   choices=("per-layer", "shared", "block", "none"),
+                   help="per-layer random signs (default); shared: one random Hadamard per size "
+                        "(servable by vLLM); block: Sylvester blocks (vLLM's fast kernel)")
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -153,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("export", help="write a checkpoint in a serving format (compressed-tensors)")
+    p.add_argument("checkpoint", help="yaqa checkpoint directory")
+    p.add_argument("--format", default="compressed-tensors", choices=("compressed-tensors",))
+    p.add_argument("--out", required=True, help="output directory (loads in vLLM as it is)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                   help="scales and unquantized tensors (default float16: yaqa's scales exactly)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
     return ap
 
 
@@ -329,6 +341,20 @@ def _data_line(cfg) -> str:
     return (f"calibration: {cfg.n_calib} x {cfg.calib_ctx} tokens of {name(cfg.calib, 'calib')}; "
             f"evaluation: {cfg.n_eval or 'all'} x {cfg.eval_ctx} tokens of "
             f"{name(cfg.eval_data, 'eval')}; YAQA shrinkage: {cfg.shrinkage}")
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .export.compressed_tensors import export_checkpoint
+
+    rep = export_checkpoint(args.checkpoint, args.out, dtype=getattr(torch, args.dtype),
+                            overwrite=args.overwrite)
+    print(f"{rep.quantized_layers} layers, int{'/'.join(map(str, rep.bits))}, transforms: "
+          f"{rep.transform or 'none'} -> {rep.path} ({rep.size_bytes / 1e6:.1f} MB)")
+    for note in rep.vllm_notes:
+        print(f"vLLM: {note}")
+    return 0
 
 
 def _fill_size_defaults(args) -> None:

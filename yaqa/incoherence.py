@@ -11,20 +11,37 @@ For each size the smallest usable ``K`` is chosen (``K = 1`` for powers of two),
 costs ``K`` multiply-adds per element, e.g. 28 for 14336, 148 for 18944, 344 (= 7³ + 1) for 11008.
 Sizes with no construction (e.g. ``n = 2^p · 23``, which would need order 92) raise
 ``ValueError``; :func:`hadamard_supported` answers the question up front.
+
+Three ways to pick the transforms of a model (:data:`INCOHERENCE_MODES`, :func:`plan_transforms`):
+
+* ``per-layer``: independent random signs for every layer (the most incoherent; yaqa's own
+  runtime only);
+* ``shared``: one random-sign Hadamard per dimension and side, shared by every layer of the model,
+  which is what compressed-tensors' ``random-hadamard`` transform (and vLLM) can express;
+* ``block``: the plain Sylvester Hadamard in power-of-two blocks (vLLM's fast ``hadamard`` kernel).
+  Random signs are kept only where they cancel exactly between two neighbouring layers and so never
+  have to run online: ``up_proj`` outputs / ``down_proj`` inputs (the gate product is elementwise)
+  and ``v_proj`` outputs / ``o_proj`` inputs (attention mixes tokens, not channels).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
 __all__ = [
+    "INCOHERENCE_MODES",
     "IncoherenceTransform",
+    "block_hadamard_size",
+    "incoherence_mode",
+    "plan_transforms",
+    "sign_partner",
     "hadamard_supported",
     "hadamard_factor",
     "hadamard_matrix",
@@ -265,10 +282,17 @@ class IncoherenceTransform:
     """
 
     def __init__(self, m: int, n: int, seed: int = 0, *, sign_in: torch.Tensor | None = None,
-                 sign_out: torch.Tensor | None = None) -> None:
-        # Fail at construction, not at first use, when a size has no Hadamard matrix.
-        hadamard_factor(n)
-        hadamard_factor(m)
+                 sign_out: torch.Tensor | None = None, block: int | None = None) -> None:
+        self.block = int(block) if block else None
+        if self.block is not None:
+            b = self.block
+            if b & (b - 1) or m % b or n % b:
+                raise ValueError(f"block Hadamard size {b} must be a power of two dividing both "
+                                 f"sides of the {m}x{n} weight")
+        else:
+            # Fail at construction, not at first use, when a size has no Hadamard matrix.
+            hadamard_factor(n)
+            hadamard_factor(m)
         self.m, self.n, self.seed = int(m), int(n), seed
         if sign_in is None or sign_out is None:
             g = torch.Generator().manual_seed(int(seed))
@@ -282,7 +306,17 @@ class IncoherenceTransform:
         self._sign_cache: dict[tuple, torch.Tensor] = {}
 
     def __repr__(self) -> str:
-        return f"IncoherenceTransform(m={self.m}, n={self.n}, seed={self.seed})"
+        return (f"IncoherenceTransform(m={self.m}, n={self.n}, seed={self.seed}"
+                f"{f', block={self.block}' if self.block else ''})")
+
+    def _had(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """The orthonormal Hadamard part over the last dim: full size, or Sylvester blocks."""
+        if self.block is None:
+            return hadamard_transform(x, transpose=transpose)
+        b = self.block
+        # Sylvester matrices are symmetric, so the transpose is the same transform.
+        y = fwht(x.reshape(*x.shape[:-1], x.shape[-1] // b, b)) * (1.0 / math.sqrt(b))
+        return y.reshape(x.shape)
 
     def _signs(self, which: str, like: torch.Tensor) -> torch.Tensor:
         # Cached per device and dtype: the forward pass must not copy them host-to-device
@@ -301,20 +335,20 @@ class IncoherenceTransform:
     def weight(self, W: torch.Tensor) -> torch.Tensor:
         """``V W U^T``."""
         self._check(W, (self.m, self.n), "weight")
-        Z = hadamard_transform(W * self._signs("in", W))  # W U^T
-        return hadamard_transform((Z * self._signs("out", Z)[:, None]).T).T  # V (W U^T)
+        Z = self._had(W * self._signs("in", W))  # W U^T
+        return self._had((Z * self._signs("out", Z)[:, None]).T).T  # V (W U^T)
 
     def inverse_weight(self, Wt: torch.Tensor) -> torch.Tensor:
         """``V^T W' U`` (undoes :meth:`weight`)."""
         self._check(Wt, (self.m, self.n), "inverse_weight")
-        Z = hadamard_transform(Wt, transpose=True) * self._signs("in", Wt)  # W' U
-        return hadamard_transform(Z.T, transpose=True).T * self._signs("out", Z)[:, None]
+        Z = self._had(Wt, transpose=True) * self._signs("in", Wt)  # W' U
+        return self._had(Z.T, transpose=True).T * self._signs("out", Z)[:, None]
 
     # -- Hessian factors -----------------------------------------------------------------------
     def _sandwich(self, H: torch.Tensor, which: str) -> torch.Tensor:
         s = self._signs(which, H)
-        Z = hadamard_transform(H * s)  # H M^T with M = Had diag(s)
-        return hadamard_transform((Z * s[:, None]).T).T  # M (H M^T)
+        Z = self._had(H * s)  # H M^T with M = Had diag(s)
+        return self._had((Z * s[:, None]).T).T  # M (H M^T)
 
     def factor_in(self, H: torch.Tensor) -> torch.Tensor:
         """``U H_in U^T``."""
@@ -330,12 +364,28 @@ class IncoherenceTransform:
     def input(self, x: torch.Tensor) -> torch.Tensor:
         """``x U^T`` over the last dim: the activations the transformed weight expects."""
         self._check(x, (self.n,), "input")
-        return hadamard_transform(x * self._signs("in", x))
+        return self._had(x * self._signs("in", x))
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
         """``y' V`` over the last dim: back to the original output basis."""
         self._check(y, (self.m,), "output")
-        return hadamard_transform(y, transpose=True) * self._signs("out", y)
+        return self._had(y, transpose=True) * self._signs("out", y)
+
+    def output_inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """``y V^T``: original-basis outputs (e.g. a bias) into the rotated output basis."""
+        self._check(y, (self.m,), "output_inverse")
+        return self._had(y * self._signs("out", y))
+
+    def online_matrix(self, side: str) -> torch.Tensor:
+        """The unnormalised ±1 matrix ``M`` with ``x U^T = x M / sqrt(n)`` (side ``"in"``) or
+        ``y' V = y' M^T / sqrt(m)`` (side ``"out"``), i.e. ``M = sqrt(size) · diag(s) Had^T``;
+        for block transforms the ``block × block`` Sylvester matrix (signs excluded)."""
+        size, s = (self.n, self.sign_in) if side == "in" else (self.m, self.sign_out)
+        if self.block is not None:
+            return fwht(torch.eye(self.block, dtype=torch.float64))
+        # float32 is exact enough: every entry is ±1/sqrt(size) before rounding back to ±1.
+        Had_T = hadamard_transform(torch.eye(size, dtype=torch.float32))  # rows: Had e_i -> Had^T
+        return torch.round(s.to(torch.float32)[:, None] * Had_T * math.sqrt(size))
 
     # -- storage -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -343,9 +393,131 @@ class IncoherenceTransform:
             "sign_in": self.sign_in.clone(),
             "sign_out": self.sign_out.clone(),
             "shape": torch.tensor([self.m, self.n], dtype=torch.int64),
+            "block": torch.tensor(self.block or 0, dtype=torch.int64),  # 0: full-size Hadamard
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "IncoherenceTransform":
         m, n = (int(v) for v in state["shape"].tolist())
-        return cls(m, n, seed=-1, sign_in=state["sign_in"], sign_out=state["sign_out"])
+        block = int(state["block"]) if "block" in state else 0  # absent before block mode existed
+        return cls(m, n, seed=-1, sign_in=state["sign_in"], sign_out=state["sign_out"],
+                   block=block or None)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Incoherence modes: which transform each layer of a model gets
+
+INCOHERENCE_MODES = ("per-layer", "shared", "block")
+_MODE_ALIASES = {"per-layer": "per-layer", "rht": "per-layer", "on": "per-layer",
+                 "shared": "shared", "block": "block", "none": None, "off": None}
+# Largest block used by default: hadacore-style kernels handle up to a few thousand.
+MAX_BLOCK = 2048
+
+
+def incoherence_mode(incoherence: "bool | str | None") -> str | None:
+    """Normalise ``quantize(incoherence=...)``: False/None/"none" -> None, True -> "per-layer"."""
+    if incoherence is None or incoherence is False:
+        return None
+    if incoherence is True:
+        return "per-layer"
+    key = str(incoherence).lower().replace("_", "-")
+    if key not in _MODE_ALIASES:
+        raise ValueError(f"unknown incoherence mode {incoherence!r}; choose from "
+                         f"{INCOHERENCE_MODES + ('none',)}")
+    return _MODE_ALIASES[key]
+
+
+def block_hadamard_size(dims: Iterable[int], cap: int = MAX_BLOCK) -> int:
+    """Largest power of two (<= ``cap``) dividing every size in ``dims``."""
+    g = 0
+    for d in dims:
+        g = math.gcd(g, int(d))
+    if g == 0:
+        raise ValueError("no layer sizes given")
+    b = g & -g
+    return min(b, cap)
+
+
+def _seed_of(*parts: object) -> int:
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def random_signs(n: int, *key: object) -> torch.Tensor:
+    """±1 vector of length ``n``, a pure function of ``key`` (reproducible across runs/resumes)."""
+    g = torch.Generator().manual_seed(_seed_of(*key))
+    return (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(torch.int8)
+
+
+# Sign pairs that cancel exactly: (layer whose output signs, layer whose input signs, kind).
+_SIGN_PAIRS = (("mlp.up_proj", "mlp.down_proj", "mlp"),
+               ("self_attn.v_proj", "self_attn.o_proj", "attn"))
+
+
+def sign_partner(name: str) -> tuple[str, str, str] | None:
+    """``(producer, consumer, kind)`` full names when ``name`` is one side of a cancelling pair."""
+    for out_side, in_side, kind in _SIGN_PAIRS:
+        for side in (out_side, in_side):
+            if name == side or name.endswith("." + side):
+                prefix = name[: len(name) - len(side)]
+                return prefix + out_side, prefix + in_side, kind
+    return None
+
+
+def expand_kv_signs(s: torch.Tensor, n_out: int, head_dim: int) -> torch.Tensor:
+    """Signs on ``v_proj`` outputs (kv heads) as seen on ``o_proj`` inputs (query heads, GQA)."""
+    kv = s.numel() // head_dim
+    heads = n_out // head_dim
+    if kv * head_dim != s.numel() or heads * head_dim != n_out or heads % kv:
+        raise ValueError(f"cannot map {s.numel()} value channels onto {n_out} attention outputs "
+                         f"with head_dim {head_dim}")
+    return s.view(kv, 1, head_dim).expand(kv, heads // kv, head_dim).reshape(n_out)
+
+
+def plan_transforms(mode: str | None, shapes: dict[str, tuple[int, int]], seed: int = 0, *,
+                    block: int | None = None, head_dim: int | None = None
+                    ) -> dict[str, IncoherenceTransform | None]:
+    """The transform of every layer in ``shapes`` (full name -> (out, in)) for one mode.
+
+    ``per-layer``: signs from (seed, name).  ``shared``: signs from (seed, side, size) only, so
+    every layer of a size shares one matrix per side.  ``block``: Sylvester blocks of ``block``
+    (default: the largest power of two dividing all sizes), signs only on the cancelling pairs
+    (:func:`sign_partner`) when both layers are present; ``v``/``o`` pairs need ``head_dim``.
+    """
+    mode = incoherence_mode(mode)
+    if mode is None:
+        return {name: None for name in shapes}
+    if mode == "per-layer":
+        out = {}
+        for name, (m, n) in shapes.items():
+            g = torch.Generator().manual_seed(_seed_of(seed, name))
+            # Same stream layout as IncoherenceTransform(seed=...): s_U first, then s_V.
+            s_in = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+            s_out = torch.randint(0, 2, (m,), generator=g) * 2 - 1
+            out[name] = IncoherenceTransform(m, n, seed=-1, sign_in=s_in, sign_out=s_out)
+        return out
+    if mode == "shared":
+        return {name: IncoherenceTransform(m, n, seed=-1,
+                                           sign_in=random_signs(n, seed, "in", n),
+                                           sign_out=random_signs(m, seed, "out", m))
+                for name, (m, n) in shapes.items()}
+    b = block or block_hadamard_size(d for mn in shapes.values() for d in mn)
+    signs_in = {name: torch.ones(n, dtype=torch.int8) for name, (m, n) in shapes.items()}
+    signs_out = {name: torch.ones(m, dtype=torch.int8) for name, (m, n) in shapes.items()}
+    for name in shapes:
+        pair = sign_partner(name)
+        if pair is None or pair[0] != name or pair[1] not in shapes:
+            continue
+        producer, consumer, kind = pair
+        s = random_signs(shapes[producer][0], seed, producer)
+        if kind == "attn":
+            if head_dim is None:
+                continue
+            signs_out[producer] = s
+            signs_in[consumer] = expand_kv_signs(s, shapes[consumer][1], head_dim)
+        elif shapes[producer][0] == shapes[consumer][1]:
+            signs_out[producer] = signs_in[consumer] = s
+    return {name: IncoherenceTransform(m, n, seed=-1, sign_in=signs_in[name],
+                                       sign_out=signs_out[name], block=b)
+            for name, (m, n) in shapes.items()}

@@ -66,7 +66,7 @@ class RunConfig:
     group_size: int | None = DEFAULT_GROUP_SIZE
     symmetric: bool = False
     scale_search: str = "maxabs"
-    incoherence: bool = DEFAULT_INCOHERENCE
+    incoherence: bool | str = DEFAULT_INCOHERENCE  # or "per-layer", "shared", "block", "none"
     block_size: int = DEFAULT_BLOCK_SIZE
     sigma: float = DEFAULT_SIGMA
     shrinkage: str | float = "auto"  # YAQA factors towards the LDLQ pair, see hessians/shrinkage.py

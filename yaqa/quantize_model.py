@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import store
 from .hessians.shrinkage import Shrinkage, shrink_layer
+from .incoherence import block_hadamard_size, incoherence_mode, plan_transforms
 from .models import get_adapter
 from .nn import QuantizedLinear
 from .quantizers import Quantizer, quantizer_name
@@ -49,6 +50,7 @@ class QuantizeReport:
     quantizer: dict
     incoherence: bool
     seed: int
+    incoherence_mode: str | None = None
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
     resumed_blocks: int = 0
@@ -56,12 +58,6 @@ class QuantizeReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _layer_seed(seed: int, name: str) -> int:
-    # Independent, reproducible sign vectors per layer, stable across runs and resumes.
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 def _factors(rounding: str, hessians: Mapping | None, name: str, shrinkage: str = "off"):
@@ -83,7 +79,7 @@ def _factors(rounding: str, hessians: Mapping | None, name: str, shrinkage: str 
 
 
 def recipe_from_args(method: str, quantizer: str | Quantizer, group_size: int | None, *,
-                     symmetric: bool, scale_search: str, incoherence: bool, seed: int,
+                     symmetric: bool, scale_search: str, incoherence: bool | str, seed: int,
                      block_size: int, sigma: float,
                      shrinkage: str | float = "auto") -> tuple[Recipe, Quantizer | None]:
     """The library's keyword arguments as a :class:`Recipe` (plus a quantizer object, when one
@@ -93,7 +89,7 @@ def recipe_from_args(method: str, quantizer: str | Quantizer, group_size: int | 
     else:
         qobj, qname = None, str(quantizer).lower()
     recipe = get_recipe(method, quantizer=qname, group_size=group_size, symmetric=symmetric,
-                        scale_search=scale_search, incoherence=bool(incoherence), seed=seed,
+                        scale_search=scale_search, incoherence=incoherence, seed=seed,
                         block_size=block_size, sigma=sigma, shrinkage=str(shrinkage))
     return recipe, qobj
 
@@ -119,7 +115,7 @@ def hessians_identity(hessians: Mapping | None) -> str | None:
 def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "yaqa",
              quantizer: str | Quantizer = "int4", group_size: int | None = DEFAULT_GROUP_SIZE, *,
              symmetric: bool = False, scale_search: str = "maxabs",
-             incoherence: bool = DEFAULT_INCOHERENCE, seed: int = 0,
+             incoherence: bool | str = DEFAULT_INCOHERENCE, seed: int = 0,
              block_size: int = DEFAULT_BLOCK_SIZE, sigma: float = DEFAULT_SIGMA,
              include_head: bool = False, device: str | torch.device | None = None,
              work_dir: str | os.PathLike | None = None, fingerprint: dict | None = None,
@@ -135,7 +131,10 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
     the amounts estimated from the calibration data's noise (stored with single-pass Sketch-B
     Hessians; layers without the statistic are left alone), ``"auto-out"`` H_out only,
     ``"off"`` uses the factors as collected, a number in [0, 1] is a fixed amount for both
-    (see :mod:`yaqa.hessians.shrinkage`).  ``hessians`` maps full linear names to
+    (see :mod:`yaqa.hessians.shrinkage`).  ``incoherence``: False, True
+    (= ``"per-layer"`` random Hadamard signs), ``"shared"`` (one random Hadamard per size, what
+    compressed-tensors/vLLM can serve) or ``"block"`` (Sylvester blocks, vLLM's fast kernel); see
+    :mod:`yaqa.incoherence`.  ``hessians`` maps full linear names to
     objects with those attributes.  ``work_dir`` enables resume: finished blocks are stored there
     and reused only when the recipe, the weights, the Hessians and ``fingerprint`` all match;
     otherwise :class:`~yaqa.store.StaleWorkError` names what differs (``overwrite=True`` starts
@@ -150,7 +149,8 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
     q = qobj or recipe.make_quantizer()
     rounding, incoherence, seed = recipe.rounding, recipe.incoherence, recipe.seed
     adapter = get_adapter(model)
-    report = QuantizeReport(rounding, q.config(), bool(incoherence), seed,
+    mode = incoherence_mode(incoherence)
+    report = QuantizeReport(rounding, q.config(), mode is not None, seed, mode,
                             shrinkage=recipe.shrinkage)
     resume = None
     if work_dir is not None:
@@ -160,6 +160,7 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
                     "extra": fingerprint or {}}
         resume = _Resume(work_dir, identity, overwrite=overwrite)
     blocks = adapter.blocks(model)
+    plan = _TransformPlan(model, adapter, blocks, mode, seed, include_head)
     t0 = time.perf_counter()
     bar = tqdm(total=len(blocks), desc=f"quantize {recipe.name} {q.config()['bits']}-bit",
                disable=not progress, unit="block")
@@ -167,16 +168,17 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
         linears = adapter.block_linears(block)
         prefix = f"{adapter.blocks_path}.{i}."
         if resume is not None and resume.has(i):
-            report.layers += resume.restore(i, block, linears, q, incoherence)
+            report.layers += resume.restore(i, block, linears, q, mode is not None)
             report.resumed_blocks += 1
             bar.update(1)
             continue
         done = []
+        tfs = plan.for_layers({prefix + rel: lin for rel, lin in linears.items()})
         for rel, lin in linears.items():
             name = prefix + rel
             H_in, H_out, a_in, a_out = _factors(rounding, hessians, name, recipe.shrinkage)
-            lr = _quantize_linear(block, rel, lin, name, rounding, q, H_in, H_out, incoherence,
-                                  seed, recipe.block_size, recipe.sigma, device)
+            lr = _quantize_linear(block, rel, lin, name, rounding, q, H_in, H_out, tfs[name],
+                                  recipe.block_size, recipe.sigma, device)
             lr.shrink_in, lr.shrink_out = a_in, a_out
             done.append(lr)
         report.layers += done
@@ -193,21 +195,21 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
                              "also change the embeddings. Leave include_head off for this model")
         name = next(n for n, m in model.named_modules() if m is head)
         report.layers.append(_quantize_linear(model, name, head, name, "rtn", q, None, None,
-                                              incoherence, seed, recipe.block_size,
-                                              recipe.sigma, device))
+                                              plan.for_layers({name: head})[name],
+                                              recipe.block_size, recipe.sigma, device))
     report.seconds = time.perf_counter() - t0
     return report
 
 
 def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, method: str,
-                     q: Quantizer, H_in, H_out, incoherence, seed: int, block_size: int,
+                     q: Quantizer, H_in, H_out, transform, block_size: int,
                      sigma: float, device) -> LayerReport:
     from .rounding import round_weight
 
     t = time.perf_counter()
     dev = torch.device(device) if device is not None else lin.weight.device
     W = lin.weight.detach().to(dev, torch.float32)
-    inc = _layer_seed(seed, name) if incoherence else False
+    inc = transform if transform is not None else False
     res = round_weight(W, None if H_in is None else H_in.to(dev),
                        None if H_out is None else H_out.to(dev), q, method=method,
                        incoherence=inc, block_size=block_size, sigma=sigma, return_details=True)
@@ -219,6 +221,32 @@ def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, met
     return LayerReport(name, tuple(W.shape), _num(res.proxy_loss), _num(res.sigma_in),
                        _num(res.sigma_out),
                        time.perf_counter() - t)
+
+
+class _TransformPlan:
+    """Incoherence transforms of every layer, from one model-wide mode (see ``plan_transforms``)."""
+
+    def __init__(self, model: nn.Module, adapter, blocks, mode: str | None, seed: int,
+                 include_head: bool):
+        self.mode, self.seed, self.block = mode, seed, None
+        cfg = getattr(model, "config", None)
+        heads = getattr(cfg, "num_attention_heads", None)
+        self.head_dim = getattr(cfg, "head_dim", None) or (
+            cfg.hidden_size // heads if heads else None)
+        if mode == "block":
+            # One block size for the whole model: vLLM builds one transform per (scheme, size).
+            dims = [d for b in blocks for lin in adapter.block_linears(b).values()
+                    for d in (lin.in_features, lin.out_features)]
+            head = model.get_output_embeddings() if include_head else None
+            if isinstance(head, nn.Linear):
+                dims += [head.in_features, head.out_features]
+            self.block = block_hadamard_size(dims)
+            log.info("block Hadamard incoherence with blocks of %d", self.block)
+
+    def for_layers(self, linears: dict[str, nn.Module]) -> dict:
+        shapes = {name: (lin.out_features, lin.in_features) for name, lin in linears.items()}
+        return plan_transforms(self.mode, shapes, self.seed, block=self.block,
+                               head_dim=self.head_dim)
 
 
 def _num(x):
@@ -279,10 +307,15 @@ class _Resume:
                                   dtype=lin.weight.dtype)
             sub = {k[len(rel) + 1:]: v for k, v in state.items() if k.startswith(rel + ".")}
             try:
-                new.load_state_dict(sub)
+                res = new.load_state_dict(sub, strict=False)
             except RuntimeError as e:
                 raise store.StoreError(f"{self._path(i)}: tensors for {rel} do not fit "
                                        f"({str(e).splitlines()[0]})") from None
+            # Blocks saved before block-Hadamard incoherence existed lack `tf_block` (= full size).
+            missing = [k for k in res.missing_keys if k != "tf_block"]
+            if missing or res.unexpected_keys:
+                raise store.StoreError(f"{self._path(i)}: tensors for {rel} do not fit (missing "
+                                       f"{missing[:3]}, unexpected {res.unexpected_keys[:3]})")
             block.set_submodule(rel, new.to(lin.weight.device))
         log.info("block %d restored from %s", i, self._path(i))
         return [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in meta.get("layers", [])]

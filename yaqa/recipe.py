@@ -47,7 +47,7 @@ class Recipe:
     group_size: int | None = DEFAULT_GROUP_SIZE  # None: one scale per output row
     symmetric: bool = False
     scale_search: str = "maxabs"
-    incoherence: bool = DEFAULT_INCOHERENCE
+    incoherence: bool | str = DEFAULT_INCOHERENCE  # True = "per-layer", "shared", "block"
     block_size: int = DEFAULT_BLOCK_SIZE  # tile of the LDL/YAQA feedback
     sigma: float = DEFAULT_SIGMA     # relative damping of the Hessian factors
     seed: int = 0                    # incoherence signs and sampled labels
@@ -70,6 +70,15 @@ class Recipe:
         except ValueError as e:
             raise RecipeError(str(e)) from None
         object.__setattr__(self, "shrinkage", shrink)
+
+        from .incoherence import incoherence_mode
+
+        try:
+            mode = incoherence_mode(self.incoherence)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        # Stored as before for the two original settings, so their identities do not change.
+        object.__setattr__(self, "incoherence", {None: False, "per-layer": True}.get(mode, mode))
         if self.power_iters < 1:
             raise RecipeError(f"power_iters must be >= 1, got {self.power_iters}")
         if self.block_size < 1:

@@ -19,11 +19,13 @@ weight once, ``mode="rotate"`` keeps rotating activations.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from . import kernels
-from .hadamard import apply_factors, factors
+from .hadamard import _sylvester, apply_factors, factors
 from .packing import pack_codes, packed_nbytes, unpack_codes
 from ..quantizers import FittedGrid, IntGrid, IntQuantizer, Quantizer
 
@@ -72,12 +74,33 @@ class QuantizedLinear(nn.Module):
     def _register_hadamard(self, device, dtype) -> None:
         # ±1 Kronecker factors of Had_n (inputs) and Had_m^T (outputs), derived from the shape,
         # not saved; as buffers they follow .to() and stay device-resident for compiled graphs.
+        # Block mode (incoherence "block"): one Sylvester block H_b applied to each run of b
+        # consecutive features, read from the stored transform once here, never per forward.
+        block = getattr(self, "tf_block", None)
+        self._had_block = int(block) if block is not None and not block.is_meta else 0
+        for name in [k for k in self._buffers if k.startswith(("had_in_", "had_out_"))]:
+            del self._buffers[name]
+        if self._had_block:
+            H = torch.tensor(_sylvester(self._had_block), dtype=dtype, device=device)
+            self.register_buffer("had_in_0", H, persistent=False)
+            self.register_buffer("had_out_0", H.clone(), persistent=False)
+            self._had_in = self._had_out = 1
+            return
         self._had_in = len(factors(self.in_features))
         for i, H in enumerate(factors(self.in_features, False, dtype, device)):
             self.register_buffer(f"had_in_{i}", H, persistent=False)
         for i, H in enumerate(factors(self.out_features, True, dtype, device)):
             self.register_buffer(f"had_out_{i}", H, persistent=False)
         self._had_out = i + 1
+
+    def _hadamard(self, x: torch.Tensor, side: str) -> torch.Tensor:
+        count = self._had_in if side == "in" else self._had_out
+        Hs = [getattr(self, f"had_{side}_{i}") for i in range(count)]
+        if not self._had_block:
+            return apply_factors(x, Hs)
+        b = self._had_block
+        y = x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ Hs[0].to(x.dtype)  # symmetric H_b
+        return (y * (1.0 / math.sqrt(b))).reshape(x.shape)
 
     def materialize_hadamard(self) -> None:
         """Rebuild the derived Hadamard buffers next to ``qweight`` (after a meta-device load)."""
@@ -101,6 +124,7 @@ class QuantizedLinear(nn.Module):
         if transform is not None:
             for k, v in transform.state_dict().items():
                 getattr(mod, f"tf_{k}").copy_(v)
+            mod.materialize_hadamard()  # the stored transform may be block Hadamard
         if bias is not None:
             mod.bias.data.copy_(bias.detach().to(dtype))
         return mod
@@ -191,12 +215,10 @@ class QuantizedLinear(nn.Module):
         return torch.nn.functional.linear(x, self.transformed_weight().to(x.dtype))
 
     def _rotate_in(self, x: torch.Tensor) -> torch.Tensor:
-        Hs = [getattr(self, f"had_in_{i}") for i in range(self._had_in)]
-        return apply_factors(x * self.tf_sign_in.to(x.dtype), Hs)
+        return self._hadamard(x * self.tf_sign_in.to(x.dtype), "in")
 
     def _rotate_out(self, y: torch.Tensor) -> torch.Tensor:
-        Hs = [getattr(self, f"had_out_{i}") for i in range(self._had_out)]
-        return apply_factors(y, Hs) * self.tf_sign_out.to(y.dtype)
+        return self._hadamard(y, "out") * self.tf_sign_out.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_cache:

@@ -68,7 +68,7 @@ def round_weight(
     quantizer: Quantizer | str = "int4",
     method: str = "rtn",
     *,
-    incoherence: bool | int = False,
+    incoherence: bool | int | IncoherenceTransform = False,
     block_size: int = 16,
     block_size_out: int | None = None,
     sigma: float = 0.01,
@@ -82,7 +82,8 @@ def round_weight(
     (``H_out=None`` means identity, which makes YAQA equal LDLQ); only their shape-normalised
     form matters.  ``quantizer`` is a :class:`Quantizer` or a spec like ``"int4"`` (then
     ``group_size`` applies).  ``incoherence=True`` (seed 0) or an int seed rotates weight and factors
-    with random Hadamard transforms before rounding and back afterwards.  ``block_size`` is the tile
+    with random Hadamard transforms before rounding and back afterwards; an
+    :class:`~yaqa.incoherence.IncoherenceTransform` is used as given (shared or block modes).  ``block_size`` is the tile
     width along inputs (and outputs unless ``block_size_out`` is given); ``sigma`` the initial
     damping relative to the mean diagonal, doubled until the factorisation succeeds.
 
@@ -116,8 +117,13 @@ def _round_weight(W, H_in, H_out, quantizer, method, incoherence, block_size, bl
     dev = W.device
     Wf = W.detach().to(torch.float32)
 
-    seed = _resolve_seed(incoherence)
-    tf = IncoherenceTransform(m, n, seed) if seed is not None else None
+    if isinstance(incoherence, IncoherenceTransform):
+        tf = incoherence
+        if (tf.m, tf.n) != (m, n):
+            raise ValueError(f"incoherence transform is {tf.m}x{tf.n}, the weight {m}x{n}")
+    else:
+        seed = _resolve_seed(incoherence)
+        tf = IncoherenceTransform(m, n, seed) if seed is not None else None
     Wt = tf.weight(Wf) if tf is not None else Wf
 
     prep_in: PreparedFactor | None = None
