@@ -169,12 +169,9 @@ def cmd_hessians(args) -> int:
     return 0
 
 
-def _power_iters(args, hessian: str) -> int | None:
-    """``--power-iters`` reaches every sketch (A and B); None keeps the recipe's default."""
+def _power_iters(args, hessian: str) -> int:
     from .recipe import POWER_ITERS
 
-    if hessian not in POWER_ITERS:
-        return None
     return args.power_iters if args.power_iters is not None else POWER_ITERS[hessian]
 
 
@@ -185,15 +182,13 @@ def _calib_source(spec: str) -> str:
 
 
 def recipe_from_args(args, method: str, bits: int):
-    """Turn CLI flags into a Recipe (the only place the CLI knows about recipe fields)."""
+    """Turn CLI flags into a Recipe (``--power-iters`` reaches every sketch, A and B)."""
     from .recipe import get_recipe
 
-    base = get_recipe(method)
-    iters = _power_iters(args, base.hessian)
-    return base.replace(quantizer=f"int{bits}", group_size=args.group_size,
-                        symmetric=args.symmetric, scale_search=args.scale_search,
-                        incoherence=args.incoherence, seed=args.seed,
-                        power_iters=iters or base.power_iters)
+    return get_recipe(method, bits=bits, power_iters=args.power_iters,
+                      group_size=args.group_size, symmetric=args.symmetric,
+                      scale_search=args.scale_search, incoherence=args.incoherence,
+                      seed=args.seed)
 
 
 def cmd_quantize(args) -> int:
@@ -259,9 +254,6 @@ def cmd_run(args) -> int:
                     batch_size=args.batch_size, seed=args.seed, device=args.device,
                     dtype=args.dtype, out_dir=args.out, save=args.save,
                     overwrite=args.overwrite, progress=not args.quiet)
-    for bits in cfg.bits:  # every flag checked before the model loads
-        for m in methods:
-            recipe_from_args(args, m, bits)
     t = time.perf_counter()
     rows = run_pipeline(cfg)
     print(format_table(rows))

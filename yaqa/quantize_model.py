@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from .nn import QuantizedLinear
 from .quantizers import Quantizer
 from .recipe import DEFAULT_BLOCK_SIZE, DEFAULT_GROUP_SIZE, DEFAULT_INCOHERENCE, DEFAULT_SIGMA
 from .recipe import Recipe, get_recipe
+from .rounding.threads import small_cpu_problem_threads
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,30 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
         resume = _Resume(work_dir, identity, overwrite=overwrite)
     blocks = adapter.blocks(model)
     t0 = time.perf_counter()
+    dev = device if device is not None else next(model.parameters()).device
+    shapes = [(m.out_features, m.in_features) for _, _, m in adapter.named_linears(model)]
+    # one thread-count decision for the whole model; round_weight inside sees it and keeps it
+    with small_cpu_problem_threads(shapes=shapes, device=dev):
+        _quantize_blocks(adapter, blocks, hessians, recipe, q, resume, report, device, progress)
+    if include_head:
+        head = model.get_output_embeddings()
+        if head is None or not isinstance(head, nn.Linear):
+            raise ValueError("model has no linear LM head to quantize")
+        if head.weight is model.get_input_embeddings().weight:
+            raise ValueError("the LM head is tied to the input embeddings; quantizing it would "
+                             "also change the embeddings. Leave include_head off for this model")
+        name = next(n for n, m in model.named_modules() if m is head)
+        report.layers.append(_quantize_linear(model, name, head, name, "rtn", q, None, None,
+                                              incoherence, seed, recipe.block_size,
+                                              recipe.sigma, device))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _quantize_blocks(adapter, blocks, hessians: Mapping | None, recipe: Recipe, q: Quantizer,
+                     resume: _Resume | None, report: QuantizeReport, device,
+                     progress: bool) -> None:
+    rounding, incoherence, seed = recipe.rounding, recipe.incoherence, recipe.seed
     bar = tqdm(total=len(blocks), desc=f"quantize {recipe.name} {q.config()['bits']}-bit",
                disable=not progress, unit="block")
     for i, block in enumerate(blocks):
@@ -168,19 +193,6 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
             resume.save(i, block, done)
         bar.update(1)
     bar.close()
-    if include_head:
-        head = model.get_output_embeddings()
-        if head is None or not isinstance(head, nn.Linear):
-            raise ValueError("model has no linear LM head to quantize")
-        if head.weight is model.get_input_embeddings().weight:
-            raise ValueError("the LM head is tied to the input embeddings; quantizing it would "
-                             "also change the embeddings. Leave include_head off for this model")
-        name = next(n for n, m in model.named_modules() if m is head)
-        report.layers.append(_quantize_linear(model, name, head, name, "rtn", q, None, None,
-                                              incoherence, seed, recipe.block_size,
-                                              recipe.sigma, device))
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, method: str,
