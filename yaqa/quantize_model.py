@@ -232,6 +232,7 @@ class _Resume:
         self.dir = Path(work_dir)
         store.check_output_dir(self.dir, what="work directory")
         manifest = self.dir / self.MANIFEST
+        store.clean_stale_files(self.dir)
         if manifest.exists():
             stored = store.read_json(manifest).get("identity")
             try:
