@@ -19,17 +19,12 @@ import yaqa
 from yaqa import quantize_model as yq
 from yaqa.cli import build_parser, main
 
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import tiny_model
 
-TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom. "
-        "A quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n\n") * 40
+from test_pipeline import TEXT, tokenizer  # noqa: F401 - the same corpus and tokenizer fixture
+
 OTHER = ("Colorless green ideas sleep furiously while the harbor lights blink at midnight. "
          "Seven silver swans swam south in the summer of ninety-nine.\n\n") * 40
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer(TEXT)
 
 
 @pytest.fixture
