@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_hessians(args) -> int:
     import torch
 
-    from .hessians import load_hessians, run_collection
+    from .hessians import run_collection
+    from .hessians.storage import read_meta
     from .models import load_model
     from .pipeline import Calibration
     from .store import check_output_dir
@@ -162,10 +163,9 @@ def cmd_hessians(args) -> int:
                          gradient_checkpointing=args.gradient_checkpointing,
                          overwrite=args.overwrite, progress=not args.quiet)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        hs = load_hessians(out, blocks=blocks)
-        h = next(iter(hs.values()))
-        print(f"Sketch {args.sketch} from {h.n_tokens} tokens ({h.n_seqs} sequences of "
-              f"{calib.ids.shape[1]}) in {time.perf_counter() - t:.1f} s -> {out}")
+        data = read_meta(out)["data"]  # what the stored factors were built from
+        print(f"Sketch {args.sketch} from {data['n_tokens']} tokens ({data['n_seqs']} sequences "
+              f"of {','.join(map(str, data['ctx']))}) in {time.perf_counter() - t:.1f} s -> {out}")
     return 0
 
 
