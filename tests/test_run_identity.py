@@ -19,17 +19,12 @@ import yaqa
 from yaqa import quantize_model as yq
 from yaqa.cli import build_parser, main
 
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import tiny_model
 
-TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom. "
-        "A quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n\n") * 40
+from test_pipeline import TEXT, tokenizer  # noqa: F401 - the same corpus and tokenizer fixture
+
 OTHER = ("Colorless green ideas sleep furiously while the harbor lights blink at midnight. "
          "Seven silver swans swam south in the summer of ninety-nine.\n\n") * 40
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer(TEXT)
 
 
 @pytest.fixture
@@ -366,3 +361,19 @@ def test_library_and_cli_share_one_set_of_defaults():
     assert sig["incoherence"].default == q.incoherence == r.incoherence
     assert inspect.signature(load_model).parameters["dtype"].default == q.dtype
     assert f"int{q.bits}" == r.quantizer
+
+
+def test_half_written_files_of_killed_runs_are_removed(tmp_path, model_dir, files):
+    calib, _ = files
+    hdir, work = tmp_path / "H", tmp_path / "ck.work"
+    for d in (hdir, work):
+        d.mkdir()
+        (d / ".block_0000.safetensors.tmp-999999999").write_bytes(b"half")
+    (work / f".unrelated.tmp-{os.getpid()}").write_bytes(b"ours, still running")
+    m, tok = yaqa.load_model(str(model_dir))
+    ids = torch.randint(0, len(tok), (2, 16))
+    yaqa.collect_hessians(m, ids, out_dir=hdir, progress=False)
+    yaqa.quantize(m, method="rtn", group_size=32, work_dir=work, progress=False)
+    for d in (hdir, work):
+        assert ".block_0000.safetensors.tmp-999999999" not in {p.name for p in d.iterdir()}
+    assert (work / f".unrelated.tmp-{os.getpid()}").exists()

@@ -15,6 +15,8 @@ from .hessians import collect_hessians, load_hessians  # noqa: E402
 from .io import load, save_quantized  # noqa: E402
 from .models import load_model  # noqa: E402
 from .quantize_model import quantize  # noqa: E402
+from .recipe import Recipe, get_recipe, register_recipe  # noqa: E402
 
-__all__ = ["collect_hessians", "evaluate", "load", "load_hessians", "load_model", "quantize",
+__all__ = ["Recipe", "collect_hessians", "evaluate", "get_recipe", "load", "load_hessians",
+           "load_model", "quantize", "register_recipe",
            "rounding", "save_quantized"]

@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_hessians(args) -> int:
     import torch
 
-    from .hessians import load_hessians, run_collection
+    from .hessians import run_collection
+    from .hessians.storage import read_meta
     from .models import load_model
     from .pipeline import Calibration
     from .store import check_output_dir
@@ -199,19 +200,15 @@ def cmd_hessians(args) -> int:
                          gradient_checkpointing=args.gradient_checkpointing,
                          overwrite=args.overwrite, progress=not args.quiet)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        hs = load_hessians(out, blocks=blocks)
-        h = next(iter(hs.values()))
-        print(f"Sketch {args.sketch} from {h.n_tokens} tokens ({h.n_seqs} sequences of "
-              f"{calib.ids.shape[1]}) in {time.perf_counter() - t:.1f} s -> {out}")
+        data = read_meta(out)["data"]  # what the stored factors were built from
+        print(f"Sketch {args.sketch} from {data['n_tokens']} tokens ({data['n_seqs']} sequences "
+              f"of {','.join(map(str, data['ctx']))}) in {time.perf_counter() - t:.1f} s -> {out}")
     return 0
 
 
-def _power_iters(args, hessian: str) -> int | None:
-    """``--power-iters`` reaches every sketch (A and B); None keeps the recipe's default."""
+def _power_iters(args, hessian: str) -> int:
     from .recipe import POWER_ITERS
 
-    if hessian not in POWER_ITERS:
-        return None
     return args.power_iters if args.power_iters is not None else POWER_ITERS[hessian]
 
 
@@ -222,20 +219,17 @@ def _calib_source(spec: str) -> str:
 
 
 def recipe_from_args(args, method: str, quantizer: int | str):
-    """Turn CLI flags into a Recipe (the only place the CLI knows about recipe fields).
+    """Turn CLI flags into a Recipe (``--power-iters`` reaches every sketch, A and B).
 
     ``quantizer``: a make_quantizer name (``--quantizer``), or an int k for int-k (``--bits``).
     """
     from .recipe import get_recipe
 
-    base = get_recipe(method)
-    iters = _power_iters(args, base.hessian)
     qname = f"int{quantizer}" if isinstance(quantizer, int) else quantizer.lower()
-    return base.replace(quantizer=qname, group_size=args.group_size,
-                        symmetric=args.symmetric, scale_search=args.scale_search,
-                        incoherence=args.incoherence, seed=args.seed,
-                        power_iters=iters or base.power_iters,
-                        shrinkage=getattr(args, "shrinkage", base.shrinkage))
+    return get_recipe(method, power_iters=args.power_iters, quantizer=qname,
+                      group_size=args.group_size, symmetric=args.symmetric,
+                      scale_search=args.scale_search, incoherence=args.incoherence,
+                      seed=args.seed, shrinkage=getattr(args, "shrinkage", "auto"))
 
 
 def cmd_quantize(args) -> int:

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import store
 from .recipe import (DEFAULT_BLOCK_SIZE, DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_INCOHERENCE,
-                     DEFAULT_SIGMA, POWER_ITERS, Recipe, get_recipe)
+                     DEFAULT_SIGMA, Recipe, get_recipe)
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +97,15 @@ class RunConfig:
     def recipe(self, method: str, quantizer: int | str) -> Recipe:
         """``quantizer``: a make_quantizer name, or an int k for int-k."""
         base = get_recipe(method)
-        iters = {"A": self.power_iters,
-                 "B": self.sketch_b_power_iters if self.sketch_b_power_iters is not None
-                 else self.power_iters}.get(base.hessian)
+        iters = self.sketch_b_power_iters if base.sketch == "B" and self.sketch_b_power_iters \
+            else self.power_iters
         block = self.ldlq_block_size if base.rounding == "ldlq" and self.ldlq_block_size \
             else self.block_size
         qname = f"int{quantizer}" if isinstance(quantizer, int) else quantizer
-        return base.replace(quantizer=qname, group_size=self.group_size,
-                            symmetric=self.symmetric, scale_search=self.scale_search,
-                            incoherence=self.incoherence, block_size=block, sigma=self.sigma,
-                            seed=self.seed, power_iters=iters or base.power_iters,
-                            shrinkage=str(self.shrinkage))
+        return get_recipe(method, power_iters=iters, quantizer=qname, group_size=self.group_size,
+                          symmetric=self.symmetric, scale_search=self.scale_search,
+                          incoherence=self.incoherence, block_size=block, sigma=self.sigma,
+                          seed=self.seed, shrinkage=str(self.shrinkage))
 
 
 @dataclass

@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from .nn import QuantizedLinear
 from .quantizers import Quantizer, quantizer_name
 from .recipe import DEFAULT_BLOCK_SIZE, DEFAULT_GROUP_SIZE, DEFAULT_INCOHERENCE, DEFAULT_SIGMA
 from .recipe import Recipe, get_recipe
+from .rounding.threads import small_cpu_problem_threads
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +163,38 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
     blocks = adapter.blocks(model)
     plan = _TransformPlan(model, adapter, blocks, mode, seed, include_head)
     t0 = time.perf_counter()
+    dev = device if device is not None else next(model.parameters()).device
+    shapes = [(m.out_features, m.in_features) for _, _, m in adapter.named_linears(model)]
+    # one thread-count decision for the whole model; round_weight inside sees it and keeps it
+    with small_cpu_problem_threads(shapes=shapes, device=dev):
+        _quantize_blocks(adapter, blocks, hessians, recipe, q, resume, report, plan, device,
+                         progress)
+    if include_head:
+        head = model.get_output_embeddings()
+        if head is None or not isinstance(head, nn.Linear):
+            raise ValueError("model has no linear LM head to quantize")
+        if head.weight is model.get_input_embeddings().weight:
+            raise ValueError("the LM head is tied to the input embeddings; quantizing it would "
+                             "also change the embeddings. Leave include_head off for this model")
+        name = next(n for n, m in model.named_modules() if m is head)
+        report.layers.append(_quantize_linear(model, name, head, name, "rtn", q, None, None,
+                                              plan.for_layers({name: head})[name],
+                                              recipe.block_size, recipe.sigma, device))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _quantize_blocks(adapter, blocks, hessians: Mapping | None, recipe: Recipe, q: Quantizer,
+                     resume: _Resume | None, report: QuantizeReport, plan: "_TransformPlan",
+                     device, progress: bool) -> None:
+    rounding = recipe.rounding
     bar = tqdm(total=len(blocks), desc=f"quantize {recipe.name} {q.config()['bits']}-bit",
                disable=not progress, unit="block")
     for i, block in enumerate(blocks):
         linears = adapter.block_linears(block)
         prefix = f"{adapter.blocks_path}.{i}."
         if resume is not None and resume.has(i):
-            report.layers += resume.restore(i, block, linears, q, mode is not None)
+            report.layers += resume.restore(i, block, linears, q, report.incoherence)
             report.resumed_blocks += 1
             bar.update(1)
             continue
@@ -186,19 +212,6 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
             resume.save(i, block, done)
         bar.update(1)
     bar.close()
-    if include_head:
-        head = model.get_output_embeddings()
-        if head is None or not isinstance(head, nn.Linear):
-            raise ValueError("model has no linear LM head to quantize")
-        if head.weight is model.get_input_embeddings().weight:
-            raise ValueError("the LM head is tied to the input embeddings; quantizing it would "
-                             "also change the embeddings. Leave include_head off for this model")
-        name = next(n for n, m in model.named_modules() if m is head)
-        report.layers.append(_quantize_linear(model, name, head, name, "rtn", q, None, None,
-                                              plan.for_layers({name: head})[name],
-                                              recipe.block_size, recipe.sigma, device))
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, method: str,
@@ -264,6 +277,7 @@ class _Resume:
         self.dir = Path(work_dir)
         store.check_output_dir(self.dir, what="work directory")
         manifest = self.dir / self.MANIFEST
+        store.clean_stale_files(self.dir)
         if manifest.exists():
             stored = store.read_json(manifest).get("identity")
             try:
@@ -316,6 +330,7 @@ class _Resume:
             if missing or res.unexpected_keys:
                 raise store.StoreError(f"{self._path(i)}: tensors for {rel} do not fit (missing "
                                        f"{missing[:3]}, unexpected {res.unexpected_keys[:3]})")
+            new.materialize_hadamard()  # the restored transform may be block Hadamard
             block.set_submodule(rel, new.to(lin.weight.device))
         log.info("block %d restored from %s", i, self._path(i))
         return [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in meta.get("layers", [])]

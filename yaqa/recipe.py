@@ -151,13 +151,20 @@ def canonical_name(name: str) -> str:
     return key
 
 
-def get_recipe(name: str, **overrides: Any) -> Recipe:
+def get_recipe(name: str, *, bits: int | None = None, power_iters: int | None = None,
+               **overrides: Any) -> Recipe:
     """The registered recipe ``name`` (case-insensitive), with ``overrides`` applied.
 
+    ``bits=3`` is short for ``quantizer="int3"``.  ``power_iters`` applies to the sketches (A and
+    B) and is ignored by recipes without one, so a run over several methods can pass one value.
     ``group_size=None`` means one scale per output row; leave a field out to keep its default.
     """
     base = _REGISTRY[canonical_name(name)]
     changes = dict(overrides)
+    if bits is not None:
+        changes["quantizer"] = f"int{bits}"
+    if power_iters is not None and base.sketch is not None:
+        changes["power_iters"] = power_iters
     unknown = set(changes) - {f.name for f in dataclasses.fields(Recipe)}
     if unknown:
         raise RecipeError(f"unknown recipe fields {sorted(unknown)}")

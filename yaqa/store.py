@@ -261,6 +261,24 @@ def clean_stale_temps(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def clean_stale_files(directory: str | os.PathLike) -> list[Path]:
+    """Remove half-written ``.NAME.tmp-PID`` files that killed runs left in ``directory``."""
+    removed = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for p in d.glob(".*.tmp-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[-1])
+        except ValueError:
+            continue
+        if p.is_file() and not _pid_alive(pid):
+            log.info("removing %s, left by an interrupted run", p)
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name, then swap it in for ``target``.

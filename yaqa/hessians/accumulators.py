@@ -46,7 +46,7 @@ def resolve_precision(precision: str, device: torch.device, dtype: torch.dtype) 
 
 @contextlib.contextmanager
 def _tf32(enabled: bool) -> Iterator[None]:
-    """TF32 for the products inside this block only; the model's own matmuls are left as set."""
+    """TF32 on or off inside this block only; the model's own matmuls are left as set."""
     mm = torch.backends.cuda.matmul
     # torch >= 2.9 refuses a mix of its legacy (allow_tf32) and new (fp32_precision) switches
     attr, value = (("fp32_precision", "tf32" if enabled else "ieee")
@@ -91,6 +91,15 @@ class Products:
         # bf16 operands only pay off where tensor cores exist; on CPU they fall back to fp32
         self._how = {"first": first, "mid": mid if self.cuda or mid != "bf16" else "tf32",
                      "final": final if self.cuda or final != "bf16" else "tf32"}
+        # One mode wants one TF32 setting for all its fp32 products ("full": IEEE everywhere;
+        # the others: TF32 wherever an operand is fp32), so the flag is set once per update in
+        # :meth:`scope`, never per product.
+        self._tf32 = precision != "full"
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Where this mode's products run: sets the (process-wide) TF32 flag for exactly the
+        statistics code of one update, restored before the model computes again."""
+        return _tf32(self._tf32) if self.cuda else contextlib.nullcontext()
 
     def same_operand(self, a: str, b: str) -> bool:
         return self._how[a] == self._how[b] and self._how[a] != "first"
@@ -110,8 +119,7 @@ class Products:
         a, b = self.operand(a, level), self.operand(b, level)
         f = torch.bmm if a.dim() == 3 else torch.mm
         if self._how[level] == "full":
-            with _tf32(False) if self.cuda else contextlib.nullcontext():
-                return f(a, b)
+            return f(a, b)
         if a.dtype != b.dtype:  # "first" with one fp32 operand: TF32 (bf16 is exact in TF32)
             a, b = a.float(), b.float()
         if self._out_dtype_ok and a.dtype in _LOW_PRECISION:
@@ -120,8 +128,7 @@ class Products:
             except (RuntimeError, TypeError) as e:
                 log.info("bf16 products with fp32 output unavailable (%s); using TF32", e)
                 self._out_dtype_ok = False
-        with _tf32(self.cuda):
-            return f(a.float(), b.float()).to(self.acc_dtype)
+        return f(a.float(), b.float()).to(self.acc_dtype)
 
 
 def sym_tiles(n: int) -> list[tuple[int, int]]:
@@ -298,13 +305,22 @@ class LayerAccumulator:
     # -- updates ------------------------------------------------------------------------------
     def update_forward(self, X: Tensor) -> None:
         """Forward-only pass: the plain Hessian from inputs alone."""
+        with self.prod.scope():
+            self._update_forward(X)
+
+    def update_backward(self, X: Tensor, G: Tensor, cache: ProductCache | None = None) -> None:
+        """One micro-batch of layer inputs X [b, T, n] and output gradients G [b, T, m]."""
+        with self.prod.scope():
+            self._update_backward(X, G, cache)
+
+    def _update_forward(self, X: Tensor) -> None:
         b, T, n = X.shape
         x = X.reshape(b * T, n)
         sym_addmm(self.sums["H_x"], x, x, self.prod, "first")
         self.counts["seqs"] += b
         self.counts["tokens"] += b * T
 
-    def update_backward(self, X: Tensor, G: Tensor, cache: ProductCache | None = None) -> None:
+    def _update_backward(self, X: Tensor, G: Tensor, cache: ProductCache | None) -> None:
         b, T, n = X.shape
         m = G.shape[-1]
         cache = cache if cache is not None else ProductCache(0)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..models.adapters import ModelAdapter, get_adapter
 from ..store import (StaleWorkError, StoreError, atomic_save_tensors, atomic_write_text,
-                     diff_identity, identity_hash, read_json, read_tensors, replace_dir,
+                     clean_stale_files, diff_identity, identity_hash, read_json, read_tensors, replace_dir,
                      weights_identity)
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ def check_run_identity(out_dir: Path, identity: dict[str, Any], *, overwrite: bo
     an empty one, and only then deleted.
     """
     out_dir = Path(out_dir)
+    clean_stale_files(out_dir)
     stored = read_meta(out_dir)
     if stored is None:
         if out_dir.is_dir() and any(p.name != "resume" for p in out_dir.iterdir()):

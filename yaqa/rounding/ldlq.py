@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from ..quantizers.base import FittedGrid, check_joint
-from .threads import small_cpu_problem_threads
 
 
 def ldlq_round(
@@ -39,8 +38,7 @@ def ldlq_round(
     F = torch.zeros_like(W)  # F[:, c] = feedback already owed to column c
     rows = torch.arange(m, device=dev)
     nb = -(-n // block)
-    with small_cpu_problem_threads(W):
-        _ldlq_loop(W, grid, A, block, Q, codes, F, rows, nb)
+    _ldlq_loop(W, grid, A, block, Q, codes, F, rows, nb)
     return Q, codes
 
 

@@ -15,15 +15,26 @@ SMALL_CPU_WEIGHT = 4 * 1024 * 1024
 SMALL_CPU_FACTOR = 4096
 
 
-@contextlib.contextmanager
-def small_cpu_problem_threads(W: torch.Tensor) -> Iterator[None]:
-    """Use one intra-op thread while rounding a small CPU matrix (restored afterwards).
+def is_small_cpu_problem(shape: tuple[int, int], device: torch.device | str) -> bool:
+    return (torch.device(device).type == "cpu" and shape[0] * shape[1] <= SMALL_CPU_WEIGHT
+            and max(shape) <= SMALL_CPU_FACTOR)
 
-    Note: torch's thread count is process-wide, so other threads running torch ops meanwhile
-    also see one thread for the duration.
+
+@contextlib.contextmanager
+def small_cpu_problem_threads(W: torch.Tensor | None = None, *,
+                              shapes: list[tuple[int, int]] | None = None,
+                              device: torch.device | str | None = None) -> Iterator[None]:
+    """Use one intra-op thread while rounding small CPU matrices (restored afterwards).
+
+    Entered once per entry point: :func:`yaqa.rounding.round_weight` for one matrix ``W``, or
+    :func:`yaqa.quantize` for all of a model's ``shapes`` at once (only when every layer is
+    small), never inside the rounding loops.  torch's thread count is process-wide, so other
+    threads running torch ops meanwhile also see one thread for the duration.
     """
-    small = W.numel() <= SMALL_CPU_WEIGHT and max(W.shape) <= SMALL_CPU_FACTOR
-    if W.device.type != "cpu" or not small or torch.get_num_threads() == 1:
+    if W is not None:
+        shapes, device = [tuple(W.shape)], W.device
+    small = bool(shapes) and all(is_small_cpu_problem(s, device) for s in shapes)
+    if not small or torch.get_num_threads() == 1:
         yield
         return
     before = torch.get_num_threads()

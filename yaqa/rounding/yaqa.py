@@ -25,7 +25,6 @@ import torch
 
 from ..quantizers.base import FittedGrid, check_joint
 from .ldlq import ldlq_round
-from .threads import small_cpu_problem_threads
 
 
 def _pad_square(A: torch.Tensor, size: int, dev: torch.device, dt: torch.dtype) -> torch.Tensor:
@@ -87,30 +86,29 @@ def yaqa_round(
     rows_all = (i_all[:, None] * bo + torch.arange(bo, device=dev)).clamp_(max=m - 1)
     cols_rev = (j_rev[:, None] * bi + torch.arange(bi, device=dev)).clamp_(max=n - 1)
 
-    with small_cpu_problem_threads(W):
-        for s in range(M + N - 2, -1, -1):
-            i0, i1 = max(0, s - (N - 1)), min(M - 1, s)
-            # Tiles ordered by ascending i, hence descending j = s - i.
-            it = i_all[i0:i1 + 1]
-            r0 = N - 1 - (s - i0)
-            jt = j_rev[r0:r0 + (i1 - i0 + 1)]
-            Wt = W4[it, :, jt]  # (K, bo, bi)
-            Ct = C4[jt, it]
-            T = Wt + Ct
-            if A_in is not None:
-                T = T + F4[it, :, jt]
-            q, c = grid.round(T, rows_all[i0:i1 + 1], cols_rev[r0:r0 + (i1 - i0 + 1)])
-            Q4[it, :, jt] = q
-            K4[it, :, jt] = c
-            E = Wt - q
-            if i1 > 0:
-                # C[a, j] += A_out[i, a]^T E_ij for a < i; rows >= i*bo get exact zeros.
-                R = i1 * bo
-                X = torch.matmul(AO_rows[i0:i1 + 1, :, :R].transpose(1, 2), E)  # (K, R, bi)
-                C[:, :R].index_add_(0, jt, X)
-            if A_in is not None and s - i0 > 0:
-                # F[i, b] += (E_ij + C_ij) A_in[j, b] for b < j; C_ij is final (its sources are done).
-                Cc = (s - i0) * bi
-                Y = torch.matmul(E + Ct, AI_rows[:, :, :Cc].index_select(0, jt))  # (K, bo, Cc)
-                F[i0:i1 + 1, :, :Cc] += Y
+    for s in range(M + N - 2, -1, -1):
+        i0, i1 = max(0, s - (N - 1)), min(M - 1, s)
+        # Tiles ordered by ascending i, hence descending j = s - i.
+        it = i_all[i0:i1 + 1]
+        r0 = N - 1 - (s - i0)
+        jt = j_rev[r0:r0 + (i1 - i0 + 1)]
+        Wt = W4[it, :, jt]  # (K, bo, bi)
+        Ct = C4[jt, it]
+        T = Wt + Ct
+        if A_in is not None:
+            T = T + F4[it, :, jt]
+        q, c = grid.round(T, rows_all[i0:i1 + 1], cols_rev[r0:r0 + (i1 - i0 + 1)])
+        Q4[it, :, jt] = q
+        K4[it, :, jt] = c
+        E = Wt - q
+        if i1 > 0:
+            # C[a, j] += A_out[i, a]^T E_ij for a < i; rows >= i*bo get exact zeros.
+            R = i1 * bo
+            X = torch.matmul(AO_rows[i0:i1 + 1, :, :R].transpose(1, 2), E)  # (K, R, bi)
+            C[:, :R].index_add_(0, jt, X)
+        if A_in is not None and s - i0 > 0:
+            # F[i, b] += (E_ij + C_ij) A_in[j, b] for b < j; C_ij is final (its sources are done).
+            Cc = (s - i0) * bi
+            Y = torch.matmul(E + Ct, AI_rows[:, :, :Cc].index_select(0, jt))  # (K, bo, Cc)
+            F[i0:i1 + 1, :, :Cc] += Y
     return Q[:m, :n].contiguous(), codes[:m, :n].contiguous()

@@ -1,0 +1,49 @@
+"""Recipe: one definition of a method, names looked up case-insensitively, identity over all fields."""
+
+import dataclasses
+
+import pytest
+
+from yaqa.recipe import Recipe, RecipeError, get_recipe, recipe_names, register_recipe
+
+
+def test_names_and_aliases_are_case_insensitive():
+    assert get_recipe("GPTQ") == get_recipe("ldlq")
+    assert get_recipe("Yaqa") == get_recipe("yaqa-b")
+    assert get_recipe("yaqa-A").hessian == "A" and get_recipe("rtn").hessian == "none"
+    assert get_recipe("gptq").hessian == "hx"  # forward passes only
+    with pytest.raises(RecipeError, match="unknown method 'awq'.*rtn"):
+        get_recipe("awq")
+
+
+def test_every_field_changes_the_identity_and_the_name_does_not():
+    r = get_recipe("yaqa-b")
+    other = {"rounding": "ldlq", "hessian": "A", "power_iters": 3, "quantizer": "int3",
+             "group_size": 32, "symmetric": True, "scale_search": "mse", "incoherence": False,
+             "block_size": 8, "sigma": 0.1, "seed": 1}
+    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
+    assert set(other) == fields  # a new field must be added here, and joins identity by itself
+    for k, v in other.items():
+        assert r.replace(**{k: v}).identity_hash() != r.identity_hash(), k
+    assert r.replace(name="renamed").identity_hash() == r.identity_hash()
+
+
+def test_impossible_recipes_are_refused_up_front():
+    with pytest.raises(RecipeError, match="yaqa rounding needs Hessians"):
+        get_recipe("yaqa-b", hessian="hx")
+    with pytest.raises(RecipeError, match="got 5"):
+        get_recipe("rtn", bits=5)
+    with pytest.raises(RecipeError, match="unknown recipe fields"):
+        get_recipe("rtn", groupsize=32)
+
+
+def test_power_iters_reaches_only_recipes_with_a_sketch():
+    assert get_recipe("yaqa-b", power_iters=3).power_iters == 3
+    assert get_recipe("yaqa-a", power_iters=3).power_iters == 3
+    assert get_recipe("rtn", power_iters=3) == get_recipe("rtn")
+
+
+def test_registering_a_recipe_makes_its_name_usable():
+    register_recipe(Recipe("test-gptq3", "ldlq", "hx", quantizer="int3"), "TEST-G3")
+    assert get_recipe("test-g3").quantizer == "int3"
+    assert "test-gptq3" in recipe_names()

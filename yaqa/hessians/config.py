@@ -1,0 +1,66 @@
+"""The options of one Hessian collection, in one place (library, ``yaqa hessians``, pipeline)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class CollectConfig:
+    """How to collect.
+
+    sketch: "B" (per-sequence gradients, one pass), "A" (per-token power iteration) or "hx"
+        (forward passes only: the plain GPTQ Hessian E[x^T x], for LDLQ).
+    power_iters: ALS steps; for "A", the number of H_out updates (2·power_iters passes).
+    seed: seeds the labels sampled from the model's own distribution (per sequence).
+    dtype: accumulation and result dtype (float32, or float64 for exact sums).
+    blocks: decoder block indices to collect (default: all).
+    batch_size: rows per micro-batch when the data is one tensor.
+    precision: "auto" (TF32 / bf16 tensor cores on CUDA, full precision on CPU), "full",
+        "tf32", "mixed" or "bf16" — see :class:`yaqa.hessians.accumulators.Products`.
+    blocks_per_pass: collect this many blocks at a time (bounds accumulator memory; each group
+        re-runs the passes over the data).
+    gradient_checkpointing: recompute each block in backward (long contexts).
+    checkpoint_every / checkpoint_interval_s: with an output directory, save resumable state
+        every this many micro-batches / seconds.
+    collect_hx: also collect the plain GPTQ Hessian E[x^T x] (``H_x``).
+    route: Sketch-B algebra, "auto" (cheapest by flops), "gram" (T×T) or "direct" (∇W_b).
+    overwrite: discard results of a different request found in the output directory.
+    progress: show a progress bar.
+    """
+
+    sketch: str = "B"
+    power_iters: int = 1
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+    blocks: range | Sequence[int] | None = None
+    batch_size: int = 4
+    precision: str = "auto"
+    blocks_per_pass: int | None = None
+    gradient_checkpointing: bool = False
+    checkpoint_every: int | None = None
+    checkpoint_interval_s: float = 1800.0
+    collect_hx: bool = True
+    route: str = "auto"
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from .schedule import pass_kinds
+
+        pass_kinds(self.sketch, self.power_iters)  # raises on a bad sketch / power_iters
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    @classmethod
+    def from_options(cls, **options) -> CollectConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unknown collection options {unknown}; see CollectConfig")
+        return cls(**options)

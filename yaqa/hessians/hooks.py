@@ -1,0 +1,253 @@
+"""Hooks on stock HF linears: what the collection sees of the model.
+
+Each target ``nn.Linear`` gets a forward hook that passes its output through :class:`_Tap`, an
+identity autograd Function that keeps the layer input X and, in backward, hands (X, dL/dy) to the
+layer's accumulator. Parameters are frozen and the hidden state entering the first collected
+block is a fresh leaf that requires grad, so backward computes activation gradients only, and only
+down to the blocks that need them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..models.adapters import get_adapter, input_embeddings
+from . import distributed as D
+from .accumulators import LayerAccumulator, ProductCache, resolve_precision
+from .labels import sampled_label_grad
+from .shrinkage import layer_estimate
+from .storage import HessianMetadataError, LayerHessian
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a linear layer's output; its backward sees that layer's X and dL/dy."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor, sink: Any) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.sink = sink
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        ctx.sink(x, g)
+        return g, None, None
+
+
+class _StopForward(Exception):
+    """Raised after the last collected block when a pass needs no logits."""
+
+
+class HessianCollector:
+    """Hooks a model for one group of blocks; :meth:`step` runs one micro-batch.
+
+    Use as a context manager: hooks (and the frozen-parameter state) are undone on exit.
+    """
+
+    def __init__(self, model: nn.Module, blocks: Sequence[int], *, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, precision: str = "auto",
+                 route: str = "auto", collect_hx: bool = True,
+                 gradient_checkpointing: bool = False):
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.block_list = self.adapter.blocks(model)
+        self.blocks = sorted(blocks)
+        bad = [b for b in self.blocks if not 0 <= b < len(self.block_list)]
+        if bad or not self.blocks:
+            raise ValueError(f"blocks {bad or '[]'} out of range: the model has "
+                             f"{len(self.block_list)} decoder blocks")
+        self.seed = seed
+        self.gradient_checkpointing = gradient_checkpointing
+        self.device = input_embeddings(model).weight.device
+        self.layers: dict[str, tuple[int, str, nn.Linear]] = {}
+        self.acc: dict[str, LayerAccumulator] = {}
+        for name, bi, mod in self.adapter.named_linears(model):
+            if bi in self.blocks:
+                rel = name.removeprefix(f"{self.adapter.blocks_path}.{bi}.")
+                self.layers[name] = (bi, rel, mod)
+                self.acc[name] = LayerAccumulator(
+                    mod.in_features, mod.out_features, device=mod.weight.device, dtype=dtype,
+                    precision=precision, route=route, collect_hx=collect_hx)
+        self.precision = resolve_precision(precision, self.device, dtype)
+        self.kind: str | None = None
+        self.cache = ProductCache()
+        self._handles: list[Any] = []
+        self._saved_grad: list[tuple[nn.Parameter, bool]] = []
+        self._patched: list[nn.Module] = []
+        self._was_training = False
+        self._batch = 0
+        self._generator: torch.Generator | None = None
+
+    # -- hooks ------------------------------------------------------------------------------
+    def __enter__(self) -> HessianCollector:
+        self._saved_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self._saved_grad:
+            p.requires_grad_(False)
+        self._was_training = self.model.training
+        self.model.eval()  # dropout would make the "Fisher" depend on dropout masks
+        for name, (_, _, mod) in self.layers.items():
+            self._handles.append(mod.register_forward_hook(functools.partial(self._on_forward,
+                                                                             name)))
+        lo, hi = self.blocks[0], self.blocks[-1]
+        self._handles.append(self.block_list[lo].register_forward_pre_hook(
+            self._make_leaf, with_kwargs=True))
+        self._handles.append(self.block_list[hi].register_forward_hook(self._maybe_stop))
+        if self.gradient_checkpointing:
+            for block in self.block_list[lo:]:
+                block.forward = functools.partial(_checkpointed, block.forward)
+                self._patched.append(block)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for block in self._patched:
+            del block.forward  # the instance attribute shadowed the class method
+        self._patched.clear()
+        for p, rg in self._saved_grad:
+            p.requires_grad_(rg)
+        self.model.train(self._was_training)
+        self.cache.release()
+
+    def _make_leaf(self, module: nn.Module, args: tuple, kwargs: dict):
+        # backward stops here: nothing below the first collected block needs gradients
+        if not torch.is_grad_enabled() or self.kind == "hx":
+            return None
+        if args:
+            return (args[0].detach().requires_grad_(),) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_()
+        return args, kwargs
+
+    def _maybe_stop(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if self.kind == "hx":
+            raise _StopForward
+
+    def _on_forward(self, name: str, module: nn.Module, args: tuple, out: Tensor):
+        x = args[0]
+        if self.kind == "hx":
+            if not torch.is_grad_enabled():
+                self.acc[name].update_forward(x.detach().reshape(self._batch, -1, x.shape[-1]))
+            return None
+        if self.kind is None or not out.requires_grad:
+            return None
+        return _Tap.apply(out, x.detach(), functools.partial(self._on_backward, name))
+
+    def _on_backward(self, name: str, x: Tensor, g: Tensor) -> None:
+        b = self._batch
+        self.acc[name].update_backward(x.reshape(b, -1, x.shape[-1]),
+                                       g.reshape(b, -1, g.shape[-1]), self.cache)
+
+    # -- passes -------------------------------------------------------------------------------
+    def begin_pass(self, kind: str) -> None:
+        self.kind = kind
+        for acc in self.acc.values():
+            acc.begin_pass(kind)
+
+    def step(self, ids: Tensor, seq_indices: Sequence[int]) -> None:
+        """One micro-batch ``ids`` [b, T] whose rows are the global sequences ``seq_indices``."""
+        ids = ids.to(self.device)
+        self._batch = ids.shape[0]
+        try:
+            if self.kind == "hx":
+                with torch.no_grad():
+                    try:
+                        self.model(input_ids=ids, use_cache=False)
+                    except _StopForward:
+                        pass
+                return
+            if self._generator is None or self._generator.device != self.device:
+                self._generator = torch.Generator(device=self.device)
+            with torch.enable_grad():
+                logits = self.model(input_ids=ids, use_cache=False).logits
+                grad, _ = sampled_label_grad(logits.detach(), seq_indices, self.seed,
+                                             self._generator)
+                logits.backward(grad)
+        finally:
+            self.cache.clear()
+
+    def _sum_tensors(self) -> list[Tensor]:
+        out = []
+        for name in sorted(self.acc):
+            acc = self.acc[name]
+            out += [acc.sums[k] for k in sorted(acc.sums)]
+        return out
+
+    def _counts_tensor(self) -> Tensor:
+        return torch.tensor([[a.counts["seqs"], a.counts["tokens"]]
+                             for _, a in sorted(self.acc.items())],
+                            dtype=torch.int64, device=self.device)
+
+    def _set_counts(self, t: Tensor) -> None:
+        for (_, a), (s, tok) in zip(sorted(self.acc.items()), t.tolist()):
+            a.counts = {"seqs": int(s), "tokens": int(tok)}
+
+    def reduce_to_rank0(self) -> None:
+        counts = self._counts_tensor()
+        D.reduce_sum_to_rank0_(self._sum_tensors() + [counts])
+        self._set_counts(counts)
+
+    def end_pass(self) -> None:
+        counts = self._counts_tensor()
+        D.all_reduce_sum_(self._sum_tensors() + [counts])
+        self._set_counts(counts)
+        for acc in self.acc.values():
+            acc.end_pass()
+        self.kind = None
+
+    # -- state --------------------------------------------------------------------------------
+    def block_state(self) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, Any]]]:
+        tensors: dict[int, dict[str, Tensor]] = {b: {} for b in self.blocks}
+        meta: dict[int, dict[str, Any]] = {b: {"layers": {}} for b in self.blocks}
+        for name, (bi, rel, _) in self.layers.items():
+            acc = self.acc[name]
+            tensors[bi].update({f"{rel}.{k}": v for k, v in acc.state_tensors().items()})
+            meta[bi]["layers"][rel] = {"counts": acc.counts}
+        return tensors, meta
+
+    def load_block_state(self, states: dict[int, tuple[dict[str, Tensor], dict]],
+                         kind: str | None) -> None:
+        for name, (bi, rel, _) in self.layers.items():
+            tensors, meta = states[bi]
+            mine = {k[len(rel) + 1:]: v for k, v in tensors.items() if k.startswith(rel + ".")}
+            counts = meta["layers"][rel]["counts"]
+            if D.rank_and_world()[0] != 0:
+                # the checkpoint's sums are global; rank 0 alone carries them forward
+                counts = {"seqs": 0, "tokens": 0}
+                mine = {k: (v.zero_() if k.startswith("sum.") else v) for k, v in mine.items()}
+            self.acc[name].load_state_tensors(mine, kind, counts)
+        self.kind = kind
+
+    def check_finite(self) -> None:
+        """Name the first layer whose factors are not finite (before anything is stored)."""
+        for name, acc in self.acc.items():
+            for k, t in acc.factors.items():
+                if not bool(torch.isfinite(t).all()):
+                    raise HessianMetadataError(
+                        f"{name}.{k} is not finite after collection: check the model's weights "
+                        "for inf/nan, or use a wider dtype (--fp64)")
+
+    def results(self, sketch: str, power_iters: int,
+                identity: str | None = None) -> dict[str, LayerHessian]:
+        out = {}
+        for name, acc in self.acc.items():
+            f = acc.factors
+            out[name] = LayerHessian(name, f["H_in"], f.get("H_out"), f.get("H_x"),
+                                     acc.counts["seqs"], acc.counts["tokens"], sketch, power_iters,
+                                     identity,
+                                     layer_estimate(f, acc.counts["seqs"], sketch, power_iters))
+        return out
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)

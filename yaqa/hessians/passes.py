@@ -1,0 +1,144 @@
+"""The passes over the data for one group of blocks: checkpoints, resume, distributed polling."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import distributed as D
+from .config import CollectConfig
+from .hooks import HessianCollector
+from .interrupt import _GracefulInterrupt
+from .schedule import Batches, _hash_update, _micro_batches
+from .shrinkage import layer_estimate
+from .storage import (IDENTITY_KEYS, HessianMetadataError, atomic_save_tensors, block_filename,
+                      identity_problems, load_checkpoint, read_meta, read_progress, resume_dir,
+                      save_checkpoint, write_meta)
+
+log = logging.getLogger(__name__)
+
+
+_POLL_ROUNDS = 8  # micro-batch rounds between checks of the per-rank checkpoint flags
+
+
+def run_group(col: HessianCollector, batches: Batches, cfg: CollectConfig, kinds: list[str],
+              out_path: Path | None, identity: dict[str, Any], bar: tqdm) -> dict[str, Any]:
+    """All passes of ``kinds`` for the blocks of ``col``; with ``out_path``, resumable state is
+    checkpointed and the finished factors are stored there.  Returns the data summary."""
+    batch_size = cfg.batch_size
+    checkpoint_every, checkpoint_interval_s = cfg.checkpoint_every, cfg.checkpoint_interval_s
+    rank, world = D.rank_and_world()
+    state_dir = resume_dir(out_path, col.blocks) if out_path is not None else None
+    start_pass, cursor, cursor_hash = 0, 0, None
+    if state_dir is not None:
+        prog = read_progress(state_dir)
+        if prog is not None:
+            bad = identity_problems(prog.get("identity", {}), identity)
+            if bad:
+                raise HessianMetadataError(f"resume state in {state_dir} is from another request "
+                                           f"({'; '.join(bad)})")
+            start_pass, cursor, cursor_hash = prog["pass"], prog["cursor"], prog["data_sha256"]
+            kind = kinds[start_pass] if start_pass < len(kinds) else None
+            col.load_block_state(load_checkpoint(state_dir, prog, col.blocks, col.device),
+                                 kind if cursor > 0 else None)
+            log.info("resuming blocks %d-%d at pass %d, micro-batch %d", col.blocks[0],
+                     col.blocks[-1], start_pass, cursor)
+            if bar.total:
+                bar.update(start_pass * (bar.total // max(len(kinds), 1)))
+
+    def checkpoint_now(pass_idx: int, cur: int, digest: str) -> None:
+        col.reduce_to_rank0()
+        if rank == 0:
+            tensors, meta = col.block_state()
+            save_checkpoint(state_dir, {"pass": pass_idx, "cursor": cur, "data_sha256": digest,
+                                        "identity": identity}, tensors, meta)
+        D.barrier()
+
+    summary: dict[str, Any] = {"ctx": None, "data_sha256": None}
+    with col, _GracefulInterrupt(state_dir is not None) as stop:
+        for p in range(start_pass, len(kinds)):
+            resumed_mid_pass = p == start_pass and cursor > 0
+            if not resumed_mid_pass:
+                col.begin_pass(kinds[p])
+            bar.set_postfix_str(f"pass {p + 1}/{len(kinds)} ({kinds[p]})", refresh=False)
+            h = hashlib.sha256()
+            seq0, last_ckpt, n_mb, ctx = 0, time.monotonic(), 0, set()
+            for gi, ids in enumerate(_micro_batches(batches, batch_size)):
+                _hash_update(h, ids)
+                seq_ids = range(seq0, seq0 + ids.shape[0])
+                seq0 += ids.shape[0]
+                n_mb += 1
+                ctx.add(int(ids.shape[-1]))
+                if resumed_mid_pass and gi < cursor:
+                    if gi == cursor - 1 and h.hexdigest() != cursor_hash:
+                        raise HessianMetadataError(
+                            "the data differs from the interrupted run's (token ids or their "
+                            "micro-batch split); resume with the same data and batch_size, or "
+                            "use a fresh out_dir")
+                    continue
+                if gi % world == rank:
+                    col.step(ids, seq_ids)
+                bar.update(ids.numel())
+                if state_dir is not None and (gi + 1) % world == 0:
+                    due = checkpoint_every is not None and (gi + 1) % checkpoint_every == 0
+                    # The clock and Ctrl-C are per-rank: agreeing on them costs an all-reduce
+                    # and a device sync, so ranks compare them every few rounds, not per step.
+                    if world == 1 or ((gi + 1) // world) % _POLL_ROUNDS == 0:
+                        due = D.any_rank(due or stop.requested or
+                                         time.monotonic() - last_ckpt > checkpoint_interval_s,
+                                         col.device)
+                    if due:
+                        checkpoint_now(p, gi + 1, h.hexdigest())
+                        last_ckpt = time.monotonic()
+                        if D.any_rank(stop.requested, col.device):
+                            raise KeyboardInterrupt(f"stopped; resume state saved in {state_dir}")
+            if resumed_mid_pass and n_mb < cursor:
+                raise HessianMetadataError(f"the data has {n_mb} micro-batches, fewer than the "
+                                           f"{cursor} the interrupted run had already processed")
+            col.end_pass()
+            summary = {"ctx": sorted(ctx), "data_sha256": h.hexdigest()}
+            if state_dir is not None and p + 1 < len(kinds):
+                checkpoint_now(p + 1, 0, h.hexdigest())
+    col.check_finite()
+    any_acc = next(iter(col.acc.values()))
+    summary["n_tokens"] = any_acc.counts["tokens"]
+    summary["n_seqs"] = any_acc.counts["seqs"]
+    if out_path is not None:
+        if rank == 0:
+            tensors, meta = final_block_files(col, identity, summary)
+            for b in col.blocks:
+                atomic_save_tensors(out_path / block_filename(b), tensors[b], meta[b])
+            stored = read_meta(out_path) or identity
+            stored["data"] = {k: summary[k] for k in ("n_seqs", "n_tokens", "ctx", "data_sha256")}
+            write_meta(out_path, stored)
+            shutil.rmtree(state_dir, ignore_errors=True)
+        D.barrier()
+    return summary
+
+
+def final_block_files(col: HessianCollector, identity: dict[str, Any], summary: dict[str, Any]):
+    tensors: dict[int, dict[str, Tensor]] = {b: {} for b in col.blocks}
+    meta: dict[int, dict[str, Any]] = {}
+    for b in col.blocks:
+        meta[b] = {**{k: identity[k] for k in IDENTITY_KEYS}, "block": b,
+                   "block_prefix": f"{col.adapter.blocks_path}.{b}.", "layers": {},
+                   "ctx": summary["ctx"], "data_sha256": summary["data_sha256"]}
+    for name, (bi, rel, mod) in col.layers.items():
+        acc = col.acc[name]
+        for k in ("H_in", "H_out", "H_x"):
+            if k in acc.factors:
+                tensors[bi][f"{rel}.{k}"] = acc.factors[k]
+        meta[bi]["layers"][rel] = {"n_seqs": acc.counts["seqs"], "n_tokens": acc.counts["tokens"],
+                                   "in_features": mod.in_features,
+                                   "out_features": mod.out_features,
+                                   "shrinkage": layer_estimate(acc.factors, acc.counts["seqs"],
+                                                               identity["sketch"],
+                                                               identity["power_iters"])}
+    return tensors, meta
