@@ -118,8 +118,8 @@ def _packed_size(model, on_disk=False):
             g = m.group_size
             groups = m.out_features * (m.in_features // g)
             total += packed_nbytes(m.in_features * m.out_features, m.bits) + groups * 3  # fp16 + u8
-            if m.incoherence:  # int8 signs, the int64 shape, the ±1 Hadamard factors
-                total += m.in_features + m.out_features + 16
+            if m.incoherence:  # int8 signs, int64 shape and block size, the ±1 Hadamard factors
+                total += m.in_features + m.out_features + 24
                 if not on_disk:
                     total += sum(b.numel() * b.element_size() for k, b in m.named_buffers()
                                  if k.startswith("had_"))
