@@ -39,6 +39,16 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+# Families trained with a BOS token at every document start that break without it (Gemma's
+# perplexity goes to the thousands); others merely prefer it, which the sanity check measures.
+NEEDS_BOS_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
+
+
+def needs_bos(model: nn.Module) -> bool:
+    """True for model families known to need a BOS token at the start of every sequence."""
+    return getattr(getattr(model, "config", None), "model_type", None) in NEEDS_BOS_MODEL_TYPES
+
+
 class UnsupportedModelError(ValueError):
     """The model has no decoder blocks with linear layers that yaqa knows how to quantize."""
 
