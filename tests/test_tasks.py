@@ -3,6 +3,7 @@
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -173,3 +174,9 @@ def test_unreachable_task_data_says_it_needs_the_network(tmp_path, monkeypatch):
 def test_missing_task_directory_is_a_clear_error(tmp_path):
     with pytest.raises(TaskError, match="does not exist"):
         TaskSuite(TASK, include_path=tmp_path / "nope")
+
+
+def test_without_lm_eval_the_error_says_how_to_install_it(monkeypatch, task_dir):
+    monkeypatch.setitem(sys.modules, "lm_eval.evaluator", None)  # the import fails
+    with pytest.raises(TaskError, match=r"pip install 'yaqa\[eval\]'"):
+        TaskSuite(TASK, include_path=task_dir)

@@ -90,6 +90,16 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-ctx", type=int, default=512)
     p.add_argument("--n-eval", type=int, default=None,
                    help="evaluation windows (default 64 on a GPU, 16 on CPU; 0 for all)")
+    p.add_argument("--tasks", type=_csv(str), default=(),
+                   help="lm-evaluation-harness tasks scored on the original and every "
+                        "checkpoint, e.g. arc_easy,arc_challenge,hellaswag,piqa,winogrande "
+                        "(needs pip install 'yaqa[eval]'; hub tasks need the network)")
+    p.add_argument("--tasks-path", default=None,
+                   help="directory of local lm-eval task YAML files (with their data)")
+    p.add_argument("--tasks-limit", type=int, default=None,
+                   help="examples per task (quick checks only; not for reporting)")
+    p.add_argument("--strict", action="store_true",
+                   help="a failed sanity check on the reference model is an error, not a warning")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,16 +270,20 @@ def cmd_eval(args) -> int:
     from .io import load, read_record
     from .io.checkpoint import dir_size
     from .models import load_model
-    from .pipeline import (ResultRow, _bits_per_weight, _param_mb, _source, evaluation_windows,
-                           format_table)
+    from .pipeline import (ResultRow, _bits_per_weight, _param_mb, _source, _task_dicts,
+                           checked_reference, evaluation_windows, format_table)
     from .quantizers import quantizer_name
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     device = next(model.parameters()).device
     src = _source(args.eval_data, "eval")
     ev = evaluation_windows(tok, model, src, args.eval_ctx, args.n_eval or None)
-    ref_ppl = evaluate.perplexity(model, ev, batch_size=args.batch_size, progress=not args.quiet)
+    ref_ppl, _ = checked_reference(model, tok, ev, src, args.batch_size, args.strict,
+                                   not args.quiet)
     rows = [ResultRow("original", None, None, _param_mb(model), 0.0, ref_ppl, 1.0, 0.0)]
+    suite = _task_suite(args)
+    if suite is not None:
+        rows[0].extra["tasks"] = _task_dicts(suite.evaluate(model, tok))
     for ckpt in args.checkpoints:
         rec = read_record(ckpt)
         # Same dtype as the reference (a bf16 checkpoint is evaluated in float32 on CPU), and
@@ -281,6 +295,8 @@ def cmd_eval(args) -> int:
                               qcfg.get("group_size"), dir_size(ckpt) / 1e6, r.kl, r.ppl,
                               r.top1, 0.0, _bits_per_weight(q), path=ckpt,
                               quantizer=quantizer_name(qcfg)))
+        if suite is not None:  # the loaded model itself, packed layers and all
+            rows[-1].extra["tasks"] = _task_dicts(suite.evaluate(q, tok))
     print(format_table(rows))
     return 0
 
@@ -300,7 +316,9 @@ def cmd_run(args) -> int:
                     batch_size=args.batch_size, seed=args.seed, device=args.device,
                     dtype=args.dtype, out_dir=args.out, save=args.save,
                     overwrite=args.overwrite, shrinkage=args.shrinkage,
-                    progress=not args.quiet)
+                    progress=not args.quiet, tasks=args.tasks,
+                    tasks_path=args.tasks_path, tasks_limit=args.tasks_limit,
+                    strict=args.strict, command=_command_line(args))
     for qname in cfg.formats():  # every flag checked before the model loads
         for m in methods:
             recipe_from_args(args, m, qname)
@@ -308,7 +326,8 @@ def cmd_run(args) -> int:
     rows = run_pipeline(cfg)
     print(format_table(rows))
     print(_data_line(cfg))
-    print(f"total {time.perf_counter() - t:.0f} s; results in {args.out}/results.json")
+    print(f"total {time.perf_counter() - t:.0f} s; results in {args.out}/results.json, "
+          f"report in {args.out}/report.md")
     return 0
 
 
@@ -351,6 +370,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _task_suite(args):
+    """The lm-eval tasks of ``--tasks``, loaded now (before heavy work), or None."""
+    if not args.tasks:
+        return None
+    from .tasks import TaskSuite
+
+    return TaskSuite(args.tasks, include_path=args.tasks_path, limit=args.tasks_limit,
+                     batch_size=args.batch_size, seed=getattr(args, "seed", 0))
+
+
+def _command_line(args) -> str:
+    import shlex
+
+    return shlex.join(["yaqa", *args.argv])
+
+
 def _fill_size_defaults(args) -> None:
     """Sizes that fit the hardware: YAQA-B's gain grows with the number of sequences (on
     SmolLM2, unshrunk: KL ratio 1.07 at 64 x 256, 0.80 at 256 x 512, 0.69 at 1024 x 512), which a
@@ -368,6 +403,7 @@ def _fill_size_defaults(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for report.md
     _fill_size_defaults(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

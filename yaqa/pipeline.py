@@ -87,6 +87,12 @@ class RunConfig:
     save: bool = True
     overwrite: bool = False  # discard stored Hessians / resume state of other runs
     progress: bool = True
+    tasks: tuple[str, ...] = ()  # lm-eval tasks scored on the original and every checkpoint
+    tasks_path: str | None = None  # directory of local lm-eval task YAML files
+    tasks_limit: int | None = None  # examples per task (quick checks only)
+    strict: bool = False  # a failed sanity check on the reference is an error, not a warning
+    command: str | None = None  # the command line, for report.md
+    report: bool = True  # write report.md (and the KL plot) next to results.json
 
     def formats(self) -> tuple[str, ...]:
         """The quantizer names of the comparison: ``quantizers``, else ``int<bits>``."""
@@ -276,50 +282,87 @@ def _hessians_key(plan: dict[str, Recipe], r: Recipe) -> str:
     return sorted(plan, key=lambda k: k[0] != "B")[0]
 
 
+def checked_reference(model, tok, ev, eval_src, batch_size: int, strict: bool,
+                      progress: bool = True) -> tuple[float, list]:
+    """Sanity checks on the reference, then its perplexity (checked too): (ppl, findings).
+
+    The checks that need no perplexity run first, so ``strict`` stops a broken reference before
+    even that forward pass; each finding is warned about once (or raised, with ``strict``).
+    """
+    from . import evaluate, sanity
+
+    findings = sanity.enforce(sanity.check_reference(model, tok, ev,
+                                                     sanity.text_sample(eval_src)), strict)
+    ref_ppl = evaluate.perplexity(model, ev, batch_size=batch_size, progress=progress)
+    findings += sanity.enforce([sanity.perplexity_finding(ref_ppl,
+                                                          sanity.model_vocab_size(model))], strict)
+    return ref_ppl, findings
+
+
 def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
     from . import evaluate
     from .models import load_model
     from .nn import set_dense_cache
+    from .report import RunRecord, StageLog, write_report
 
     out = Path(cfg.out_dir)
     store.check_output_dir(out)
     recipes = [cfg.recipe(m, q) for q in cfg.formats() for m in cfg.methods]
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    stages = StageLog()
+    with stages.stage("load model"):
+        model, tok = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     preflight(model, recipes)
     calib_src, eval_src = _source(cfg.calib, "calib"), _source(cfg.eval_data, "eval")
-    ev = evaluation_windows(tok, model, eval_src, cfg.eval_ctx, cfg.n_eval, cfg.seed)
-    log.info("evaluation: %d windows x %d tokens of %s", ev.shape[0], ev.shape[1], eval_src)
-    # The reference is re-run for every comparison instead of cached: full log-probabilities of
-    # 64 x 512 tokens over a 49k vocabulary would be 6.4 GB, and a forward pass is cheap.
-    ref_ppl = evaluate.perplexity(model, ev, batch_size=cfg.batch_size, progress=cfg.progress)
+    with stages.stage("reference: sanity checks, perplexity"):
+        ev = evaluation_windows(tok, model, eval_src, cfg.eval_ctx, cfg.n_eval, cfg.seed)
+        log.info("evaluation: %d windows x %d tokens of %s", ev.shape[0], ev.shape[1], eval_src)
+        # The reference is re-run for every comparison instead of cached: full log-probabilities
+        # of 64 x 512 tokens over a 49k vocabulary would be 6.4 GB, and a forward pass is cheap.
+        ref_ppl, findings = checked_reference(model, tok, ev, eval_src, cfg.batch_size,
+                                              cfg.strict, cfg.progress)
     rows = [ResultRow("original", None, None, _param_mb(model), 0.0, ref_ppl, 1.0, 0.0)]
+    suite = None
+    if cfg.tasks:  # before the heavy work: an unknown task or no network fails in seconds
+        from .tasks import TaskSuite
+
+        with stages.stage("tasks: load"):
+            suite = TaskSuite(cfg.tasks, include_path=cfg.tasks_path, limit=cfg.tasks_limit,
+                              batch_size=cfg.batch_size, seed=cfg.seed)
+        with stages.stage("tasks: original"):
+            rows[0].extra["tasks"] = _task_dicts(suite.evaluate(model, tok))
 
     calib = Calibration(calib_src, cfg.n_calib, cfg.calib_ctx, cfg.seed)
     plan = _hessian_plan(recipes)
     hessians = {}
     if plan:
-        calib.load(tok, model)
+        with stages.stage("calibration data"):
+            calib.load(tok, model)
         tag = store.identity_hash(calib.identity())[:10]
         for key, r in plan.items():
-            hessians[key] = collect_for(model, r, calib, out / f"hessians-{key}-{tag}",
-                                        batch_size=cfg.batch_size, overwrite=cfg.overwrite,
-                                        progress=cfg.progress)
+            with stages.stage(f"hessians: {key}"):
+                hessians[key] = collect_for(model, r, calib, out / f"hessians-{key}-{tag}",
+                                            batch_size=cfg.batch_size, overwrite=cfg.overwrite,
+                                            progress=cfg.progress)
 
+    layers: dict[str, list] = {}
     for recipe in recipes:
         t = time.perf_counter()
         qmodel = copy.deepcopy(model)
         name = f"{recipe.name}-{recipe.quantizer}"
         hs = hessians[_hessians_key(plan, recipe)] if recipe.hessian != "none" else None
-        res = quantize_one(qmodel, recipe, calib, out / name if cfg.save else None,
-                           tokenizer=tok, hessians=hs, work_dir=out / "work" / name,
-                           model_name=cfg.model, overwrite=cfg.overwrite,
-                           replace_output=True, progress=cfg.progress)
+        with stages.stage(f"{name}: quantize" + (", save" if cfg.save else "")):
+            res = quantize_one(qmodel, recipe, calib, out / name if cfg.save else None,
+                               tokenizer=tok, hessians=hs, work_dir=out / "work" / name,
+                               model_name=cfg.model, overwrite=cfg.overwrite,
+                               replace_output=True, progress=cfg.progress)
+        layers[name] = res.report.layers
         size_mb = res.saved.weights_bytes / 1e6 if res.saved else float("nan")
         path = str(res.saved.path) if res.saved else None
         set_dense_cache(qmodel, True)  # evaluation: dense weights are faster than packed
-        ev_res = evaluate.compare(model, qmodel, ev, batch_size=cfg.batch_size,
-                                  progress=cfg.progress)
+        with stages.stage(f"{name}: KL, perplexity"):
+            ev_res = evaluate.compare(model, qmodel, ev, batch_size=cfg.batch_size,
+                                      progress=cfg.progress)
         group = cfg.group_size if recipe.quantizer.startswith("int") else None
         summary = shrinkage_summary(res.report)
         rows.append(ResultRow(recipe.name, res.report.quantizer.get("bits"), group,
@@ -331,9 +374,34 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
             log.info("%s: factors shrunk towards LDLQ's by %.2f (H_in) / %.2f (H_out) on "
                      "average", name, summary["mean_in"] or 0.0, summary["mean_out"])
         log.info("%s: KL %.4f ppl %.2f top1 %.3f", name, ev_res.kl, ev_res.ppl, ev_res.top1)
+        if suite is not None:
+            with stages.stage(f"{name}: tasks"):
+                rows[-1].extra["tasks"] = _task_dicts(suite.evaluate(qmodel, tok))
         del qmodel
     store.atomic_write_text(out / "results.json", json.dumps([asdict(r) for r in rows], indent=2))
+    if cfg.report:
+        write_report(out, rows, RunRecord(
+            command=cfg.command, stages=stages.stages, layers=layers, sanity=findings,
+            seeds={"seed (calibration sampling, Hessian labels, Hadamard signs, lm-eval)":
+                   cfg.seed},
+            settings=_report_settings(cfg, calib_src, eval_src, ev, model)))
     return rows
+
+
+def _report_settings(cfg: RunConfig, calib_src: str, eval_src: str, ev, model) -> dict:
+    tasks = ", ".join(cfg.tasks) or "none"
+    return {"model": cfg.model or "SmolLM2-135M-Instruct (embedded)",
+            "calibration": f"{calib_src}, {cfg.n_calib} x {cfg.calib_ctx}",
+            "evaluation": f"{eval_src}, {ev.shape[0]} x {ev.shape[1]}",
+            "quantizer": f"int{','.join(map(str, cfg.bits))} g{cfg.group_size or 'row'} "
+                         f"{'sym' if cfg.symmetric else 'asym'} {cfg.scale_search}",
+            "incoherence": cfg.incoherence, "device": str(next(model.parameters()).device),
+            "dtype": cfg.dtype,
+            "tasks": tasks + (f" (limit {cfg.tasks_limit})" if cfg.tasks_limit else "")}
+
+
+def _task_dicts(scores: dict) -> dict:
+    return {name: score.as_dict() for name, score in scores.items()}
 
 
 def _bits_per_weight(model) -> float:
@@ -349,13 +417,19 @@ def _bits_per_weight(model) -> float:
 
 
 def format_table(rows: list[ResultRow]) -> str:
+    from .report import task_cell, task_headers, task_names
+
+    tasks, task_heads = task_names(rows), task_headers(rows)
+    widths = [max(len(h), 17) for h in task_heads]  # "0.1234 ± 0.0123"
     head = f"{'method':<10} {'format':>14} {'group':>5} {'bpw':>5} {'size MB':>8} {'KL':>8} " \
-           f"{'ppl':>8} {'top-1':>6} {'time s':>7}"
+           f"{'ppl':>8} {'top-1':>6} {'time s':>7}" + \
+           "".join(f" {h:>{w}}" for h, w in zip(task_heads, widths))
     lines = [head, "-" * len(head)]
     for r in rows:
         bpw = f"{r.bpw:.2f}" if getattr(r, "bpw", None) else "-"
         fmt = getattr(r, "quantizer", None) or (f"int{r.bits}" if r.bits else "-")
         lines.append(f"{r.method:<10} {fmt:>14} {r.group_size or '-':>5} {bpw:>5} "
                      f"{r.size_mb:>8.1f} {r.kl:>8.4f} {r.ppl:>8.2f} {r.top1:>6.3f} "
-                     f"{r.seconds:>7.1f}")
+                     f"{r.seconds:>7.1f}"
+                     + "".join(f" {task_cell(r, t):>{w}}" for t, w in zip(tasks, widths)))
     return "\n".join(lines)

@@ -43,6 +43,7 @@ class LayerReport:
     seconds: float
     shrink_in: float | None = None   # amounts H_in/H_out were shrunk by (None: not shrunk)
     shrink_out: float | None = None
+    proxy_loss_relative: float | None = None  # proxy_loss / tr(W^T H_out W H_in)
 
 
 @dataclass
@@ -233,7 +234,8 @@ def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, met
     parent.set_submodule(rel, new)
     return LayerReport(name, tuple(W.shape), _num(res.proxy_loss), _num(res.sigma_in),
                        _num(res.sigma_out),
-                       time.perf_counter() - t)
+                       time.perf_counter() - t,
+                       proxy_loss_relative=_num(res.proxy_loss_relative))
 
 
 class _TransformPlan:

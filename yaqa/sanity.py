@@ -226,7 +226,8 @@ def static_checks(model: nn.Module, tokenizer, text: str | None = None) -> list[
     if emb is not None and hasattr(emb, "num_embeddings"):
         findings.append(vocab_finding(len(tokenizer), emb.num_embeddings))
     template = getattr(tokenizer, "chat_template", None)
-    name = " ".join(filter(None, (getattr(model.config, "_name_or_path", ""),
+    config = getattr(model, "config", None)
+    name = " ".join(filter(None, (getattr(config, "_name_or_path", ""),
                                   getattr(tokenizer, "name_or_path", ""))))
     findings.append(chat_finding(name, template, missing_template_markers(tokenizer, template),
                                  getattr(tokenizer, "eos_token_id", None) is not None))

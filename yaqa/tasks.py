@@ -58,7 +58,7 @@ class TaskScore:
 
 
 def parse_task_list(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"arc_easy, hellaswag"`` or a sequence → a tuple of names, order kept, duplicates dropped."""
+    """``"arc_easy, hellaswag"`` or a sequence → a tuple of names (order kept, no duplicates)."""
     if not spec:
         return ()
     items = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -71,7 +71,6 @@ def parse_task_list(spec: str | Sequence[str] | None) -> tuple[str, ...]:
 
 def _import_lm_eval():
     try:
-        import lm_eval  # noqa: F401
         from lm_eval.evaluator import simple_evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
