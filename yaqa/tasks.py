@@ -15,6 +15,7 @@ Needs the optional ``lm-eval`` package: ``pip install 'yaqa[eval]'``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -161,7 +162,10 @@ class TaskSuite:
         if not log.isEnabledFor(logging.DEBUG):
             quiet.setLevel(logging.ERROR)
         try:
-            lm = self._HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+            # A copy: HFLM sets a pad token on the tokenizer it is given, and the caller's may
+            # still be saved into checkpoints.
+            lm = self._HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer),
+                            batch_size=self.batch_size)
             out = self._simple_evaluate(
                 model=lm, tasks=list(self._loaded), num_fewshot=self.num_fewshot,
                 limit=self.limit, task_manager=self.manager, log_samples=False,
