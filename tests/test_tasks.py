@@ -182,3 +182,20 @@ def test_without_lm_eval_the_error_says_how_to_install_it(monkeypatch, task_dir)
     monkeypatch.setitem(sys.modules, "lm_eval.evaluator", None)  # the import fails
     with pytest.raises(TaskError, match=r"pip install 'yaqa\[eval\]'"):
         TaskSuite(TASK, include_path=task_dir)
+
+
+def test_unknown_task_names_are_reported_before_any_work(monkeypatch, task_dir):
+    import yaqa.tasks
+
+    real = yaqa.tasks._import_lm_eval
+
+    def without_builtin_index():  # lm-eval's 15k built-in tasks take ~10 s to index
+        evaluate, hflm, manager = real()
+        return evaluate, hflm, lambda include_path=None, include_defaults=True: manager(
+            include_path=include_path, include_defaults=False)
+
+    monkeypatch.setattr(yaqa.tasks, "_import_lm_eval", without_builtin_index)
+    with pytest.raises(TaskError, match="unknown task.*not_a_task") as e:
+        TaskSuite([TASK, "not_a_task"], include_path=task_dir)
+    assert str(e.value).startswith("unknown task(s) not_a_task:")  # the known one not listed
+    assert "--tasks-path" in str(e.value)
