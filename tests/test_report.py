@@ -110,7 +110,7 @@ def test_run_writes_report_with_tasks_next_to_results(tmp_path):
     text = (out / "report.md").read_text()
     assert (out / PLOT_NAME).read_bytes().startswith(PNG_MAGIC)
     for name in ("rtn-int3", "ldlq-int3"):
-        assert f"### {name}" in text and f"| {name}: quantize |" in text
+        assert f"### {name}" in text and f"| {name}: quantize, save |" in text
     assert text.count(" ± ") >= 3  # the original and two checkpoints
     assert "yaqa -q run --model" in text and "--seed 7" in text and "= 7" in text
-    assert "| hessians: sketch B |" in text and "| lm_eval |" in text
+    assert "| hessians: H_x |" in text and "| lm_eval |" in text

@@ -340,7 +340,7 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
             calib.load(tok, model)
         tag = store.identity_hash(calib.identity())[:10]
         for key, r in plan.items():
-            with stages.stage(f"hessians: {key}"):
+            with stages.stage(f"hessians: {'sketch ' + r.hessian if r.sketch else 'H_x'}"):
                 hessians[key] = collect_for(model, r, calib, out / f"hessians-{key}-{tag}",
                                             batch_size=cfg.batch_size, overwrite=cfg.overwrite,
                                             progress=cfg.progress)
