@@ -393,7 +393,7 @@ def _report_settings(cfg: RunConfig, calib_src: str, eval_src: str, ev, model) -
     return {"model": cfg.model or "SmolLM2-135M-Instruct (embedded)",
             "calibration": f"{calib_src}, {cfg.n_calib} x {cfg.calib_ctx}",
             "evaluation": f"{eval_src}, {ev.shape[0]} x {ev.shape[1]}",
-            "quantizer": f"int{','.join(map(str, cfg.bits))} g{cfg.group_size or 'row'} "
+            "quantizer": f"{','.join(cfg.formats())} g{cfg.group_size or 'row'} "
                          f"{'sym' if cfg.symmetric else 'asym'} {cfg.scale_search}",
             "incoherence": cfg.incoherence, "device": str(next(model.parameters()).device),
             "dtype": cfg.dtype,
