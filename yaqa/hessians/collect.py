@@ -32,6 +32,7 @@ from . import distributed as D
 from .accumulators import LayerAccumulator, ProductCache, resolve_precision
 from .labels import sampled_label_grad
 from .shrinkage import layer_estimate
+from .stream import BackgroundWriter, pack_factors, storage_dtype as _storage_dtype
 from .storage import (FORMAT_VERSION, IDENTITY_KEYS, HessianMetadataError, LayerHessian,
                       atomic_save_tensors, block_filename, check_run_identity, dtype_name,
                       load_checkpoint, load_hessians, mismatches, model_fingerprint, read_meta,
@@ -327,7 +328,8 @@ def collect_hessians(model: nn.Module, batches: Batches, sketch: str = "B", powe
                      blocks_per_pass: int | None = None, gradient_checkpointing: bool = False,
                      checkpoint_every: int | None = None, checkpoint_interval_s: float = 1800.0,
                      collect_hx: bool = True, route: str = "auto",
-                     overwrite: bool = False) -> dict[str, LayerHessian]:
+                     overwrite: bool = False,
+                     storage_dtype: str = "float32") -> dict[str, LayerHessian]:
     """Kronecker factors of the full-model KL Hessian for every linear of the chosen blocks.
 
     Args:
@@ -354,6 +356,8 @@ def collect_hessians(model: nn.Module, batches: Batches, sketch: str = "B", powe
         collect_hx: also collect the plain GPTQ Hessian E[x^T x] (``H_x``).
         route: Sketch-B algebra, "auto" (cheapest by flops), "gram" (T×T) or "direct" (∇W_b).
         overwrite: discard results of a different request found in ``out_dir``.
+        storage_dtype: factors are stored as packed lower triangles in "float32" or "bfloat16"
+            (half the disk and host memory again; relative error about 2e-3).
 
     Returns:
         ``{full linear name: LayerHessian}``; factors are means (per sequence for Sketch B's
@@ -365,7 +369,7 @@ def collect_hessians(model: nn.Module, batches: Batches, sketch: str = "B", powe
                     gradient_checkpointing=gradient_checkpointing,
                     checkpoint_every=checkpoint_every,
                     checkpoint_interval_s=checkpoint_interval_s, collect_hx=collect_hx,
-                    route=route, overwrite=overwrite, keep=True)
+                    route=route, overwrite=overwrite, keep=True, storage_dtype=storage_dtype)
 
 
 def run_collection(model: nn.Module, batches: Batches, out_dir: str | Path, *,
@@ -375,7 +379,7 @@ def run_collection(model: nn.Module, batches: Batches, out_dir: str | Path, *,
                    blocks_per_pass: int | None = None, gradient_checkpointing: bool = False,
                    checkpoint_every: int | None = None, checkpoint_interval_s: float = 1800.0,
                    collect_hx: bool = True, overwrite: bool = False,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, storage_dtype: str = "float32") -> Path:
     """What ``yaqa hessians`` runs: collect into ``out_dir`` (resuming), keep nothing in memory.
 
     Joins the torchrun process group when launched by torchrun. Returns ``out_dir``; read the
@@ -386,14 +390,16 @@ def run_collection(model: nn.Module, batches: Batches, out_dir: str | Path, *,
              out_dir=out_dir, progress=progress, batch_size=batch_size, precision=precision,
              blocks_per_pass=blocks_per_pass, gradient_checkpointing=gradient_checkpointing,
              checkpoint_every=checkpoint_every, checkpoint_interval_s=checkpoint_interval_s,
-             collect_hx=collect_hx, route="auto", overwrite=overwrite, keep=False)
+             collect_hx=collect_hx, route="auto", overwrite=overwrite, keep=False,
+             storage_dtype=storage_dtype)
     return Path(out_dir)
 
 
 def _collect(model, batches, sketch, power_iters, *, seed, dtype, blocks, out_dir, progress,
              batch_size, precision, blocks_per_pass, gradient_checkpointing, checkpoint_every,
-             checkpoint_interval_s, collect_hx, route, overwrite, keep):
+             checkpoint_interval_s, collect_hx, route, overwrite, keep, storage_dtype="float32"):
     kinds = pass_kinds(sketch, power_iters)
+    store_dtype = _storage_dtype(storage_dtype)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if batch_size < 1:
@@ -439,6 +445,7 @@ def _collect(model, batches, sketch, power_iters, *, seed, dtype, blocks, out_di
     bar = tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True,
                disable=not progress or rank != 0, desc=f"Sketch {sketch}")
     results: dict[str, LayerHessian] = {}
+    writer = BackgroundWriter()  # finished groups are written while the next one collects
     try:
         for g in groups:
             if g not in todo:
@@ -450,7 +457,7 @@ def _collect(model, batches, sketch, power_iters, *, seed, dtype, blocks, out_di
                                          route=route, collect_hx=collect_hx,
                                          gradient_checkpointing=gradient_checkpointing)
             summary = _run_group(collector, batches, batch_size, kinds, out_path, identity, bar,
-                                 checkpoint_every, checkpoint_interval_s)
+                                 checkpoint_every, checkpoint_interval_s, writer, store_dtype)
             if keep:
                 results.update(collector.results(sketch, power_iters,
                                                  identity_hash(run_identity(identity))))
@@ -459,6 +466,7 @@ def _collect(model, batches, sketch, power_iters, *, seed, dtype, blocks, out_di
                      summary["n_seqs"], summary["n_tokens"])
     finally:
         bar.close()
+        writer.close()
     return results
 
 
@@ -497,7 +505,8 @@ class _GracefulInterrupt:
 
 def _run_group(col: HessianCollector, batches: Batches, batch_size: int, kinds: list[str],
                out_path: Path | None, identity: dict[str, Any], bar: tqdm,
-               checkpoint_every: int | None, checkpoint_interval_s: float) -> dict[str, Any]:
+               checkpoint_every: int | None, checkpoint_interval_s: float,
+               writer: BackgroundWriter, store_dtype: torch.dtype) -> dict[str, Any]:
     rank, world = D.rank_and_world()
     state_dir = resume_dir(out_path, col.blocks) if out_path is not None else None
     start_pass, cursor, cursor_hash = 0, 0, None
@@ -578,13 +587,25 @@ def _run_group(col: HessianCollector, batches: Batches, batch_size: int, kinds: 
         if rank == 0:
             tensors, meta = _final_block_files(col, identity, summary)
             for b in col.blocks:
-                atomic_save_tensors(out_path / block_filename(b), tensors[b], meta[b])
-            stored = read_meta(out_path) or identity
-            stored["data"] = {k: summary[k] for k in ("n_seqs", "n_tokens", "ctx", "data_sha256")}
-            write_meta(out_path, stored)
-            shutil.rmtree(state_dir, ignore_errors=True)
+                # packed where they were computed, then in host memory: the device is free for
+                # the next group while the worker thread writes
+                meta[b]["storage_dtype"] = str(store_dtype).removeprefix("torch.")
+                writer.submit(atomic_save_tensors, out_path / block_filename(b),
+                              pack_factors(tensors[b], store_dtype), meta[b])
+            writer.submit(_finish_group, out_path, identity, summary, state_dir)
+        if world > 1:
+            writer.wait()  # other ranks may read the files right after the barrier
         D.barrier()
     return summary
+
+
+def _finish_group(out_path: Path, identity: dict[str, Any], summary: dict[str, Any],
+                  state_dir: Path) -> None:
+    """After a group's block files are written: record the data, drop its resume state."""
+    stored = read_meta(out_path) or identity
+    stored["data"] = {k: summary[k] for k in ("n_seqs", "n_tokens", "ctx", "data_sha256")}
+    write_meta(out_path, stored)
+    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _final_block_files(col: HessianCollector, identity: dict[str, Any], summary: dict[str, Any]):
