@@ -400,6 +400,8 @@ def _collect(model, batches, sketch, power_iters, *, seed, dtype, blocks, out_di
              checkpoint_interval_s, collect_hx, route, overwrite, keep, storage_dtype="float32"):
     kinds = pass_kinds(sketch, power_iters)
     store_dtype = _storage_dtype(storage_dtype)
+    if dtype == torch.float64 and store_dtype == torch.float32:
+        store_dtype = torch.float64  # fp64 sums were asked for exactness: packing is lossless
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if batch_size < 1:
