@@ -105,6 +105,12 @@ class StreamedHessians(Mapping):
             self.reads += 1
         return self._cache[name]
 
+    def identities(self) -> set[str]:
+        """The collection identity every factor here carries (see LayerHessian.identity)."""
+        from .storage import identity_hash, run_identity
+
+        return {identity_hash(run_identity(self._meta))}
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
