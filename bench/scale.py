@@ -352,9 +352,9 @@ def stage_project(args, state: dict) -> None:
     stats70 = deepest["stats_per_layer_token_s"] * s70 / s8
     cfg = transformers.LlamaConfig(**LLAMA70B)
     shape = ModelShape.from_config(cfg)
-    L, tokens = shape.n_blocks, args.n_seqs * args.ctx
+    L = shape.n_blocks
     rows = []
-    for gpus in (4, 8, 16):
+    for gpus, tokens in [(g, t) for t in (args.n_seqs * T, 65536 * 2048) for g in (4, 8, 16)]:
         # layers split across the GPUs (pipeline, weights sharded); each GPU holds the
         # accumulators of the blocks it collects; the data passes repeat per group of blocks
         per_gpu = 80 * 10**9 * (1 - args.margin) - shape.param_bytes / gpus
@@ -362,7 +362,7 @@ def stage_project(args, state: dict) -> None:
         act = yaqa.plan.activation_bytes_per_token(shape, T, False) * args.batch_size * T * L / gpus
         fit = int((per_gpu - act - 4 * GiB) // acc) if per_gpu > act else 0
         if fit < 1:
-            rows.append({"gpus": gpus, "fits": False})
+            rows.append({"gpus": gpus, "tokens": tokens, "fits": False})
             continue
         blocks_per_pass = min(L, fit * gpus)
         passes = math.ceil(L / blocks_per_pass)
@@ -370,11 +370,12 @@ def stage_project(args, state: dict) -> None:
         # statistics of every layer once; pipeline stages run one after another (no overlap)
         fwd_bwd = sum((1 / 3 + 2 / 3 * (1 - k * blocks_per_pass / L)) for k in range(passes))
         secs = tokens * L * (plain70 * fwd_bwd + stats70)
-        rows.append({"gpus": gpus, "fits": True, "blocks_per_pass": blocks_per_pass,
+        rows.append({"gpus": gpus, "tokens": tokens, "fits": True,
+                     "blocks_per_pass": blocks_per_pass,
                      "passes": passes, "collect_hours": secs / 3600,
                      "gpu_hours": secs * gpus / 3600})
     disk = {"fp32": stored_bytes(shape, False, 4) / 1e9, "bf16": stored_bytes(shape, False, 2) / 1e9}
-    state["projection_70b"] = {"tokens": tokens, "plain_per_layer_token_s": plain70,
+    state["projection_70b"] = {"plain_per_layer_token_s": plain70,
                                "stats_per_layer_token_s": stats70, "rows": rows,
                                "disk_gb": disk, "from": f"{max(thr, key=int)}-layer measurement"}
     print(json.dumps(state["projection_70b"], indent=1))
@@ -415,17 +416,19 @@ def stage_report(args, state: dict) -> None:
                          f"{v['x_plain']:.2f} | {v['x_plain_if_one_pass']:.2f} |")
     if "projection_70b" in state:
         pr = state["projection_70b"]
-        lines += ["", f"Llama-3.1-70B projection ({pr['from']}, {pr['tokens']} tokens; "
+        lines += ["", f"Llama-3.1-70B projection (per-layer times from the {pr['from']}, "
+                      "scaled by flops; layers split over the GPUs, stages not overlapped; "
                       f"disk {pr['disk_gb']['fp32']:.0f} GB fp32 / {pr['disk_gb']['bf16']:.0f} GB "
                       "bf16 packed, no H_x):", "",
-                  "| H100s | blocks/pass | passes | collection h | GPU-h |",
-                  "| ---: | ---: | ---: | ---: | ---: |"]
+                  "| tokens | H100s | blocks/pass | passes | collection h | GPU-h |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in pr["rows"]:
             if r["fits"]:
-                lines.append(f"| {r['gpus']} | {r['blocks_per_pass']} | {r['passes']} | "
+                lines.append(f"| {r['tokens']} | {r['gpus']} | {r['blocks_per_pass']} | "
+                             f"{r['passes']} | "
                              f"{r['collect_hours']:.2f} | {r['gpu_hours']:.1f} |")
             else:
-                lines.append(f"| {r['gpus']} | does not fit | | | |")
+                lines.append(f"| {r['tokens']} | {r['gpus']} | does not fit | | | |")
     (RESULTS / f"scale{args.tag}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"scale{args.tag}.json").write_text(json.dumps(state, indent=1, default=str))
     print("\n".join(lines))
@@ -444,7 +447,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--group-size", type=int, default=None, help="default 128 (tiny: 32)")
     ap.add_argument("--storage", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--budget-s", type=float, default=510, help="stop a stage after this (s)")
+    ap.add_argument("--budget-s", type=float, default=420,
+                    help="stop collect/round after this many seconds (leaves time to write the "
+                         "resume checkpoint inside a 10-minute command)")
     ap.add_argument("--budget-gib", type=float, default=None,
                     help="device memory to plan for (default: the device's)")
     ap.add_argument("--margin", type=float, default=0.1)
