@@ -125,3 +125,23 @@ def test_a_plan_forced_into_several_passes_gives_the_factors_of_one_pass():
     for name, h in ref.items():
         for k in ("H_in", "H_out", "H_x"):
             assert torch.equal(getattr(got[name], k), getattr(h, k)), (name, k)
+
+
+def test_cli_dry_run_prints_only_the_plan(tmp_path, capsys):
+    from tiny_models import tiny_tokenizer
+
+    from yaqa.cli import main
+
+    tok = tiny_tokenizer("the quick brown fox jumps over the lazy dog " * 20)
+    model = tiny_model("llama", hidden=64, intermediate=128, vocab=len(tok))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = tmp_path / "hs"
+    for sub, extra in (("hessians", ["--n-seqs", "4", "--out", str(out)]),
+                       ("quantize", ["--n-calib", "4", "--out", str(tmp_path / "q")]),
+                       ("run", ["--n-calib", "4", "--out", str(tmp_path / "r")])):
+        assert main(["-q", sub, "--model", str(tmp_path / "m"), "--device", "cpu", "--ctx", "16",
+                     "--dry-run", *extra]) == 0
+        text = capsys.readouterr().out
+        assert "memory plan" in text and "accumulators" in text
+    assert not out.exists() and not (tmp_path / "q").exists() and not (tmp_path / "r").exists()
