@@ -238,12 +238,14 @@ def workspace_bytes(shape: ModelShape, req: CollectionRequest) -> int:
 def collection_terms(shape: ModelShape, req: CollectionRequest, group: list[int]) -> dict[str, int]:
     tokens_mb = req.batch_size * req.ctx
     with_grad = shape.n_blocks - group[0]  # backward stops at the first collected block
+    if req.sketch == "hx":  # forward only, without autograd, stopped after the last block
+        with_grad = 0
     return {
         "weights": shape.param_bytes,
         "accumulators": accumulator_bytes(shape, req) * len(group),
         "activations": activation_bytes_per_token(shape, req.ctx, req.gradient_checkpointing)
                        * tokens_mb * with_grad,
-        "logits + gradient": head_bytes(shape, req),
+        "logits + gradient": head_bytes(shape, req) if req.sketch != "hx" else 0,
         "statistic workspace": workspace_bytes(shape, req),
     }
 
