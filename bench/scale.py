@@ -164,15 +164,18 @@ def stage_collect(args, state: dict) -> None:
     if state["stages"].get("collect", {}).get("done"):
         print("collect: done")
         return
-    plan = state.get("plan") or {}
-    bpp = plan.get("blocks_per_pass")
+    if "plan" not in state:  # the plan stage was skipped: plan without the warm-up
+        state["plan"] = make_plan(ModelShape.from_config(config(args)), request(args),
+                                  budget_bytes=budget(args), device=args.device,
+                                  margin=args.margin).to_dict()
+    bpp = state["plan"]["blocks_per_pass"]
     t = time.perf_counter()
     model = build_model(args)
     ids = calibration(args, model.config.vocab_size)
     t_build = time.perf_counter() - t
     done = False
     try:
-        with Deadline(args.budget_s - t_build):
+        with Deadline(max(1.0, args.budget_s - t_build)):
             run_collection(model, ids, args.work / "hessians", sketch="B", batch_size=args.batch_size,
                            blocks_per_pass=bpp, collect_hx=False, storage_dtype=args.storage,
                            checkpoint_interval_s=1e9, progress=not args.quiet)
@@ -202,7 +205,7 @@ def stage_round(args, state: dict, *, save: bool = False) -> None:
     t_build = time.perf_counter() - t
     done = False
     try:
-        with Deadline(0 if save else args.budget_s - t_build):
+        with Deadline(0 if save else max(1.0, args.budget_s - t_build)):
             rep = quantize(model, hs, method="yaqa", quantizer="int4", group_size=args.group_size,
                            work_dir=args.work / "quant", progress=not args.quiet)
         done = True
