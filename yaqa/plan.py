@@ -263,7 +263,8 @@ def rounding_terms(shape: ModelShape, method: str = "yaqa") -> dict[str, int]:
     per_elem = 6 * 4 + 8
     for _, m, n in shape.linears:
         f = n * n * per_elem + (m * m * per_elem if method == "yaqa" else 0)
-        worst_f, worst_w = max(worst_f, f), max(worst_w, 8 * m * n * 4)
+        # + the new QuantizedLinear being built (codes, scales, its dense fp32 weight): 3 more
+        worst_f, worst_w = max(worst_f, f), max(worst_w, 11 * m * n * 4)
     return {"weights": shape.param_bytes, "factors of one linear": worst_f,
             "rounding state": worst_w}
 
