@@ -27,7 +27,7 @@ import torch
 import transformers
 
 from yaqa.hessians import HessianCollector, LayerAccumulator, collect_hessians
-from yaqa.hessians.accumulators import choose_route, sym_tiles
+from yaqa.hessians.accumulators import choose_route, sym_flop_fraction
 from yaqa.hessians.labels import sampled_label_grad
 from yaqa.models import get_adapter
 
@@ -126,9 +126,7 @@ def stats_flops(model, b: int, T: int, collect_hx: bool = True) -> tuple[float, 
     for _, _, mod in get_adapter(model).named_linears(model):
         m, n = mod.out_features, mod.in_features
 
-        def sym(k):  # fraction of a k×k symmetric product that the lower-tile scheme computes
-            t = len(sym_tiles(k))
-            return (t + 1) / (2 * t)
+        sym = sym_flop_fraction  # fraction of a k×k symmetric product actually computed
         if choose_route(T, m, n) == "gram":
             first = 2 * T * T * (m + n)
             second = 2 * T * T * (m + n) + 2 * T * (n * n + m * m)

@@ -82,6 +82,28 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                         "Sketch B default 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory plan (passes, memory per pass) and stop")
+
+
+def _memory_plan(args, model, n_seqs: int, sketch: str = "B", blocks=None):
+    """The memory plan for this command (yaqa.plan), printed with --dry-run."""
+    import torch
+
+    from .models.adapters import input_embeddings
+    from .plan import CollectionRequest, ModelShape, device_budget, make_plan
+
+    device = input_embeddings(model).weight.device
+    req = CollectionRequest(sketch=sketch, power_iters=_power_iters(args, sketch) or
+                            (2 if sketch == "A" else 1), n_seqs=n_seqs, ctx=args.ctx,
+                            batch_size=args.batch_size,
+                            acc_bytes=8 if getattr(args, "fp64", False) else 4,
+                            gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
+                            world=torch.distributed.get_world_size()
+                            if torch.distributed.is_initialized() else 1)
+    return make_plan(ModelShape.from_model(model), req, budget_bytes=device_budget(device),
+                     device=str(device), blocks=list(blocks) if blocks is not None else None,
+                     blocks_per_pass=getattr(args, "blocks_per_pass", None))
 
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
@@ -122,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="collect this many blocks per pass over the data (bounds GPU memory)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (long contexts)")
+    p.add_argument("--storage-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="stored factors (packed triangles): bfloat16 halves the disk again, "
+                        "relative error about 2e-3")
     p.add_argument("--overwrite", action="store_true")
     _add_data(p)
     p.set_defaults(func=cmd_hessians)
@@ -199,16 +224,29 @@ def cmd_hessians(args) -> int:
     from .validate import check_finite_weights
 
     check_finite_weights(model)
+    from .plan import PlanError, is_oom, oom_message
+
+    plan = _memory_plan(args, model, args.n_seqs, args.sketch, blocks)
+    if args.dry_run:
+        print(plan.summary())
+        return 0
+    log.info("%s", plan.summary())
     calib = Calibration(_calib_source(args.calib), args.n_seqs, args.ctx, args.seed).load(tok,
                                                                                           model)
     t = time.perf_counter()
-    out = run_collection(model, calib.ids, args.out, sketch=args.sketch,
-                         power_iters=_power_iters(args, args.sketch), seed=args.seed,
-                         dtype=torch.float64 if args.fp64 else torch.float32, blocks=blocks,
-                         batch_size=args.batch_size, precision=args.precision,
-                         blocks_per_pass=args.blocks_per_pass,
-                         gradient_checkpointing=args.gradient_checkpointing,
-                         overwrite=args.overwrite, progress=not args.quiet)
+    try:
+        out = run_collection(model, calib.ids, args.out, sketch=args.sketch,
+                             power_iters=_power_iters(args, args.sketch), seed=args.seed,
+                             dtype=torch.float64 if args.fp64 else torch.float32, blocks=blocks,
+                             batch_size=args.batch_size, precision=args.precision,
+                             blocks_per_pass=plan.blocks_per_pass,
+                             gradient_checkpointing=args.gradient_checkpointing,
+                             overwrite=args.overwrite, progress=not args.quiet,
+                             storage_dtype=args.storage_dtype)
+    except (RuntimeError, MemoryError) as e:
+        if is_oom(e):
+            raise PlanError(oom_message(e, plan, "collection")) from None
+        raise
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         data = read_meta(out)["data"]  # what the stored factors were built from
         print(f"Sketch {args.sketch} from {data['n_tokens']} tokens ({data['n_seqs']} sequences "
@@ -250,6 +288,10 @@ def cmd_quantize(args) -> int:
     recipe = recipe_from_args(args, args.method, args.quantizer or args.bits)
     check_checkpoint_target(args.out, overwrite=args.overwrite)  # before loading anything
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.dry_run:
+        print(_memory_plan(args, model, args.n_calib,
+                           "A" if recipe.hessian == "A" else "B").summary())
+        return 0
     calib = Calibration(_calib_source(args.calib), args.n_calib, args.ctx, args.seed) \
         if recipe.hessian != "none" else None
     res = quantize_one(model, recipe, calib, args.out, tokenizer=tok,
@@ -322,6 +364,12 @@ def cmd_run(args) -> int:
     for qname in cfg.formats():  # every flag checked before the model loads
         for m in methods:
             recipe_from_args(args, m, qname)
+    if args.dry_run:
+        from .models import load_model
+
+        model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+        print(_memory_plan(args, model, args.n_calib).summary())
+        return 0
     t = time.perf_counter()
     rows = run_pipeline(cfg)
     print(format_table(rows))

@@ -197,14 +197,27 @@ def preflight(model: nn.Module, recipes: list[Recipe], *, outs: list[str | Path]
 
 def collect_for(model: nn.Module, recipe: Recipe, calib: Calibration, out_dir: str | Path, *,
                 batch_size: int = 4, overwrite: bool = False, progress: bool = True) -> dict:
-    """The Hessians ``recipe`` needs, collected into (or reused from) ``out_dir``."""
-    from .hessians import collect_hessians
+    """The Hessians ``recipe`` needs, collected into (or reused from) ``out_dir``.
+
+    Collected with the memory plan's blocks per pass, and returned as a mapping that reads one
+    block's factors at a time (the whole model's factors are never resident)."""
+    from .hessians import load_hessians, run_collection
+    from .models.adapters import input_embeddings
+    from .plan import CollectionRequest, ModelShape, device_budget, make_plan
 
     t = time.perf_counter()
-    hs = collect_hessians(model, calib.ids, sketch=recipe.hessian,
-                          power_iters=recipe.power_iters, seed=recipe.seed,
-                          batch_size=batch_size, out_dir=out_dir, overwrite=overwrite,
-                          progress=progress)
+    device = input_embeddings(model).weight.device
+    plan = make_plan(ModelShape.from_model(model),
+                     CollectionRequest(sketch=recipe.hessian, power_iters=recipe.power_iters,
+                                       n_seqs=calib.ids.shape[0], ctx=calib.ids.shape[1],
+                                       batch_size=batch_size),
+                     budget_bytes=device_budget(device), device=str(device))
+    log.info("%s", plan.summary())
+    run_collection(model, calib.ids, out_dir, sketch=recipe.hessian,
+                   power_iters=recipe.power_iters, seed=recipe.seed, batch_size=batch_size,
+                   blocks_per_pass=plan.blocks_per_pass, overwrite=overwrite,
+                   progress=progress)
+    hs = load_hessians(out_dir, model, device=device, stream=True)
     log.info("Hessians %s ready in %.1f s (%s)", recipe.hessian, time.perf_counter() - t, out_dir)
     return hs
 

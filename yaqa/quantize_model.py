@@ -101,7 +101,10 @@ def hessians_identity(hessians: Mapping | None) -> str | None:
     by hand) a hash of every tensor."""
     if not hessians:
         return None
-    ids = sorted({str(getattr(h, "identity", None)) for h in hessians.values()})
+    if hasattr(hessians, "identities"):  # streamed from disk: known without reading factors
+        ids = sorted(hessians.identities())
+    else:
+        ids = sorted({str(getattr(h, "identity", None)) for h in hessians.values()})
     if "None" not in ids:
         return store.identity_hash(ids)
     h = hashlib.sha256()

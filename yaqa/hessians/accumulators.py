@@ -30,7 +30,14 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "full", "tf32", "mixed", "bf16")
 PASS_KINDS = ("hx", "b", "b_iter", "a_out", "a_in")
 
-_SYM_TILE = 2048  # lower-triangle tiles of this size keep each GEMM large enough to run at full rate
+# Diagonal ("leaf") tiles of a symmetric sum are computed whole; everything below them is computed
+# once, as few large rectangles (see sym_addmm). 512 leaves do 1/2 + 512/(2n) of the full product's
+# flops (56% at n=4096, 52% at 14336) in ~2n/512 GEMMs; "tiles" is the earlier scheme (2048-wide
+# square tiles, 75% / 57%), kept selectable so bench/hessians.py can compare both in one run.
+_SYM_TILE = 512
+SYM_SCHEMES = ("recursive", "tiles")
+_SYM_SCHEME = "recursive"
+_OLD_TILE = 2048
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -132,26 +139,54 @@ class Products:
 
 
 def sym_tiles(n: int) -> list[tuple[int, int]]:
-    k = max(1, round(n / _SYM_TILE))
+    """The diagonal tiles of an n×n symmetric sum: computed whole, symmetrised by mirror_lower."""
+    k = max(1, round(n / (_SYM_TILE if _SYM_SCHEME == "recursive" else _OLD_TILE)))
     edges = [round(i * n / k) for i in range(k + 1)]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def sym_blocks(n: int) -> list[tuple[int, int, int, int]]:
+    """Rectangles (r0, r1, c0, c1) that together cover the lower block triangle of n×n exactly.
+
+    "recursive": split the tiles in two halves, one GEMM for the lower-left rectangle, recurse
+    into both halves (a blocked SYRK); "tiles": one GEMM per lower tile.
+    """
+    tiles = sym_tiles(n)
+    if _SYM_SCHEME == "tiles":
+        return [(i0, i1, j0, j1) for i, (i0, i1) in enumerate(tiles) for j0, j1 in tiles[:i + 1]]
+    out: list[tuple[int, int, int, int]] = []
+
+    def split(lo: int, hi: int) -> None:  # tiles[lo:hi]
+        if hi - lo == 1:
+            out.append((tiles[lo][0], tiles[lo][1], tiles[lo][0], tiles[lo][1]))
+            return
+        mid = (lo + hi) // 2
+        out.append((tiles[mid][0], tiles[hi - 1][1], tiles[lo][0], tiles[mid - 1][1]))
+        split(lo, mid)
+        split(mid, hi)
+
+    split(0, len(tiles))
+    return out
+
+
+def sym_flop_fraction(n: int) -> float:
+    """Flops of :func:`sym_addmm` relative to the full n×n product."""
+    return sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in sym_blocks(n)) / (n * n)
 
 
 def sym_addmm(acc: Tensor, a: Tensor, b: Tensor, prod: Products, level: str) -> None:
     """``acc += a^T b`` for a product known to be symmetric, lower block triangle only.
 
-    a, b: [K, n]. Skipping the upper tiles saves ~40% of the flops of the largest GEMMs
-    (57% of the full product for n = 14336); :func:`mirror_lower` restores the upper half.
+    a, b: [K, n]. Only the rectangles of :func:`sym_blocks` are multiplied (about half the flops
+    of the full product for large n); :func:`mirror_lower` restores the upper half.
     """
-    tiles = sym_tiles(acc.shape[0])
+    blocks = sym_blocks(acc.shape[0])
     a, b = prod.operand(a, level), prod.operand(b, level)
-    if len(tiles) == 1:
+    if len(blocks) == 1:
         acc += prod.mm(a.T, b, level)
         return
-    for i, (i0, i1) in enumerate(tiles):
-        ai = a[:, i0:i1].T
-        for j0, j1 in tiles[: i + 1]:
-            acc[i0:i1, j0:j1] += prod.mm(ai, b[:, j0:j1], level)
+    for r0, r1, c0, c1 in blocks:
+        acc[r0:r1, c0:c1] += prod.mm(a[:, r0:r1].T, b[:, c0:c1], level)
 
 
 def mirror_lower(acc: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -25,6 +26,7 @@ from .config import CollectConfig
 from .hooks import HessianCollector
 from .passes import run_group
 from .schedule import Batches, _count_tokens, pass_kinds
+from .stream import BackgroundWriter, storage_dtype as _storage_dtype
 from .storage import (FORMAT_VERSION, LayerHessian, block_filename, check_run_identity, dtype_name,
                       load_hessians, model_fingerprint, read_meta, run_identity, write_meta)
 
@@ -123,6 +125,10 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
     bar = tqdm(total=total, unit="tok", unit_scale=True, dynamic_ncols=True,
                disable=not cfg.progress or rank != 0, desc=f"Sketch {sketch}")
     results: dict[str, LayerHessian] = {}
+    store_dtype = _storage_dtype(cfg.storage_dtype)
+    if cfg.dtype == torch.float64 and store_dtype == torch.float32:
+        store_dtype = torch.float64  # fp64 sums were asked for exactness: packing is lossless
+    writer = BackgroundWriter()  # finished groups are written while the next one collects
     try:
         for g in groups:
             if g not in todo:
@@ -134,7 +140,8 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
                                          precision=cfg.precision, route=cfg.route,
                                          collect_hx=cfg.collect_hx,
                                          gradient_checkpointing=cfg.gradient_checkpointing)
-            summary = run_group(collector, batches, cfg, kinds, out_path, identity, bar)
+            summary = run_group(collector, batches, cfg, kinds, out_path, identity, bar,
+                                writer, store_dtype)
             if keep:
                 results.update(collector.results(sketch, power_iters,
                                                  identity_hash(run_identity(identity))))
@@ -143,4 +150,5 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
                      summary["n_seqs"], summary["n_tokens"])
     finally:
         bar.close()
+        writer.close()
     return results

@@ -30,6 +30,8 @@ class CollectConfig:
     route: Sketch-B algebra, "auto" (cheapest by flops), "gram" (T×T) or "direct" (∇W_b).
     overwrite: discard results of a different request found in the output directory.
     progress: show a progress bar.
+    storage_dtype: factors are stored as packed lower triangles in "float32" or "bfloat16"
+        (half the disk and host memory again; relative error about 2e-3).
     """
 
     sketch: str = "B"
@@ -47,6 +49,7 @@ class CollectConfig:
     route: str = "auto"
     overwrite: bool = False
     progress: bool = True
+    storage_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         from .schedule import pass_kinds

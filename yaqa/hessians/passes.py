@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -18,6 +19,7 @@ from .hooks import HessianCollector
 from .interrupt import _GracefulInterrupt
 from .schedule import Batches, _hash_update, _micro_batches
 from .shrinkage import layer_estimate
+from .stream import BackgroundWriter, pack_factors
 from .storage import (IDENTITY_KEYS, HessianMetadataError, atomic_save_tensors, block_filename,
                       identity_problems, load_checkpoint, read_meta, read_progress, resume_dir,
                       save_checkpoint, write_meta)
@@ -29,7 +31,8 @@ _POLL_ROUNDS = 8  # micro-batch rounds between checks of the per-rank checkpoint
 
 
 def run_group(col: HessianCollector, batches: Batches, cfg: CollectConfig, kinds: list[str],
-              out_path: Path | None, identity: dict[str, Any], bar: tqdm) -> dict[str, Any]:
+              out_path: Path | None, identity: dict[str, Any], bar: tqdm,
+              writer: BackgroundWriter, store_dtype: torch.dtype) -> dict[str, Any]:
     """All passes of ``kinds`` for the blocks of ``col``; with ``out_path``, resumable state is
     checkpointed and the finished factors are stored there.  Returns the data summary."""
     batch_size = cfg.batch_size
@@ -114,13 +117,25 @@ def run_group(col: HessianCollector, batches: Batches, cfg: CollectConfig, kinds
         if rank == 0:
             tensors, meta = final_block_files(col, identity, summary)
             for b in col.blocks:
-                atomic_save_tensors(out_path / block_filename(b), tensors[b], meta[b])
-            stored = read_meta(out_path) or identity
-            stored["data"] = {k: summary[k] for k in ("n_seqs", "n_tokens", "ctx", "data_sha256")}
-            write_meta(out_path, stored)
-            shutil.rmtree(state_dir, ignore_errors=True)
+                # packed where they were computed, then in host memory: the device is free for
+                # the next group while the worker thread writes
+                meta[b]["storage_dtype"] = str(store_dtype).removeprefix("torch.")
+                writer.submit(atomic_save_tensors, out_path / block_filename(b),
+                              pack_factors(tensors[b], store_dtype), meta[b])
+            writer.submit(_finish_group, out_path, identity, summary, state_dir)
+        if world > 1:
+            writer.wait()  # other ranks may read the files right after the barrier
         D.barrier()
     return summary
+
+
+def _finish_group(out_path: Path, identity: dict[str, Any], summary: dict[str, Any],
+                  state_dir: Path) -> None:
+    """After a group's block files are written: record the data, drop its resume state."""
+    stored = read_meta(out_path) or identity
+    stored["data"] = {k: summary[k] for k in ("n_seqs", "n_tokens", "ctx", "data_sha256")}
+    write_meta(out_path, stored)
+    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def final_block_files(col: HessianCollector, identity: dict[str, Any], summary: dict[str, Any]):

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,14 +192,61 @@ def load_checkpoint(state_dir: Path, progress: dict[str, Any], blocks: list[int]
 
 # -- loading finished results ------------------------------------------------------------------
 
+def read_block_hessians(path: Path, meta: dict[str, Any],
+                        device: str | torch.device = "cpu") -> dict[str, LayerHessian]:
+    """One block file's factors as full fp32 (or fp64) matrices, packed or not on disk."""
+    from .stream import unpack_factor
+
+    tensors, bmeta = read_tensors(path, device)
+    prefix = bmeta.get("block_prefix", "")
+    dtype = torch.float64 if meta.get("dtype") == "float64" else torch.float32
+    ident = identity_hash(run_identity(meta))
+    out = {}
+    for rel, info in bmeta.get("layers", {}).items():
+        def get(k: str) -> Tensor | None:
+            t = tensors.get(f"{rel}.{k}")
+            return None if t is None else unpack_factor(t, dtype)
+        out[f"{prefix}{rel}"] = LayerHessian(
+            f"{prefix}{rel}", get("H_in"), get("H_out"), get("H_x"), int(info["n_seqs"]),
+            int(info["n_tokens"]), meta["sketch"], int(meta["power_iters"]), ident,
+            info.get("shrinkage"))
+    return out
+
+
+def _header(path: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """A block file's ``yaqa`` metadata and tensor shapes, without reading the tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {}).get("yaqa", "{}"))
+            return meta, {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - as store.read_tensors: all mean "damaged"
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        raise StoreError(f"{path} is damaged or unreadable ({type(e).__name__}); delete it "
+                         "(or pass --overwrite) to start over") from None
+
+
+def _order(shape: list[int]) -> int:
+    """n of a stored n×n factor (packed triangles are 1-D)."""
+    from .packed import packed_order
+
+    return packed_order(shape[0]) if len(shape) == 1 else int(shape[0])
+
+
 def load_hessians(path: str | os.PathLike, model: nn.Module | None = None, *,
                   device: str | torch.device = "cpu", blocks: range | list[int] | None = None,
-                  strict: bool = True) -> dict[str, LayerHessian]:
+                  strict: bool = True, stream: bool = False) -> Mapping[str, LayerHessian]:
     """Read factors written by :func:`yaqa.collect_hessians` and check them against ``model``.
 
     Raises :class:`HessianMetadataError` naming every mismatch (layer shapes, model, missing
     blocks). A different weight sample (e.g. the same model in another dtype) only warns unless
-    ``strict`` and the layer shapes differ too.
+    ``strict`` and the layer shapes differ too. Factors stored as packed triangles (this format)
+    and as full matrices (earlier files) both load as full matrices. ``stream=True`` checks
+    everything from the file headers and returns a mapping that reads one block at a time
+    (:class:`yaqa.hessians.stream.StreamedHessians`), for rounding models whose factors do not
+    fit in memory at once.
     """
     out_dir = Path(path)
     meta = read_meta(out_dir)
@@ -234,15 +282,13 @@ def load_hessians(path: str | os.PathLike, model: nn.Module | None = None, *,
             f"{out_dir} lacks finished blocks {missing} (unfinished or never collected); run the "
             "collection again with the same out_dir to resume, or pass blocks=... to load a subset")
     problems: list[str] = []
-    out: dict[str, LayerHessian] = {}
-    ident = identity_hash(run_identity(meta))
+    names: dict[str, int] = {}
     for b in wanted_blocks:
-        tensors, bmeta = read_tensors(present[b], device)
+        bmeta, shapes = _header(present[b])
         prefix = bmeta.get("block_prefix", "")
-        for rel, info in bmeta.get("layers", {}).items():
+        for rel in bmeta.get("layers", {}):
             name = f"{prefix}{rel}"
-            h_in, h_out = tensors.get(f"{rel}.H_in"), tensors.get(f"{rel}.H_out")
-            if h_in is None:
+            if f"{rel}.H_in" not in shapes:
                 problems.append(f"{name}: {present[b]} lacks {rel}.H_in")
                 continue
             if expected:
@@ -250,16 +296,14 @@ def load_hessians(path: str | os.PathLike, model: nn.Module | None = None, *,
                     problems.append(f"{name}: stored, but the model has no such linear layer")
                     continue
                 _, m, n = expected.pop(name)
-                out_shape = (m, m) if h_out is None else tuple(h_out.shape)
-                if tuple(h_in.shape) != (n, n) or out_shape != (m, m):
-                    problems.append(f"{name}: stored H_in {tuple(h_in.shape)}, H_out "
-                                    f"{out_shape}; the layer is {m}×{n} (out×in), so "
+                n_in = _order(shapes[f"{rel}.H_in"])
+                n_out = _order(shapes[f"{rel}.H_out"]) if f"{rel}.H_out" in shapes else m
+                if (n_in, n_out) != (n, m):
+                    problems.append(f"{name}: stored H_in ({n_in}, {n_in}), H_out "
+                                    f"({n_out}, {n_out}); the layer is {m}×{n} (out×in), so "
                                     f"expected ({n}, {n}) and ({m}, {m})")
                     continue
-            out[name] = LayerHessian(name, h_in, h_out, tensors.get(f"{rel}.H_x"),
-                                     int(info["n_seqs"]), int(info["n_tokens"]),
-                                     meta["sketch"], int(meta["power_iters"]), ident,
-                                     info.get("shrinkage"))
+            names[name] = b
     left = [n for n, (b, _, _) in expected.items() if b in wanted_blocks]
     if left:
         problems.append(f"no factors stored for {left}")
@@ -267,4 +311,12 @@ def load_hessians(path: str | os.PathLike, model: nn.Module | None = None, *,
         raise HessianMetadataError(f"Hessians in {out_dir} do not fit this model "
                                    f"({meta.get('model', {}).get('model_name')}):\n  "
                                    + "\n  ".join(problems))
+    if stream:
+        from .stream import StreamedHessians
+
+        return StreamedHessians(present, names, meta, device)
+    out: dict[str, LayerHessian] = {}
+    for b in wanted_blocks:
+        out.update({k: v for k, v in read_block_hessians(present[b], meta, device).items()
+                    if k in names})
     return out

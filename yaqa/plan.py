@@ -1,0 +1,468 @@
+"""A memory plan before any heavy work: how many decoder blocks one collection pass can hold.
+
+From the model's shape (a loaded model, or only its config on the meta device), the sketch, the
+context, the micro-batch and the device's memory, :func:`make_plan` estimates the peak memory of
+Hessian collection and of rounding, and picks the largest ``blocks_per_pass`` whose peak stays
+under the budget with a margin. Nothing is allocated to make the plan.
+
+The collection peak is the start of the backward pass of the first micro-batch that touches the
+deepest collected block, when every term is alive at once:
+
+    weights + accumulators of the group + saved activations of every block from the first
+    collected one down + logits and their gradient + the statistic workspace of one layer
+
+Each term is counted from the model's shapes (see the ``_*_bytes`` functions); the activation
+count follows a Llama-style block (pre-norm attention + gated MLP), which is what every family
+yaqa supports looks like. ``tests/test_plan.py`` checks the estimate against the peak of live
+tensor bytes measured with :class:`LiveTensorBytes` on CPU; ``bench/scale.py`` compares it with
+``torch.cuda.max_memory_allocated`` on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .hessians.accumulators import choose_route, sym_blocks
+from .hessians.collect import pass_kinds
+
+log = logging.getLogger(__name__)
+
+GiB = 1024 ** 3
+
+
+class PlanError(RuntimeError):
+    """The request cannot fit the device even at one block per pass; says what to lower."""
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs to know about a model: sizes, never weights."""
+
+    name: str
+    n_blocks: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    attn: str                             # "eager" (T×T probabilities saved) or a fused kernel
+    linears: list[tuple[str, int, int]]   # (name in the block, out m, in n) of block 0
+    shared_inputs: int                    # linears that read an input another linear also reads
+    param_bytes: int
+    dtype_bytes: int
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ModelShape:
+        from .models.adapters import get_adapter
+
+        adapter = get_adapter(model)
+        blocks = adapter.blocks(model)
+        lins = adapter.block_linears(blocks[0])
+        cfg = getattr(model, "config", None)
+        cfg = getattr(cfg, "text_config", None) or cfg
+        hidden = int(getattr(cfg, "hidden_size", 0) or next(iter(lins.values())).in_features)
+        inter = int(getattr(cfg, "intermediate_size", 0) or max(m.out_features
+                                                                 for m in lins.values()))
+        heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+        kv = int(getattr(cfg, "num_key_value_heads", heads) or heads)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab = int(getattr(cfg, "vocab_size", 0) or (head.out_features if head is not None else 0))
+        params = {p.data_ptr() if p.device.type != "meta" else id(p): p
+                  for p in model.parameters()}
+        dtype = next(iter(params.values())).dtype
+        shared = sum(1 for rel in lins if "o_proj" not in rel and "down" not in rel)
+        return cls(
+            name=str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
+            n_blocks=len(blocks), hidden=hidden, intermediate=inter, vocab=vocab, heads=heads,
+            kv_heads=kv, attn=str(getattr(cfg, "_attn_implementation", None) or "sdpa"),
+            linears=[(rel, int(m.out_features), int(m.in_features)) for rel, m in lins.items()],
+            shared_inputs=shared,
+            param_bytes=sum(p.numel() * p.element_size() for p in params.values()),
+            dtype_bytes=torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4)
+
+    @classmethod
+    def from_config(cls, config: Any, dtype: torch.dtype = torch.bfloat16) -> ModelShape:
+        """The shape of ``AutoModelForCausalLM.from_config(config)`` built on the meta device."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return cls.from_model(model)
+
+
+@dataclass
+class CollectionRequest:
+    """The parts of a collection request that decide its memory."""
+
+    sketch: str = "B"
+    power_iters: int = 1
+    n_seqs: int = 64
+    ctx: int = 512
+    batch_size: int = 4
+    acc_bytes: int = 4              # float32 sums (8 for float64)
+    collect_hx: bool = True
+    gradient_checkpointing: bool = False
+    world: int = 1
+
+
+@dataclass
+class MemoryPlan:
+    """What :func:`make_plan` chose, and why."""
+
+    model: str
+    device: str
+    budget_bytes: int
+    margin: float
+    blocks_per_pass: int
+    groups: list[list[int]]
+    collection_peak_bytes: int            # the worst group's estimated peak
+    collection_terms: dict[str, int]      # that peak, term by term
+    rounding_peak_bytes: int
+    rounding_terms: dict[str, int]
+    factor_bytes_per_block: int           # finished fp32 factors of one block (full matrices)
+    stored_bytes: int                     # the whole Hessian store, packed triangles
+    passes_over_data: int                 # forward+backward passes over the calibration data
+    tokens: int
+    seconds_estimate: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def fits(self) -> bool:
+        return max(self.collection_peak_bytes, self.rounding_peak_bytes) <= self.limit_bytes
+
+    @property
+    def limit_bytes(self) -> int:
+        return int(self.budget_bytes * (1 - self.margin))
+
+    def summary(self) -> str:
+        g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        lines = [f"memory plan for {self.model} on {self.device} "
+                 f"(budget {g(self.budget_bytes)}, margin {self.margin:.0%} -> "
+                 f"limit {g(self.limit_bytes)})",
+                 f"  collection: {len(self.groups)} pass(es) of {self.blocks_per_pass} block(s) "
+                 f"over {self.tokens} tokens ({self.passes_over_data} data passes), "
+                 f"peak {g(self.collection_peak_bytes)}"]
+        lines += [f"    {k:<24}{g(v):>12}" for k, v in self.collection_terms.items()]
+        lines.append(f"  rounding: one linear at a time, peak {g(self.rounding_peak_bytes)}")
+        lines += [f"    {k:<24}{g(v):>12}" for k, v in self.rounding_terms.items()]
+        lines.append(f"  factors: {g(self.factor_bytes_per_block)} per block in fp32, "
+                     f"store {g(self.stored_bytes)} as packed triangles")
+        if self.seconds_estimate is not None:
+            lines.append(f"  time: about {self.seconds_estimate / 60:.1f} min of collection "
+                         "(from a timed warm-up)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- terms ----------------------------------------------------------------------------------------
+
+def _sums_per_pass(kind: str, collect_hx: bool) -> tuple[int, int, int]:
+    """(n×n, m×m, hx n×n) matrices alive during one pass kind, per linear (sums + frozen +
+    finished factors kept from earlier passes)."""
+    return {"b": (1, 1, int(collect_hx)),
+            # factors of the last pass + frozen unit-norm copies + new sums
+            "b_iter": (3, 3, int(collect_hx)),
+            "hx": (0, 0, 1),
+            "a_out": (1, 1, 1),   # H_in (= H_x) frozen copy, H_out sum
+            "a_in": (1, 2, 1)}[kind]
+
+
+def accumulator_bytes(shape: ModelShape, req: CollectionRequest) -> int:
+    """Peak accumulator bytes of one block over the passes of the sketch."""
+    worst = 0
+    for kind in pass_kinds(req.sketch, req.power_iters):
+        nn_, mm_, hx = _sums_per_pass(kind, req.collect_hx)
+        if kind in ("a_out", "a_in") and req.power_iters > 1:
+            mm_ = max(mm_, 2)  # H_out of the previous half-iteration is kept
+        b = sum((nn_ + hx) * n * n + mm_ * m * m for _, m, n in shape.linears)
+        worst = max(worst, b)
+    return worst * req.acc_bytes
+
+
+def activation_bytes_per_token(shape: ModelShape, ctx: int, gradient_checkpointing: bool) -> int:
+    """Tensors one block saves for backward, per token (Llama-style block, frozen weights).
+
+    RMSNorm saves its fp32 input (2 norms); the taps save each distinct linear input (after both
+    norms, the attention output, the MLP product: 3h + I); attention keeps q, k, v as it consumes
+    them (eager: repeated to h each, plus the fp32 T×T probabilities; fused kernels: q, k, v, the
+    output); the gated MLP keeps gate, SiLU(gate) and up (3I).
+    """
+    h, i, d = shape.hidden, shape.intermediate, shape.dtype_bytes
+    if gradient_checkpointing:
+        return h * d  # the block input; the block is recomputed during its own backward
+    norms = 2 * h * 4
+    taps = (3 * h + i) * d
+    kv = shape.hidden * shape.kv_heads // max(shape.heads, 1)
+    if shape.attn == "eager":
+        attn = 3 * h * d + shape.heads * ctx * (4 + (d if d != 4 else 0))
+    else:
+        attn = (2 * h + 2 * kv) * d
+    mlp = 3 * i * d
+    return norms + taps + attn + mlp
+
+
+def head_bytes(shape: ModelShape, req: CollectionRequest) -> int:
+    """Logits and their gradient (both alive through backward) + one sequence's fp32 softmax."""
+    d, tv = shape.dtype_bytes, req.ctx * shape.vocab
+    return 2 * req.batch_size * tv * d + tv * 4 * (2 if d == 4 else 3)
+
+
+def workspace_bytes(shape: ModelShape, req: CollectionRequest) -> int:
+    """The largest statistic workspace of one layer's backward hook."""
+    b, T, a = req.batch_size, req.ctx, req.acc_bytes
+    worst = 0
+    for _, m, n in shape.linears:
+        if choose_route(T, m, n) == "gram":
+            # T×T Grams (own + cached X X^T), Y = S X (or Z), fp32 copies of X and G, one product
+            rect = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in sym_blocks(max(n, m)))
+            ws = 2 * b * T * T * a + b * T * (2 * max(n, m) + n + m) * a + rect * a
+        else:
+            ws = 2 * b * m * n * a + max(n, m) ** 2 * a
+        worst = max(worst, ws)
+    if req.collect_hx:
+        big = max(n for _, _, n in shape.linears)
+        worst += 2 * big * big * a  # cached X^T X of a shared input (and its recycled buffer)
+    return worst
+
+
+def collection_terms(shape: ModelShape, req: CollectionRequest, group: list[int]) -> dict[str, int]:
+    tokens_mb = req.batch_size * req.ctx
+    with_grad = shape.n_blocks - group[0]  # backward stops at the first collected block
+    if req.sketch == "hx":  # forward only, without autograd, stopped after the last block
+        with_grad = 0
+    return {
+        "weights": shape.param_bytes,
+        "accumulators": accumulator_bytes(shape, req) * len(group),
+        "activations": activation_bytes_per_token(shape, req.ctx, req.gradient_checkpointing)
+                       * tokens_mb * with_grad,
+        "logits + gradient": head_bytes(shape, req) if req.sketch != "hx" else 0,
+        "statistic workspace": workspace_bytes(shape, req),
+    }
+
+
+def rounding_terms(shape: ModelShape, method: str = "yaqa") -> dict[str, int]:
+    """One linear at a time: W, its factors and their prepared copies, the rounding state.
+
+    ``round_weight`` prepares each factor in fp32 (a device copy, normalised, damped, its
+    Cholesky and block LDL, transformed by the incoherence: about 6 fp32 copies alive at once)
+    and reports the proxy loss from an fp64 copy; the wavefront keeps W, its transform, the codes,
+    the dequantized weight and the error feedback: about 8 fp32 m×n arrays. The counts were
+    checked with :class:`LiveTensorBytes` on CPU (tests/test_plan.py).
+    """
+    worst_f, worst_w = 0, 0
+    per_elem = 6 * 4 + 8
+    for _, m, n in shape.linears:
+        f = n * n * per_elem + (m * m * per_elem if method == "yaqa" else 0)
+        # + the new QuantizedLinear being built (codes, scales, its dense fp32 weight): 3 more
+        worst_f, worst_w = max(worst_f, f), max(worst_w, 11 * m * n * 4)
+    return {"weights": shape.param_bytes, "factors of one linear": worst_f,
+            "rounding state": worst_w}
+
+
+def factor_bytes_per_block(shape: ModelShape, collect_hx: bool = True) -> int:
+    return 4 * sum(n * n * (1 + int(collect_hx)) + m * m for _, m, n in shape.linears)
+
+
+def stored_bytes(shape: ModelShape, collect_hx: bool = True, bytes_per_value: int = 4) -> int:
+    per_block = sum((n * (n + 1) // 2) * (1 + int(collect_hx)) + m * (m + 1) // 2
+                    for _, m, n in shape.linears)
+    return per_block * shape.n_blocks * bytes_per_value
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+def device_budget(device: str | torch.device) -> int:
+    """Bytes this process may use on ``device``: a GPU's total memory, or the host's available."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
+        return info.get("MemAvailable", info["MemTotal"])
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _groups(blocks: list[int], size: int) -> list[list[int]]:
+    return [blocks[i:i + size] for i in range(0, len(blocks), size)]
+
+
+def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
+              device: str = "cuda", margin: float = 0.1, blocks: list[int] | None = None,
+              blocks_per_pass: int | None = None, method: str = "yaqa") -> MemoryPlan:
+    """Choose ``blocks_per_pass`` (the largest that fits, unless given) and report the peaks.
+
+    Raises :class:`PlanError` when even one block per pass (or the rounding) does not fit, naming
+    the setting to lower.
+    """
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    blocks = sorted(set(range(shape.n_blocks) if blocks is None else blocks))
+    limit = int(budget_bytes * (1 - margin))
+
+    def peak(size: int) -> tuple[int, dict[str, int]]:
+        worst = (0, {})
+        for g in _groups(blocks, size):
+            t = collection_terms(shape, req, g)
+            worst = max(worst, (sum(t.values()), t), key=lambda x: x[0])
+        return worst
+
+    if blocks_per_pass is None:
+        # fewest passes first: k passes of ceil(len/k) blocks, k = 1, 2, ...
+        sizes = sorted({math.ceil(len(blocks) / k) for k in range(1, len(blocks) + 1)},
+                       reverse=True)
+        size = next((s for s in sizes if peak(s)[0] <= limit), 1)
+    else:
+        size = max(1, min(blocks_per_pass, len(blocks)))
+    coll, terms = peak(size)
+    rterms = rounding_terms(shape, method)
+    groups = _groups(blocks, size)
+    tokens = req.n_seqs * req.ctx
+    plan = MemoryPlan(
+        model=shape.name, device=str(device), budget_bytes=int(budget_bytes), margin=margin,
+        blocks_per_pass=size, groups=groups, collection_peak_bytes=coll, collection_terms=terms,
+        rounding_peak_bytes=sum(rterms.values()), rounding_terms=rterms,
+        factor_bytes_per_block=factor_bytes_per_block(shape, req.collect_hx),
+        stored_bytes=stored_bytes(shape, req.collect_hx),
+        passes_over_data=len(groups) * len(pass_kinds(req.sketch, req.power_iters)),
+        tokens=tokens)
+    if coll > limit:
+        biggest = max(terms, key=terms.get)
+        advice = {"activations": "lower --batch-size or --ctx, or add --gradient-checkpointing",
+                  "logits + gradient": "lower --batch-size",
+                  "accumulators": "collect fewer --blocks at once (no smaller group exists), or "
+                                  "skip the plain Hessian",
+                  "weights": "use a smaller model dtype or a larger device",
+                  "statistic workspace": "lower --batch-size or --ctx"}[biggest]
+        raise PlanError(f"collection needs about {coll / GiB:.1f} GiB even at {size} block(s) per "
+                        f"pass, over the {limit / GiB:.1f} GiB limit; the largest part is "
+                        f"{biggest} ({terms[biggest] / GiB:.1f} GiB): {advice}")
+    if plan.rounding_peak_bytes > limit:
+        raise PlanError(f"rounding one linear needs about {plan.rounding_peak_bytes / GiB:.1f} GiB,"
+                        f" over the {limit / GiB:.1f} GiB limit: round on a larger device")
+    if req.world > 1:
+        plan.notes.append(f"{req.world} ranks split the micro-batches of every pass; each rank "
+                          "holds the whole group's accumulators")
+    return plan
+
+
+def timed_warmup(model: nn.Module, ids: Tensor, plan: MemoryPlan, req: CollectionRequest, *,
+                 steps: int = 2, seed: int = 0, precision: str = "auto") -> float:
+    """Time ``steps`` micro-batches of the plan's first group (after one untimed) and extrapolate
+    to the whole plan: seconds for every group and pass over ``plan.tokens`` tokens.
+
+    The first group is the deepest backward, so the estimate errs on the long side.
+    """
+    from .hessians.collect import HessianCollector
+
+    group = plan.groups[0]
+    ids = ids[: req.batch_size * (steps + 1)]
+    mbs = list(ids.split(req.batch_size))
+    dev = next(model.parameters()).device
+    with HessianCollector(model, group, seed=seed, precision=precision,
+                          collect_hx=req.collect_hx,
+                          gradient_checkpointing=req.gradient_checkpointing) as col:
+        # a first Sketch-B pass stands for every pass: Sketch A's backward passes cost about
+        # the same, its forward-only pass 0 less, so the estimate errs on the long side
+        col.begin_pass("b")
+        col.step(mbs[0], range(req.batch_size))
+        _sync(dev)
+        t = time.perf_counter()
+        for j, mb in enumerate(mbs[1:], 1):
+            col.step(mb, range(j * req.batch_size, (j + 1) * req.batch_size))
+        _sync(dev)
+        per_token = (time.perf_counter() - t) / max(sum(m.numel() for m in mbs[1:]), 1)
+    plan.seconds_estimate = per_token * plan.tokens * plan.passes_over_data / req.world
+    return plan.seconds_estimate
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def oom_message(exc: BaseException, plan: MemoryPlan | None, stage: str) -> str:
+    """One line for an out-of-memory error: what ran out, and which setting to lower."""
+    where = f"{stage} ran out of memory"
+    if plan is None:
+        return f"{where}; lower --batch-size, --blocks-per-pass or --ctx ({exc.__class__.__name__})"
+    if stage == "rounding":
+        return (f"{where} (plan: {plan.rounding_peak_bytes / GiB:.1f} GiB); round on a larger "
+                "device or with fewer other jobs on it")
+    return (f"{where} at {plan.blocks_per_pass} block(s) per pass (plan: "
+            f"{plan.collection_peak_bytes / GiB:.1f} GiB of {plan.budget_bytes / GiB:.1f}); lower "
+            f"--blocks-per-pass to {max(1, plan.blocks_per_pass // 2)}, or --batch-size")
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+# -- measurement ----------------------------------------------------------------------------------
+
+class LiveTensorBytes:
+    """Peak bytes of tensor storage alive at once, counted at every aten operation.
+
+    A ``TorchDispatchMode`` sees every operator call (forward and backward, on the calling
+    thread) and the storages its outputs use; a storage counts from the operator that created it
+    until the last reference to it dies (checked through weak references at each later call).
+    Storages of ``existing`` tensors (the weights) count once, as ``baseline``, views included. Not counted:
+    allocator caching and fragmentation, and scratch memory inside one kernel. This is the CPU
+    analogue of ``torch.cuda.max_memory_allocated``.
+    """
+
+    def __init__(self, existing: Any = (), device_type: str = "cpu"):
+        self.device_type = device_type
+        self._existing: dict[int, int] = {}
+        for t in existing:  # views of these (a transposed weight) are not new memory
+            st = t.untyped_storage()
+            self._existing[st.data_ptr()] = st.nbytes()
+        self.baseline = sum(self._existing.values())
+        self.current = 0
+        self.peak = 0
+        self._mode = None
+
+    def __enter__(self) -> LiveTensorBytes:
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils import _pytree as pytree
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        live: dict[int, tuple[Any, int]] = {}
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for key in [k for k, (ref, _) in live.items() if ref.expired()]:
+                    tracker.current -= live.pop(key)[1]
+                for t in pytree.tree_leaves(out):
+                    if isinstance(t, Tensor) and t.device.type == tracker.device_type:
+                        st = t.untyped_storage()
+                        if st._cdata not in live and st.data_ptr() not in tracker._existing:
+                            live[st._cdata] = (StorageWeakRef(st), st.nbytes())
+                            tracker.current += st.nbytes()
+                tracker.peak = max(tracker.peak, tracker.current)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.baseline + self.peak
