@@ -137,6 +137,7 @@ def incoherence_table(cfg: RunConfig, args) -> int:
     for mode in args.incoherence_modes.split(","):
         cfg.incoherence = mode
         cfg.save = False  # checkpoints of every mode would overwrite each other
+        cfg.overwrite = True  # each mode's resume state replaces the previous mode's
         for r in map(asdict, run_pipeline(cfg)):
             if r["method"] == "original":
                 if not rows:
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
                     calib_ctx=args.ctx, power_iters=args.power_iters, eval_data="wikitext2-test",
                     eval_ctx=args.eval_ctx, n_eval=args.n_eval, batch_size=args.batch_size,
                     device=args.device, out_dir=args.out, save=True, progress=False,
-                    shrinkage=args.shrinkage)
+                    shrinkage=args.shrinkage, overwrite=True)
     if args.incoherence_modes:
         return incoherence_table(cfg, args)
     t = time.perf_counter()
@@ -278,7 +279,10 @@ def sweep(args) -> int:
                             calib="wikitext2-valid", n_calib=n, calib_ctx=ctx,
                             eval_data="wikitext2-test", eval_ctx=args.eval_ctx,
                             n_eval=args.n_eval, batch_size=args.batch_size, device=args.device,
-                            out_dir=args.out, save=False, progress=False)
+                            out_dir=args.out, save=False, progress=False,
+                            # a benchmark recomputes whatever an earlier (killed) run left that
+                            # does not match; same-calibration Hessians are still reused
+                            overwrite=True)
             t = time.perf_counter()
             for r in run_pipeline(cfg):
                 if r.method != "original":
