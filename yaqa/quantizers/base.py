@@ -12,6 +12,15 @@ from abc import ABC, abstractmethod
 import torch
 
 
+def check_weight(W: torch.Tensor) -> tuple[int, int]:
+    """The checks every ``Quantizer.fit`` starts with; returns the shape (m, n)."""
+    if W.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
+    if not torch.isfinite(W).all():
+        raise ValueError("weight contains NaN or Inf; cannot fit a quantization grid")
+    return tuple(W.shape)
+
+
 class FittedGrid(ABC):
     """A set of representable points for one weight matrix (m x n).
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .base import FittedGrid, Quantizer
+from .base import check_weight, FittedGrid, Quantizer
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
@@ -81,11 +81,7 @@ class FP4Quantizer(Quantizer):
                              f"{in_features} columns are not a multiple of it")
 
     def _blocks(self, W: torch.Tensor) -> torch.Tensor:
-        if W.ndim != 2:
-            raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
-        if not torch.isfinite(W).all():
-            raise ValueError("weight contains NaN or Inf; cannot fit a quantization grid")
-        m, n = W.shape
+        m, n = check_weight(W)
         self.check_shape(m, n)
         return W.detach().float().reshape(m, n // self.block, self.block)
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .base import FittedGrid, Quantizer
+from .base import check_weight, FittedGrid, Quantizer
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -73,11 +73,7 @@ class IntQuantizer(Quantizer):
         return scale, zero
 
     def fit(self, W: torch.Tensor) -> "IntGrid":
-        if W.ndim != 2:
-            raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
-        if not torch.isfinite(W).all():
-            raise ValueError("weight contains NaN or Inf; cannot fit a quantization grid")
-        m, n = W.shape
+        m, n = check_weight(W)
         g = self._group(n)
         Wg = W.detach().float().reshape(m, n // g, g)
         lo, hi = Wg.amin(dim=-1), Wg.amax(dim=-1)

@@ -30,7 +30,6 @@ the first value of the step taking the high chunk.  The codes tensor is therefor
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -38,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .base import FittedGrid, Quantizer
+from .base import check_weight, FittedGrid, Quantizer
 
 log = logging.getLogger(__name__)
 
@@ -276,21 +275,6 @@ def viterbi_tailbiting_exact(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int)
     return states[best] & ((1 << kv) - 1)
 
 
-@contextlib.contextmanager
-def _few_threads_for_small_cpu_work(device: torch.device, numel: int):
-    # Viterbi on a few small tiles is thousands of tiny ops; on a loaded CPU the OpenMP barriers
-    # of each cost 100x the work (16 ms vs 17 us per step measured with 2 threads at load 8).
-    if device.type != "cpu" or numel > 1 << 20 or torch.get_num_threads() == 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------
 # Quantizer and grid
 
@@ -347,11 +331,7 @@ class TrellisQuantizer(Quantizer):
                              "dimensions")
 
     def fit(self, W: torch.Tensor) -> "TrellisGrid":
-        if W.ndim != 2:
-            raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
-        if not torch.isfinite(W).all():
-            raise ValueError("weight contains NaN or Inf; cannot fit a quantization grid")
-        m, n = W.shape
+        m, n = check_weight(W)
         self.check_shape(m, n)
         table = self._table()
         cb = codebook(self.code, self.L, self.V, table)
@@ -443,7 +423,11 @@ class TrellisGrid(FittedGrid):
         dt = getattr(torch, q.cost_dtype)
         out = []
         step = self._chunk()
-        with _few_threads_for_small_cpu_work(x.device, x.shape[0] << q.L):
+        # Viterbi on a few small tiles is thousands of tiny ops; on a loaded CPU the OpenMP barriers
+        # of each cost 100x the work (16 ms vs 17 us per step measured with 2 threads at load 8).
+        from ..rounding.threads import single_thread_if  # rounding imports quantizers
+
+        with single_thread_if(x.device.type == "cpu" and (x.shape[0] << q.L) <= 1 << 20):
             for i in range(0, x.shape[0], step):
                 xi = x[i:i + step].reshape(-1, self.steps, q.V)
                 out.append(self._steps_to_codes(self._viterbi(xi, cb, dt, step)))

@@ -33,8 +33,14 @@ def small_cpu_problem_threads(W: torch.Tensor | None = None, *,
     """
     if W is not None:
         shapes, device = [tuple(W.shape)], W.device
-    small = bool(shapes) and all(is_small_cpu_problem(s, device) for s in shapes)
-    if not small or torch.get_num_threads() == 1:
+    with single_thread_if(bool(shapes) and all(is_small_cpu_problem(s, device) for s in shapes)):
+        yield
+
+
+@contextlib.contextmanager
+def single_thread_if(condition: bool) -> Iterator[None]:
+    """One intra-op thread inside the block when ``condition`` holds (restored afterwards)."""
+    if not condition or torch.get_num_threads() == 1:
         yield
         return
     before = torch.get_num_threads()
