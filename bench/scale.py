@@ -473,21 +473,11 @@ def main(argv=None) -> int:
     state = load_state(args.work)
     stages = (["plan", "collect", "round", "save", "throughput", "project", "report"]
               if args.stage == "all" else [args.stage])
+    run = {"plan": stage_plan, "collect": stage_collect, "round": stage_round,
+           "save": lambda a, st: stage_round(a, st, save=True), "throughput": stage_throughput,
+           "project": stage_project, "report": stage_report}
     for s in stages:
-        if s == "plan":
-            stage_plan(args, state)
-        elif s == "collect":
-            stage_collect(args, state)
-        elif s == "round":
-            stage_round(args, state)
-        elif s == "save":
-            stage_round(args, state, save=True)
-        elif s == "throughput":
-            stage_throughput(args, state)
-        elif s == "project":
-            stage_project(args, state)
-        elif s == "report":
-            stage_report(args, state)
+        run[s](args, state)
         save_state(args.work, state)
     return 0
 
