@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                    help="scales and unquantized tensors (default float16: yaqa's scales exactly)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-unfused-nvfp4", action="store_true",
+                   help="write NVFP4 q/k/v or gate/up layers with different global scales "
+                        "(transformers loads them; vLLM fuses them and would serve them wrongly)")
     p.set_defaults(func=cmd_export)
     return ap
 
@@ -410,8 +413,9 @@ def cmd_export(args) -> int:
     from .export.compressed_tensors import export_checkpoint
 
     rep = export_checkpoint(args.checkpoint, args.out, dtype=getattr(torch, args.dtype),
-                            overwrite=args.overwrite)
-    print(f"{rep.quantized_layers} layers, int{'/'.join(map(str, rep.bits))}, transforms: "
+                            overwrite=args.overwrite, allow_unfused_nvfp4=args.allow_unfused_nvfp4)
+    kind = f"int{'/'.join(map(str, rep.bits))}" if rep.fmt == "int" else rep.fmt
+    print(f"{rep.quantized_layers} layers, {kind}, transforms: "
           f"{rep.transform or 'none'} -> {rep.path} ({rep.size_bytes / 1e6:.1f} MB)")
     for note in rep.vllm_notes:
         print(f"vLLM: {note}")

@@ -14,6 +14,16 @@ Per quantized linear ``<name>`` the safetensors file holds (compressed-tensors >
 Dequantization is ``(q - z) · s`` on the signed values; yaqa's codes and zeros are the unsigned
 ones, so they are packed as they are.
 
+FP4 layers (yaqa's ``mxfp4``/``nvfp4`` quantizers) are written in compressed-tensors' own FP4
+formats, the weight-only presets ``MXFP4A16`` and ``NVFP4A16``:
+
+* ``weight_packed`` uint8 ``[out, in/2]``: the 4-bit E2M1 codes (``sign << 3 | magnitude index``,
+  yaqa's codes as they are), column ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the high;
+* ``weight_scale`` ``[out, in/block]``: MXFP4 the E8M0 exponent as uint8 (``2^(e - 127)``),
+  NVFP4 the FP8 E4M3 block scale as float8_e4m3fn;
+* ``weight_global_scale`` float32 ``[1]`` (NVFP4 only): compressed-tensors divides by it
+  (``s / G``), so it holds the reciprocal of yaqa's multiplier ``g``.
+
 Incoherence goes into ``transform_config`` as two online transforms, the input-side scheme ``v``
 (``x -> x M_v / sqrt(n)``) and the output-side scheme ``u`` (``y' -> y' M_u^T / sqrt(m)``,
 ``inverse: true``); the fused halves are already in the stored weights.  compressed-tensors and
@@ -37,7 +47,7 @@ from torch import nn
 
 from ..incoherence import IncoherenceTransform, expand_kv_signs, sign_partner
 from ..nn import QuantizedLinear
-from ..quantizers import IntGrid
+from ..quantizers import FP4Grid, IntGrid
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +76,27 @@ class LayerCodes:
     symmetric: bool
     transform: IncoherenceTransform | None
     bias: torch.Tensor | None
+    fmt: str = "int"  # "int", "mxfp4" or "nvfp4"
+    # FP4: ``scale`` is the stored block scale (MXFP4 exponent e, NVFP4 E4M3 value) and
+    # ``global_scale`` NVFP4's per-tensor multiplier g (value = E2M1 · scale · g).
+    global_scale: torch.Tensor | None = None
 
 
 def layer_codes(module: QuantizedLinear) -> LayerCodes:
-    """The integer codes, scales and zero points of ``module`` (the one place that knows how a
+    """The codes, scales and zero points of ``module`` (the one place that knows how a
     :class:`QuantizedLinear` stores them)."""
     grid = module.grid()
-    if not isinstance(grid, IntGrid):
-        raise ExportError(f"compressed-tensors export needs integer grids, got {type(grid).__name__}")
-    cfg = module.quantizer.config()
     bias = module.bias.detach().float().cpu() if module.bias is not None else None
+    if isinstance(grid, FP4Grid):
+        codes = module.codes().to(torch.int32).cpu()
+        return LayerCodes(codes=codes, scale=grid.stored.float().cpu(),
+                          zero=torch.zeros(0, dtype=torch.int32), bits=4, group_size=grid.block,
+                          symmetric=True, transform=module.transform(), bias=bias, fmt=grid.fmt,
+                          global_scale=grid.global_scale.float().cpu().reshape(1))
+    if not isinstance(grid, IntGrid):
+        raise ExportError(f"compressed-tensors export takes int-k, mxfp4 and nvfp4 layers, not "
+                          f"{type(grid).__name__} (re-quantize with one of those quantizers)")
+    cfg = module.quantizer.config()
     return LayerCodes(codes=module.codes().to(torch.int32).cpu(), scale=grid.scale.float().cpu(),
                       zero=grid.zero.round().to(torch.int32).cpu(), bits=int(grid.bits),
                       group_size=int(grid.group_size), symmetric=bool(cfg.get("symmetric")),
@@ -130,6 +151,22 @@ def unpack_int32(packed: torch.Tensor, bits: int, size: int, dim: int = 1) -> to
     stream = ((w[..., None] >> torch.arange(32)) & 1).reshape(w.shape[0], -1)[:, :size * bits]
     vals = (stream.view(w.shape[0], size, bits) << torch.arange(bits)).sum(-1)
     return vals.to(torch.int32)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes two per byte along the rows: column ``2j`` in the low nibble of byte ``j``."""
+    c = codes.to(torch.int32)
+    if c.shape[-1] % 2:
+        raise ExportError(f"FP4 packing needs an even number of columns, got {c.shape[-1]}")
+    if c.numel() and (c.min() < 0 or c.max() > 15):
+        raise ExportError("codes out of range for 4-bit packing")
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8)
+
+
+def nvfp4_global_divisor(g: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' ``weight_global_scale`` for yaqa's NVFP4 multiplier ``g``: the float32
+    reciprocal (its loaders compute ``weight_scale / weight_global_scale``; vLLM takes ``1 / G``)."""
+    return (1.0 / g.double()).float().reshape(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,9 +272,27 @@ class ExportReport:
     transform: str | None  # None, "random-hadamard" or "hadamard"
     size_bytes: int
     vllm_notes: list[str] = field(default_factory=list)
+    fmt: str = "int"  # "int", "mxfp4" or "nvfp4"
+
+
+# compressed-tensors' presets NVFP4A16 and MXFP4A16 (what vLLM's W4A16 FP4 schemes match).
+# ``scale_dtype`` is left out: its compressors default to exactly these dtypes, and configs
+# without it also parse in compressed-tensors releases older than the field.
+_FP4_ARGS = {
+    "nvfp4": {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
+              "group_size": 16, "dynamic": False},
+    "mxfp4": {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group",
+              "group_size": 32, "dynamic": False},
+}
+_FORMATS = {"int": "pack-quantized", "nvfp4": "nvfp4-pack-quantized",
+            "mxfp4": "mxfp4-pack-quantized"}
+# Linears that vLLM loads into one fused layer (packed_modules_mapping of its Llama-style models).
+_VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _weights_args(lc: LayerCodes, n: int) -> dict:
+    if lc.fmt != "int":
+        return dict(_FP4_ARGS[lc.fmt])
     strategy = "channel" if lc.group_size == n else "group"
     args = {"num_bits": lc.bits, "type": "int", "symmetric": lc.symmetric, "strategy": strategy,
             "group_size": lc.group_size if strategy == "group" else None, "dynamic": False}
@@ -246,12 +301,16 @@ def _weights_args(lc: LayerCodes, n: int) -> dict:
 
 def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
                               dtype: torch.dtype = torch.float16, source_dir: str | os.PathLike | None = None,
-                              overwrite: bool = False) -> ExportReport:
+                              overwrite: bool = False, allow_unfused_nvfp4: bool = False
+                              ) -> ExportReport:
     """Write ``model`` (with :class:`QuantizedLinear` layers) as a compressed-tensors checkpoint.
 
-    ``dtype`` is used for the scales and every unquantized tensor (yaqa fits its scales in fp16,
-    so float16 or float32 reproduce yaqa's weights exactly; bfloat16 rounds the scales).
+    ``dtype`` is used for the int-k scales and every unquantized tensor (yaqa fits its int scales
+    in fp16, so float16 or float32 reproduce yaqa's weights exactly; bfloat16 rounds the scales).
+    FP4 scales keep their own formats (E8M0, E4M3, float32 global) whatever ``dtype`` is.
     ``source_dir``: a yaqa checkpoint whose tokenizer and generation files are copied along.
+    ``allow_unfused_nvfp4``: write NVFP4 layers that vLLM fuses (q/k/v, gate/up) even when
+    their global scales differ (vLLM keeps one per fused layer and would serve them wrongly).
     """
     out = Path(out_dir)
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
@@ -259,13 +318,20 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
         raise ExportError("model has no quantized layers; quantize it first")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; pass overwrite=True (--overwrite)")
-    if dtype == torch.bfloat16:
-        log.warning("bfloat16 export rounds yaqa's fp16 scales; use float16 to keep the weights exact")
     cfg = model.config
     heads = getattr(cfg, "num_attention_heads", None)
     head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
 
     layers = {n: layer_codes(m) for n, m in qmods.items()}
+    fmts = sorted({lc.fmt for lc in layers.values()})
+    if len(fmts) != 1:
+        raise ExportError(f"layers mix quantizer families {fmts}; compressed-tensors writes one "
+                          "format per checkpoint here (quantize every layer with one of them)")
+    fmt = fmts[0]
+    if dtype == torch.bfloat16 and fmt == "int":
+        log.warning("bfloat16 export rounds yaqa's fp16 scales; use float16 to keep the weights exact")
+    if fmt == "nvfp4" and not allow_unfused_nvfp4:
+        _check_fused_global_scales(layers)
     ignore = [n for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and n not in qmods]
     schemes = _collect_schemes(layers, head_dim)
@@ -284,11 +350,14 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
     groups: dict[str, dict] = {}
     for name, lc in layers.items():
         m, n = lc.codes.shape
-        tensors[f"{name}.weight_packed"] = pack_int32(lc.codes, lc.bits)
-        tensors[f"{name}.weight_scale"] = lc.scale.to(dtype).contiguous()
-        tensors[f"{name}.weight_shape"] = torch.tensor([m, n], dtype=torch.int64)
-        if not lc.symmetric:
-            tensors[f"{name}.weight_zero_point"] = pack_int32(lc.zero, lc.bits, dim=0)
+        if lc.fmt == "int":
+            tensors[f"{name}.weight_packed"] = pack_int32(lc.codes, lc.bits)
+            tensors[f"{name}.weight_scale"] = lc.scale.to(dtype).contiguous()
+            tensors[f"{name}.weight_shape"] = torch.tensor([m, n], dtype=torch.int64)
+            if not lc.symmetric:
+                tensors[f"{name}.weight_zero_point"] = pack_int32(lc.zero, lc.bits, dim=0)
+        else:
+            tensors.update({f"{name}.{k}": v for k, v in _fp4_tensors(lc).items()})
         if lc.bias is not None:
             b = lc.bias if lc.transform is None else lc.transform.output_inverse(lc.bias)
             tensors[f"{name}.bias"] = b.to(dtype).contiguous()
@@ -306,7 +375,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
         targets = ["Linear"] if len(groups) == 1 else [f"re:^{n}$" for n in g["names"]]
         config_groups[f"group_{i}"] = {"targets": targets, "weights": g["args"],
                                        "input_activations": None, "output_activations": None}
-    qconfig = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+    qconfig = {"quant_method": "compressed-tensors", "format": _FORMATS[fmt],
                "quantization_status": "compressed", "config_groups": config_groups,
                "ignore": ignore, "kv_cache_scheme": None, "sparsity_config": {},
                "transform_config": _transform_config(schemes, ignore) if schemes else {}}
@@ -339,18 +408,53 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
     ttype = next(iter(schemes.values())).type if schemes else None
     log.info("exported %d quantized layers to %s (%.1f MB)", len(layers), out, size / 1e6)
     return ExportReport(out, len(layers), tuple(sorted({lc.bits for lc in layers.values()})),
-                        ttype, size, notes)
+                        ttype, size, notes, fmt)
+
+
+def _fp4_tensors(lc: LayerCodes) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors of one FP4 layer (names without the layer prefix)."""
+    out = {"weight_packed": pack_fp4(lc.codes)}
+    if lc.fmt == "mxfp4":
+        # yaqa keeps exponents in [-127, 127]: biased 0..254, never E8M0's NaN (255).
+        out["weight_scale"] = (lc.scale.round() + 127).to(torch.uint8).contiguous()
+    else:
+        out["weight_scale"] = lc.scale.to(torch.float8_e4m3fn).contiguous()
+        out["weight_global_scale"] = nvfp4_global_divisor(lc.global_scale)
+    return out
+
+
+def _check_fused_global_scales(layers: dict[str, LayerCodes]) -> None:
+    """Refuse NVFP4 siblings that vLLM fuses into one layer but that carry different global
+    scales: vLLM's W4A16 NVFP4 scheme keeps only one (``1 / max(G)``) for the fused layer."""
+    for name, lc in layers.items():
+        parent, _, leaf = name.rpartition(".")
+        group = next((grp for grp in _VLLM_FUSED if leaf in grp), ())
+        for other in group:
+            sib = layers.get(f"{parent}.{other}" if parent else other)
+            if sib is not None and not torch.equal(sib.global_scale, lc.global_scale):
+                raise ExportError(
+                    f"{name} and {other} have different NVFP4 global scales, but vLLM fuses "
+                    f"{'/'.join(group)} and keeps one, so it would serve wrong weights; "
+                    "pass allow_unfused_nvfp4=True (--allow-unfused-nvfp4) to write them "
+                    "anyway (transformers and compressed-tensors load them correctly)")
 
 
 def _vllm_notes(layers: dict[str, LayerCodes], schemes: dict[str, _Scheme]) -> list[str]:
     """What keeps vLLM from serving this export (empty: nothing known)."""
     notes = []
+    fmt = next(iter(layers.values())).fmt
+    if fmt == "nvfp4":
+        notes.append("NVFP4 weight-only (W4A16) runs on vLLM's FP4 Marlin kernel (vLLM PR 18000, "
+                     "merged 2025-05); fused q/k/v and gate/up layers need equal global scales")
+    elif fmt == "mxfp4":
+        notes.append("MXFP4 weight-only (W4A16) on dense layers runs on vLLM's FP4 Marlin kernel "
+                     "since vLLM PR 31926 (merged 2026-01)")
     bits = sorted({lc.bits for lc in layers.values()} - set(VLLM_BITS))
     if bits:
         notes.append(f"{bits}-bit weights: vLLM's Marlin/Machete kernels serve 4 and 8 bits "
                      "(with zero points only those); other widths need an optional kernel")
-    groups = sorted({lc.group_size for lc in layers.values()
-                     if lc.group_size not in VLLM_GROUPS and lc.group_size != lc.codes.shape[1]})
+    groups = sorted({lc.group_size for lc in layers.values() if lc.fmt == "int"
+                     and lc.group_size not in VLLM_GROUPS and lc.group_size != lc.codes.shape[1]})
     if groups:
         notes.append(f"group size {groups} is not one of Marlin's 32/64/128/per-channel")
     if schemes:
@@ -363,20 +467,25 @@ def _vllm_notes(layers: dict[str, LayerCodes], schemes: dict[str, _Scheme]) -> l
             notes.append(f"blocks of {s.head_dim}: runs with vLLM's fast Hadamard kernel (>= 0.11)")
         else:
             notes.append("random-hadamard transforms run as dense GEMMs in vLLM (>= 0.10.2)")
+        if fmt != "int":
+            notes.append("vLLM wraps any compressed-tensors linear scheme in its transform "
+                         "method; FP4 with transforms is read from its code, not run")
     return notes
 
 
 def export_checkpoint(ckpt: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      dtype: torch.dtype = torch.float16, overwrite: bool = False) -> ExportReport:
+                      dtype: torch.dtype = torch.float16, overwrite: bool = False,
+                      allow_unfused_nvfp4: bool = False) -> ExportReport:
     """Load a yaqa checkpoint directory and export it (tokenizer files come along)."""
     from ..io import load
 
     model = load(ckpt, dtype=torch.float32, attn_implementation="eager")
     return export_compressed_tensors(model, out_dir, dtype=dtype, source_dir=ckpt,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, allow_unfused_nvfp4=allow_unfused_nvfp4)
 
 
 __all__ = ["ExportError", "ExportReport", "LayerCodes", "export_checkpoint",
-           "export_compressed_tensors", "layer_codes", "pack_int32", "unpack_int32",
+           "export_compressed_tensors", "layer_codes", "nvfp4_global_divisor", "pack_fp4",
+           "pack_int32", "unpack_int32",
            "MIN_CT_VERSION"]
 
