@@ -224,3 +224,13 @@ def test_cli_exports_nvfp4_checkpoint(tmp_path):
 def test_fp4_per_layer_signs_are_refused_with_advice(tmp_path):
     with pytest.raises(ExportError, match="--incoherence shared"):
         export(quantized("mxfp4", mode=True), tmp_path)
+
+
+def test_nvfp4_global_divisor_is_the_float32_reciprocal():
+    g = torch.tensor([3.0 / 2688])  # float32, so 1/g is near but not exactly 896
+    G = nvfp4_global_divisor(g)
+    assert G.dtype == torch.float32 and abs(G.double().item() * g.double().item() - 1) <= 2**-24
+    assert nvfp4_global_divisor(torch.tensor([0.125])).item() == 8.0  # exact where 1/g is
+    for bad in (torch.zeros(1), torch.tensor([1e-45])):  # 1/g is inf in float32
+        with pytest.raises(ExportError, match="reciprocal"):
+            nvfp4_global_divisor(bad)

@@ -166,7 +166,11 @@ def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
 def nvfp4_global_divisor(g: torch.Tensor) -> torch.Tensor:
     """compressed-tensors' ``weight_global_scale`` for yaqa's NVFP4 multiplier ``g``: the float32
     reciprocal (its loaders compute ``weight_scale / weight_global_scale``; vLLM takes ``1 / G``)."""
-    return (1.0 / g.double()).float().reshape(1)
+    G = (1.0 / g.double()).float().reshape(1)
+    if not bool(torch.isfinite(G).all()) or not bool((G > 0).all()):
+        raise ExportError(f"NVFP4 global scale {g.flatten().tolist()} has no finite float32 "
+                          "reciprocal; the checkpoint is damaged or was not fitted")
+    return G
 
 
 # ---------------------------------------------------------------------------------------------
