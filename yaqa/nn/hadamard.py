@@ -69,8 +69,11 @@ def fast_hadamard(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     return apply_factors(x, factors(x.shape[-1], transpose, x.dtype, x.device))
 
 
-def apply_factors(x: torch.Tensor, Hs: list[torch.Tensor]) -> torch.Tensor:
-    """``Had_n`` given as its ±1 Kronecker factors (:func:`factors`), applied to the rows of ``x``."""
+def apply_factors(x: torch.Tensor, Hs: list[torch.Tensor], normalize: bool = True) -> torch.Tensor:
+    """``Had_n`` given as its ±1 Kronecker factors (:func:`factors`), applied to the rows of ``x``.
+
+    ``normalize=False`` skips the ``1/sqrt(n)`` (for callers that fold it into a sign vector).
+    """
     n = x.shape[-1]
     lead = x.shape[:-1]
     y = x.reshape(-1, n)
@@ -86,4 +89,5 @@ def apply_factors(x: torch.Tensor, Hs: list[torch.Tensor]) -> torch.Tensor:
         else:
             y = torch.matmul(H, y.reshape(rows * pre, d, post))
         pre *= d
-    return (y * (1.0 / math.sqrt(n))).reshape(*lead, n)
+    y = y.reshape(*lead, n)
+    return y * (1.0 / math.sqrt(n)) if normalize else y

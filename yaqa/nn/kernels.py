@@ -6,16 +6,20 @@ per byte; 2 bits: 4; 8 bits: 1; 3 bits: 8 codes per 3 bytes).  A row is ``n·bit
 starts on a chunk boundary whenever ``n`` is a multiple of 8.  Value of a code ``q`` in group
 ``G`` of row ``r``: ``(q - zero[r, G]) * scale[r, G]`` with fp16 scales and integer zero points.
 
-- Decode (few activation rows): a fused GEMV, :func:`_gemv_kernel`.  Each program reads a tile of
-  packed bytes once, unpacks in registers, and accumulates ``Σ_G s·(Σ q·x − z·Σ x)``, so the zero
-  point costs one multiply per group rather than one per weight.  Split-K with fp32 atomics keeps
-  all SMs busy on the short (1024-row) projections.
+- Decode (few activation rows): a fused GEMV.  2/4/8-bit codes are read as int32 words (a row's
+  codes are whole words whenever ``n`` is a multiple of 128), so each program streams contiguous
+  vector loads; 3-bit chunks are assembled from bytes.  Each program owns a few output features
+  and the whole reduction, and accumulates ``Σ_G s·(Σ q·x − z·Σ x)``, so the zero point costs one
+  multiply per group rather than one per weight.  No split-K, no atomics: the output is written
+  once, in the activation dtype.  Tiles come from a small autotune on large layers, a shape rule
+  otherwise.
 - Prefill (many rows): the weight is memory-cheap next to the matmul's arithmetic, so one kernel
-  dequantizes it to a temporary bf16/fp16 matrix and cuBLAS does the GEMM.
+  dequantizes it to a temporary bf16/fp16 matrix (from the caching allocator, so the same block
+  is reused layer after layer) and cuBLAS does the GEMM.
 - CPU: dequantize a block of rows at a time and matmul; peak extra memory is one block.
 
-Both GPU entry points are ``torch.library`` custom ops, so ``torch.compile`` and CUDA graphs treat
-them as opaque calls.
+The GPU entry point is one ``torch.library`` custom op, so ``torch.compile`` and CUDA graphs treat
+it as an opaque call.
 """
 
 from __future__ import annotations
@@ -108,40 +112,79 @@ def kernel_supports(bits: int, group: int, m: int, n: int) -> bool:
             and n % cpc == 0)
 
 
+def _word_layout(bits: int) -> bool:
+    """2/4/8-bit codes: a little-endian int32 word holds ``32 // bits`` whole codes, in order."""
+    return 32 % bits == 0
+
+
+# GEMV tile shapes tried by the autotuner on large layers (rows per program, K per step, warps).
+# No split-K: even the 1024-row projections give 128+ programs of a few rows each, which keeps
+# every SM busy without the fp32 atomics, the zero-fill and the cast back that split-K needs.
+_GEMV_CONFIGS = ((4, 512, 4), (8, 512, 4), (8, 256, 4), (16, 256, 4), (16, 512, 8), (8, 1024, 8))
+# Layers smaller than this (codes) use the default tile: autotuning costs more than it saves.
+AUTOTUNE_MIN_CODES = 1 << 22
+
+
+def _default_tile(m: int, n: int) -> tuple[int, int, int]:
+    bn = 16 if m >= 8192 else 8 if m >= 2048 else 4
+    bk = next(b for b in (512, 256, 128) if n % b == 0)
+    return bn, bk, 4
+
+
 @functools.lru_cache(maxsize=1)
 def _kernels():
     import triton
     import triton.language as tl
 
-    configs = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
-        for bn, bk, sk, w in [(16, 256, 4, 4), (32, 256, 2, 4), (64, 256, 1, 4), (16, 512, 8, 4),
-                              (32, 128, 8, 4), (8, 512, 4, 4)]
-    ]
-
-    def prune(configs, named_args, **kwargs):
-        K = named_args["K"]
-        return [c for c in configs if K % c.kwargs["BLOCK_K"] == 0]
-
-    @triton.autotune(configs=configs, key=["N", "K", "BITS", "GROUP"], reset_to_zero=["y_ptr"],
-                     prune_configs_by={"early_config_prune": prune})
     @triton.jit
-    def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_x, stride_y,
-                    BITS: tl.constexpr, CPC: tl.constexpr, NB: tl.constexpr,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    SPLIT_K: tl.constexpr):
+    def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, stride_x, stride_y, K: tl.constexpr,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        # One program: BLOCK_N output features of one activation row, the whole K.  The packed
+        # weight is read as int32 words (8 int4 codes each), so each row of the tile is one
+        # contiguous, vectorizable load of BLOCK_K·BITS/8 bytes.
         pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        row = tl.program_id(2)
-        BC: tl.constexpr = BLOCK_K // CPC  # chunks per tile
-        NG: tl.constexpr = BLOCK_K // GROUP  # every config has BLOCK_K >= 128 >= GROUP
+        row = tl.program_id(1)
+        CPW: tl.constexpr = 32 // BITS
+        BW: tl.constexpr = BLOCK_K // CPW
+        NG: tl.constexpr = BLOCK_K // GROUP
+        MASK: tl.constexpr = (1 << BITS) - 1
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        n_groups = K // GROUP
+        shifts = tl.arange(0, CPW) * BITS
+        wrow = qw_ptr + rows[:, None].to(tl.int64) * (K // CPW)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for t in range(0, K // BLOCK_K):
+            w = tl.load(wrow + t * BW + tl.arange(0, BW)[None, :], mask=rmask[:, None], other=0)
+            xt = tl.load(x_ptr + row * stride_x + t * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.float32)
+            q = ((w[:, :, None] >> shifts[None, None, :]) & MASK).to(tl.float32)
+            p = tl.sum(q * tl.reshape(xt, (BW, CPW))[None, :, :], axis=2)       # per word
+            pg = tl.sum(tl.reshape(p, (BLOCK_N, NG, BW // NG)), axis=2)           # per group
+            xg = tl.sum(tl.reshape(xt, (NG, GROUP)), axis=1)
+            sz = rows[:, None] * n_groups + (t * NG + tl.arange(0, NG))[None, :]
+            s = tl.load(s_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
+            z = tl.load(z_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
+            # Σ_G s·(Σ q·x − z·Σ x): the zero point costs one multiply per group, not per weight.
+            acc += tl.sum(s * (pg - z * xg[None, :]), axis=1)
+        tl.store(y_ptr + row * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def gemv_bytes(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, stride_x, stride_y, K: tl.constexpr,
+                   BITS: tl.constexpr, CPC: tl.constexpr, NB: tl.constexpr,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Any chunk layout (3 bits: 8 codes in 3 bytes), assembled from byte loads.
+        pid_n = tl.program_id(0)
+        row = tl.program_id(1)
+        BC: tl.constexpr = BLOCK_K // CPC
+        NG: tl.constexpr = BLOCK_K // GROUP
         MASK: tl.constexpr = (1 << BITS) - 1
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         row_bytes = (K // CPC) * NB
         n_groups = K // GROUP
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for t in range(pid_k, K // BLOCK_K, SPLIT_K):
+        for t in range(0, K // BLOCK_K):
             chunks = t * BC + tl.arange(0, BC)
             base = qw_ptr + rows[:, None].to(tl.int64) * row_bytes + chunks[None, :] * NB
             word = tl.load(base, mask=rmask[:, None], other=0).to(tl.int32)
@@ -151,25 +194,45 @@ def _kernels():
             xs = tl.zeros((BC,), dtype=tl.float32)
             for j in tl.static_range(CPC):
                 xj = tl.load(x_ptr + row * stride_x + chunks * CPC + j).to(tl.float32)
-                qj = ((word >> (BITS * j)) & MASK).to(tl.float32)
-                p += qj * xj[None, :]
+                p += ((word >> (BITS * j)) & MASK).to(tl.float32) * xj[None, :]
                 xs += xj
             pg = tl.sum(tl.reshape(p, (BLOCK_N, NG, BC // NG)), axis=2)
             xg = tl.sum(tl.reshape(xs, (NG, BC // NG)), axis=1)
-            g = (t * BLOCK_K) // GROUP + tl.arange(0, NG)
-            sz = rows[:, None] * n_groups + g[None, :]
+            sz = rows[:, None] * n_groups + (t * NG + tl.arange(0, NG))[None, :]
             s = tl.load(s_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
             z = tl.load(z_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
             acc += tl.sum(s * (pg - z * xg[None, :]), axis=1)
-        if SPLIT_K == 1:
-            tl.store(y_ptr + row * stride_y + rows, acc, mask=rmask)
-        else:
-            tl.atomic_add(y_ptr + row * stride_y + rows, acc, mask=rmask, sem="relaxed")
+        tl.store(y_ptr + row * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, BITS: tl.constexpr,
-                       CPC: tl.constexpr, NB: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def dequant_words(qw_ptr, s_ptr, z_ptr, w_ptr, N, K: tl.constexpr, BITS: tl.constexpr,
+                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # BLOCK_N x BLOCK_K weights per program: contiguous word loads in, one scale and zero
+        # per group broadcast in registers, contiguous 16-bit stores out.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        CPW: tl.constexpr = 32 // BITS
+        BW: tl.constexpr = BLOCK_K // CPW
+        NG: tl.constexpr = BLOCK_K // GROUP
+        MASK: tl.constexpr = (1 << BITS) - 1
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        w = tl.load(qw_ptr + rows[:, None].to(tl.int64) * (K // CPW) + pid_k * BW
+                    + tl.arange(0, BW)[None, :], mask=rmask[:, None], other=0)
+        q = (w[:, :, None] >> (tl.arange(0, CPW) * BITS)[None, None, :]) & MASK
+        q = tl.reshape(q, (BLOCK_N, NG, GROUP)).to(tl.float32)
+        sz = rows[:, None] * (K // GROUP) + (pid_k * NG + tl.arange(0, NG))[None, :]
+        s = tl.load(s_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
+        z = tl.load(z_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
+        v = tl.reshape((q - z[:, :, None]) * s[:, :, None], (BLOCK_N, BLOCK_K))
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        tl.store(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                 v.to(w_ptr.dtype.element_ty), mask=rmask[:, None])
+
+    @triton.jit
+    def dequant_bytes(qw_ptr, s_ptr, z_ptr, w_ptr, N, K: tl.constexpr, BITS: tl.constexpr,
+                      CPC: tl.constexpr, NB: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         MASK: tl.constexpr = (1 << BITS) - 1
@@ -177,61 +240,112 @@ def _kernels():
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         rmask = rows < N
         row_bytes = (K // CPC) * NB
-        chunk_idx = cols // CPC
-        j = cols % CPC
-        base = qw_ptr + rows[:, None].to(tl.int64) * row_bytes + chunk_idx[None, :] * NB
+        base = qw_ptr + rows[:, None].to(tl.int64) * row_bytes + (cols // CPC)[None, :] * NB
         word = tl.load(base, mask=rmask[:, None], other=0).to(tl.int32)
         for b in tl.static_range(1, NB):
             word |= tl.load(base + b, mask=rmask[:, None], other=0).to(tl.int32) << (8 * b)
-        q = ((word >> (BITS * j[None, :])) & MASK).to(tl.float32)
+        q = ((word >> (BITS * (cols % CPC))[None, :]) & MASK).to(tl.float32)
         sz = rows[:, None] * (K // GROUP) + (cols // GROUP)[None, :]
         s = tl.load(s_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
         z = tl.load(z_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
-        w = (q - z) * s
         tl.store(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                 w.to(w_ptr.dtype.element_ty), mask=rmask[:, None])
+                 ((q - z) * s).to(w_ptr.dtype.element_ty), mask=rmask[:, None])
 
-    return triton, gemv_kernel, dequant_kernel
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+               for bn, bk, w in _GEMV_CONFIGS]
+
+    def prune(configs, named_args, **kwargs):
+        K, group = named_args["K"], kwargs.get("GROUP", named_args.get("GROUP"))
+        return [c for c in configs if K % c.kwargs["BLOCK_K"] == 0
+                and c.kwargs["BLOCK_K"] >= group]
+
+    gemv_tuned = triton.autotune(configs=configs, key=["N", "K", "BITS", "GROUP"],
+                                 prune_configs_by={"early_config_prune": prune})(gemv_words)
+    return triton, gemv_words, gemv_tuned, gemv_bytes, dequant_words, dequant_bytes
 
 
-def _gemv(x2: torch.Tensor, qweight, scale, zero, bits: int, group: int, m: int, n: int):
-    triton, gemv_kernel, _ = _kernels()
-    cpc, nb = chunk(bits)
-    y = torch.zeros(x2.shape[0], m, dtype=torch.float32, device=x2.device)
+def _interpreting() -> bool:
+    import os
 
-    def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_N"]), meta["SPLIT_K"], x2.shape[0]
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-    gemv_kernel[grid](x2, qweight, scale, zero, y, m, n, x2.stride(0), y.stride(0), BITS=bits,
-                      CPC=cpc, NB=nb, GROUP=group)
-    return y.to(x2.dtype)
+
+def _may_autotune(x: torch.Tensor, m: int, n: int) -> bool:
+    # Autotuning times candidate launches: never while a CUDA graph is being captured, and not
+    # for small layers, where the default tile is as good and compiling candidates costs seconds.
+    return (m * n >= AUTOTUNE_MIN_CODES and x.is_cuda and not _interpreting()
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+         bits: int, group: int, m: int, n: int) -> torch.Tensor:
+    """``x2 @ W^T`` for a contiguous ``(rows, n)`` activation by the fused GEMV, in ``x2.dtype``."""
+    triton, gemv_words, gemv_tuned, gemv_bytes, _, _ = _kernels()
+    y = torch.empty(x2.shape[0], m, dtype=x2.dtype, device=x2.device)
+    if _word_layout(bits):
+        qw = qweight.view(torch.int32)
+        if _may_autotune(x2, m, n):
+            def grid(meta):
+                return triton.cdiv(m, meta["BLOCK_N"]), x2.shape[0]
+
+            gemv_tuned[grid](x2, qw, scale, zero, y, m, x2.stride(0), y.stride(0), n, BITS=bits,
+                             GROUP=group)
+        else:
+            bn, bk, w = _default_tile(m, n)
+            bk = max(bk, group)
+            gemv_words[(triton.cdiv(m, bn), x2.shape[0])](
+                x2, qw, scale, zero, y, m, x2.stride(0), y.stride(0), n, BITS=bits, GROUP=group,
+                BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
+    else:
+        cpc, nb = chunk(bits)
+        bn, bk = (8 if m >= 2048 else 4), 256 if n % 256 == 0 else 128
+        gemv_bytes[(triton.cdiv(m, bn), x2.shape[0])](
+            x2, qweight, scale, zero, y, m, x2.stride(0), y.stride(0), n, BITS=bits, CPC=cpc,
+            NB=nb, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return y
 
 
 def dequantize_cuda(qweight, scale, zero, bits: int, group: int, m: int, n: int,
                     dtype: torch.dtype) -> torch.Tensor:
-    triton, _, dequant_kernel = _kernels()
-    cpc, nb = chunk(bits)
+    """The dense ``m x n`` weight in ``dtype`` (for cuBLAS at prefill)."""
+    triton, _, _, _, dequant_words, dequant_bytes = _kernels()
     W = torch.empty(m, n, dtype=dtype, device=qweight.device)
-    bn, bk = 32, 128
-    dequant_kernel[(triton.cdiv(m, bn), n // bk)](qweight, scale, zero, W, m, n, BITS=bits,
-                                                  CPC=cpc, NB=nb, GROUP=group, BLOCK_N=bn,
-                                                  BLOCK_K=bk, num_warps=4)
+    if _word_layout(bits):
+        bn, bk = 32, max(256 if n % 256 == 0 else 128, group)
+        dequant_words[(triton.cdiv(m, bn), n // bk)](
+            qweight.view(torch.int32), scale, zero, W, m, n, BITS=bits, GROUP=group,
+            BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    else:
+        cpc, nb = chunk(bits)
+        bn, bk = 32, 128
+        dequant_bytes[(triton.cdiv(m, bn), n // bk)](
+            qweight, scale, zero, W, m, n, BITS=bits, CPC=cpc, NB=nb, GROUP=group, BLOCK_N=bn,
+            BLOCK_K=bk, num_warps=4)
     return W
+
+
+def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  bits: int, group: int, m: int, n: int) -> torch.Tensor:
+    """``x @ W^T`` by the Triton kernels (any device Triton can launch on, incl. the interpreter)."""
+    x2 = x.reshape(-1, n)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if x2.shape[0] <= GEMV_MAX_ROWS:
+        y = gemv(x2, qweight, scale, zero, bits, group, m, n)
+    else:
+        y = x2 @ dequantize_cuda(qweight, scale, zero, bits, group, m, n, x.dtype).T
+    return y.reshape(*x.shape[:-1], m)
 
 
 @torch.library.custom_op("yaqa::intk_matmul", mutates_args=())
 def intk_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 bits: int, group: int, m: int, n: int) -> torch.Tensor:
-    """``x @ W^T`` for packed int-k ``W`` (m x n) on CUDA; x: (..., n) in bf16/fp16/fp32."""
-    x2 = x.reshape(-1, n)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    if x2.shape[0] <= GEMV_MAX_ROWS:
-        y = _gemv(x2, qweight, scale, zero, bits, group, m, n)
-    else:
-        W = dequantize_cuda(qweight, scale, zero, bits, group, m, n, x.dtype)
-        y = x2 @ W.T
-    return y.reshape(*x.shape[:-1], m)
+    """``x @ W^T`` for packed int-k ``W`` (m x n) on CUDA; x: (..., n) in bf16/fp16/fp32.
+
+    An opaque op to ``torch.compile`` (no graph break, no tracing into Triton), and free of host
+    synchronisation, so CUDA graphs capture it.
+    """
+    return packed_matmul(x, qweight, scale, zero, bits, group, m, n)
 
 
 @intk_matmul.register_fake

@@ -64,6 +64,8 @@ class QuantizedLinear(nn.Module):
             for k, v in tf.state_dict().items():
                 self.register_buffer(f"tf_{k}", v.to(device))
             self._register_hadamard(device, dtype)
+            # The folded sign vectors derive from tf_sign_*: rebuild them whenever those load.
+            self.register_load_state_dict_post_hook(_refresh_hadamard)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
         self.compute_dtype = dtype
@@ -76,6 +78,8 @@ class QuantizedLinear(nn.Module):
         # not saved; as buffers they follow .to() and stay device-resident for compiled graphs.
         # Block mode (incoherence "block"): one Sylvester block H_b applied to each run of b
         # consecutive features, read from the stored transform once here, never per forward.
+        # The random signs and the 1/sqrt(n) normalisation are folded into one vector per side,
+        # in the compute dtype: one elementwise pass per side and no per-call casts.
         block = getattr(self, "tf_block", None)
         self._had_block = int(block) if block is not None and not block.is_meta else 0
         for name in [k for k in self._buffers if k.startswith(("had_in_", "had_out_"))]:
@@ -85,22 +89,28 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("had_in_0", H, persistent=False)
             self.register_buffer("had_out_0", H.clone(), persistent=False)
             self._had_in = self._had_out = 1
-            return
-        self._had_in = len(factors(self.in_features))
-        for i, H in enumerate(factors(self.in_features, False, dtype, device)):
-            self.register_buffer(f"had_in_{i}", H, persistent=False)
-        for i, H in enumerate(factors(self.out_features, True, dtype, device)):
-            self.register_buffer(f"had_out_{i}", H, persistent=False)
-        self._had_out = i + 1
+            din = dout = self._had_block
+        else:
+            self._had_in = len(factors(self.in_features))
+            for i, H in enumerate(factors(self.in_features, False, dtype, device)):
+                self.register_buffer(f"had_in_{i}", H, persistent=False)
+            for i, H in enumerate(factors(self.out_features, True, dtype, device)):
+                self.register_buffer(f"had_out_{i}", H, persistent=False)
+            self._had_out = i + 1
+            din, dout = self.in_features, self.out_features
+        for side, sign, d in (("in", self.tf_sign_in, din), ("out", self.tf_sign_out, dout)):
+            if sign.is_meta:
+                sign = torch.ones(sign.shape, device=device)  # refreshed by materialize_hadamard
+            v = (sign.to(device=device, dtype=torch.float64) / math.sqrt(d)).to(dtype)
+            self.register_buffer(f"had_{side}_sign", v, persistent=False)
 
     def _hadamard(self, x: torch.Tensor, side: str) -> torch.Tensor:
         count = self._had_in if side == "in" else self._had_out
         Hs = [getattr(self, f"had_{side}_{i}") for i in range(count)]
         if not self._had_block:
-            return apply_factors(x, Hs)
+            return apply_factors(x, Hs, normalize=False)
         b = self._had_block
-        y = x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ Hs[0].to(x.dtype)  # symmetric H_b
-        return (y * (1.0 / math.sqrt(b))).reshape(x.shape)
+        return (x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ Hs[0].to(x.dtype)).reshape(x.shape)
 
     def materialize_hadamard(self) -> None:
         """Rebuild the derived Hadamard buffers next to ``qweight`` (after a meta-device load)."""
@@ -215,10 +225,10 @@ class QuantizedLinear(nn.Module):
         return torch.nn.functional.linear(x, self.transformed_weight().to(x.dtype))
 
     def _rotate_in(self, x: torch.Tensor) -> torch.Tensor:
-        return self._hadamard(x * self.tf_sign_in.to(x.dtype), "in")
+        return self._hadamard(x * self.had_in_sign.to(x.dtype), "in")
 
     def _rotate_out(self, y: torch.Tensor) -> torch.Tensor:
-        return self._hadamard(y, "out") * self.tf_sign_out.to(y.dtype)
+        return self._hadamard(y, "out") * self.had_out_sign.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_cache:
@@ -242,6 +252,11 @@ class QuantizedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, quantizer={self.quantizer.config()}, "
                 f"incoherence={self.incoherence}, dense_cache={self.dense_cache}")
+
+
+def _refresh_hadamard(module: "QuantizedLinear", incompatible_keys) -> None:
+    if not (module.qweight.is_meta or module.tf_sign_in.is_meta):
+        module.materialize_hadamard()
 
 
 def set_dense_cache(model: nn.Module, enabled: bool = True) -> int:

@@ -1,0 +1,80 @@
+"""The Triton kernels, run by Triton's CPU interpreter at tiny sizes against the dense reference.
+
+Skipped where Triton is not installed (CI's test extra does not pull it); the pure-torch CPU
+path is covered by test_packed.py either way.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+from yaqa.nn import kernels
+from yaqa.nn.packing import pack_codes
+
+# Triton decorates its own library functions (tl.sum, ...) at import, in the mode the variable
+# selects then: it must be set before the first import.  Machines with a GPU skip this file.
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton was imported before the interpreter could be selected, or a GPU is "
+                "present (bench/check_kernels.py covers the GPU)", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def interpreter():
+    kernels._kernels.cache_clear()  # build the kernels under the interpreter
+    yield
+    kernels._kernels.cache_clear()
+
+
+def _layer(bits, group, m, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (m, n), generator=g)
+    qw = pack_codes(codes, bits)
+    scale = (torch.rand(m, n // group, generator=g) * 0.1 + 0.01).half()
+    zero = torch.randint(0, 2**bits, (m, n // group), generator=g).to(torch.uint8)
+    return qw, scale, zero, kernels.dequantize_rows(qw, scale, zero, bits, group, n, 0, m)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 128])
+def test_gemv_and_dequant_kernels_equal_the_dense_weight(bits, group):
+    m, n = 22, 256  # 22 rows: the last program of every kernel is partly masked
+    qw, scale, zero, W = _layer(bits, group, m, n, seed=bits * 100 + group)
+    Wk = kernels.dequantize_cuda(qw, scale, zero, bits, group, m, n, torch.float32)
+    assert torch.equal(Wk, W)  # same float32 arithmetic, exactly
+    W16 = kernels.dequantize_cuda(qw, scale, zero, bits, group, m, n, torch.bfloat16)
+    assert W16.dtype == torch.bfloat16  # (the interpreter's bf16 cast may truncate: 1 ulp)
+    torch.testing.assert_close(W16.float(), W, rtol=2**-7, atol=0)
+    for rows in (1, 3, kernels.GEMV_MAX_ROWS + 2):  # GEMV, GEMV over rows, dequantize + matmul
+        x = torch.randn(rows, n, generator=torch.Generator().manual_seed(rows))
+        y = kernels.packed_matmul(x, qw, scale, zero, bits, group, m, n)
+        torch.testing.assert_close(y, x @ W.T, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_writes_the_activation_dtype_and_keeps_leading_dims():
+    m, n, bits, group = 16, 128, 4, 64
+    qw, scale, zero, W = _layer(bits, group, m, n)
+    x = torch.randn(2, 1, n).bfloat16()
+    y = kernels.packed_matmul(x, qw, scale, zero, bits, group, m, n)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 1, m)
+    ref = x.float() @ W.T
+    assert ((y.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_custom_op_has_a_fake_impl_and_compiles_without_graph_breaks():
+    m, n, bits, group = 16, 128, 4, 32
+    qw, scale, zero, W = _layer(bits, group, m, n)
+    x = torch.randn(1, n)
+    torch.library.opcheck(kernels.intk_matmul, (x, qw, scale, zero, bits, group, m, n),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    def step(x):
+        return torch.relu(kernels.intk_matmul(x, qw, scale, zero, bits, group, m, n)) + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="eager", fullgraph=True)  # fullgraph: breaks raise
+    torch.testing.assert_close(compiled(x), torch.relu(x @ W.T) + 1, rtol=1e-5, atol=1e-5)
