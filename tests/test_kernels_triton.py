@@ -52,7 +52,7 @@ def test_gemv_and_dequant_kernels_equal_the_dense_weight(bits, group):
     for rows in (1, 3, kernels.GEMV_MAX_ROWS + 2):  # GEMV, GEMV over rows, dequantize + matmul
         x = torch.randn(rows, n, generator=torch.Generator().manual_seed(rows))
         y = kernels.packed_matmul(x, qw, scale, zero, bits, group, m, n)
-        torch.testing.assert_close(y, x @ W.T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, x @ W.T, rtol=1e-4, atol=1e-4)  # 8-bit sums reach ~10
 
 
 def test_gemv_writes_the_activation_dtype_and_keeps_leading_dims():
