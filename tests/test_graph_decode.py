@@ -1,0 +1,65 @@
+"""GraphDecoder: the fixed decode step gives the tokens of transformers' generate (CPU, eager)."""
+
+import pytest
+import torch
+
+import yaqa
+from yaqa.nn.graph_decode import GraphDecoder
+
+from tiny_models import tiny_model
+
+
+def _hf_greedy(model, prompt, n):
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_tokens_equal_generate(family):
+    model = tiny_model(family, layers=2)
+    prompt = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    dec = GraphDecoder(model, max_len=32)
+    assert torch.equal(dec.generate(prompt, 12), _hf_greedy(model, prompt, 12))
+    # The cache is reused: a second, different prompt starts from a clean position.
+    other = prompt.flip(1)
+    assert torch.equal(dec.generate(other, 6), _hf_greedy(model, other, 6))
+
+
+def test_greedy_tokens_equal_generate_on_a_packed_model():
+    model = tiny_model("llama", hidden=128, intermediate=256, layers=2)
+    yaqa.quantize(model, method="rtn", quantizer="int4", group_size=32, incoherence=True,
+                  progress=False)
+    prompt = torch.randint(1, 128, (1, 4), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(GraphDecoder(model, max_len=24).generate(prompt, 10),
+                       _hf_greedy(model, prompt, 10))
+
+
+def test_unsupported_blocks_and_overlong_prompts_are_refused():
+    with pytest.raises(ValueError, match="Llama-style"):
+        GraphDecoder(tiny_model("qwen3"), max_len=16)
+    dec = GraphDecoder(tiny_model("llama"), max_len=8)
+    with pytest.raises(ValueError, match="exceed max_len"):
+        dec.generate(torch.ones(1, 6, dtype=torch.long), 4)
+
+
+def test_the_step_never_reads_a_tensor_back_to_the_host():
+    # A CUDA graph cannot capture a host read (.item(), nonzero, data-dependent shapes): record
+    # every op the step dispatches and look for those.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    dec = GraphDecoder(tiny_model("llama"), max_len=16)
+    dec.prefill(torch.tensor([3, 4]))
+    with Record() as rec:
+        dec.step()
+    assert rec.ops and not {o for o in rec.ops
+                            if any(s in o for s in ("_local_scalar_dense", "nonzero", "item"))}

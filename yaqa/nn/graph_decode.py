@@ -1,0 +1,158 @@
+"""Greedy batch-1 decoding with a static KV cache, one whole decode step replayed as a CUDA graph.
+
+At batch 1 a 4-bit 8B model reads about 4 GB per token, 1.5 ms on an H100: Python, kernel
+launches and ``generate``'s per-token bookkeeping cost more than that.  :class:`GraphDecoder` runs
+the model's own modules (embedding, norms, the possibly packed linears, LM head) in a fixed
+decode step (rotary embedding, cache write and attention over a preallocated cache, all indexed
+by a position held on the device), so the step has no host synchronisation and no shape changes:
+it is captured once as a CUDA graph and replayed per token, and the argmax stays on the device.
+On CPU the same step runs eagerly (the tests check it against ``generate``).
+
+Llama-style decoders only (Llama, Mistral without sliding window, Qwen2): pre-norm blocks with
+``q/k/v/o_proj`` and a gated ``gate/up/down_proj`` MLP, standard rotary embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class GraphDecoder:
+    """Greedy decoding of a Llama-style ``*ForCausalLM`` at batch 1, up to ``max_len`` positions.
+
+    ``graph=None`` captures a CUDA graph when the model is on CUDA.  :meth:`generate` returns the
+    same tokens as ``model.generate(do_sample=False)`` up to float rounding.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_len: int, graph: bool | None = None):
+        cfg = model.config
+        body = getattr(model, "model", None)
+        layers = getattr(body, "layers", None)
+        if layers is None or not hasattr(model, "lm_head"):
+            raise ValueError(f"GraphDecoder needs a *ForCausalLM with model.layers, got "
+                             f"{type(model).__name__}")
+        for layer in layers:
+            attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+            if (attn is None or mlp is None or any(not hasattr(attn, n) for n in _ATTN)
+                    or any(not hasattr(mlp, n) for n in _MLP) or hasattr(attn, "q_norm")
+                    or getattr(attn, "sliding_window", None)):
+                raise ValueError(f"GraphDecoder supports Llama-style blocks only, not "
+                                 f"{type(layer).__name__}")
+        self.model, self.layers = model, layers
+        self.max_len = max_len
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        emb = body.embed_tokens.weight
+        dev, dt = emb.device, emb.dtype
+        shape = (1, self.kv_heads, max_len, self.head_dim)
+        self.k = [torch.zeros(shape, device=dev, dtype=dt) for _ in layers]
+        self.v = [torch.zeros(shape, device=dev, dtype=dt) for _ in layers]
+        self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)  # this step's input token
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)     # its position
+        self.positions = torch.arange(max_len, device=dev)
+        inv_freq = body.rotary_emb.inv_freq
+        self.inv_freq = inv_freq.to(device=dev, dtype=torch.float32)
+        self.rope_scale = float(getattr(body.rotary_emb, "attention_scaling", 1.0))
+        self.use_graph = dev.type == "cuda" if graph is None else graph
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self.next_token = torch.zeros(1, dtype=torch.long, device=dev)
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        """One token: reads ``tok``/``pos``, writes the greedy ``next_token``, advances ``pos``."""
+        body, H, K, D = self.model.model, self.heads, self.kv_heads, self.head_dim
+        h = body.embed_tokens(self.tok)
+        freqs = self.pos.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(h.dtype)
+        sin = (emb.sin() * self.rope_scale).to(h.dtype)
+        mask = (self.positions <= self.pos).view(1, 1, 1, self.max_len)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = a.q_proj(x).view(1, 1, H, D).transpose(1, 2)
+            k = a.k_proj(x).view(1, 1, K, D).transpose(1, 2)
+            v = a.v_proj(x).view(1, 1, K, D).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k[i].index_copy_(2, self.pos, k)
+            self.v[i].index_copy_(2, self.pos, v)
+            o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask,
+                                               enable_gqa=H != K)
+            h = h + a.o_proj(o.transpose(1, 2).reshape(1, 1, H * D))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = self.model.lm_head(body.norm(h))
+        self.next_token.copy_(logits[0, -1].argmax(-1, keepdim=True))
+        self.tok.copy_(self.next_token.view(1, 1))
+        self.pos.add_(1)
+
+    def _capture(self) -> None:
+        # Warm up off the capture stream first: it compiles and autotunes the Triton kernels, and
+        # lets the caching allocator settle.  The warm-up's cache writes are harmless: a position
+        # is always written before the mask lets attention read it.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.pos.zero_()
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._step()
+        self.pos.zero_()
+
+    def step(self) -> None:
+        if self.use_graph:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+        else:
+            self._step()
+
+    def reset(self) -> None:
+        self.pos.zero_()
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> None:
+        """Feed ``prompt`` (1-D or ``1 x T`` token ids) one position at a time; then
+        ``next_token`` holds the greedy continuation."""
+        ids = prompt.reshape(-1).to(self.tok.device)
+        if ids.numel() == 0 or ids.numel() >= self.max_len:
+            raise ValueError(f"prompt of {ids.numel()} tokens does not fit max_len={self.max_len}")
+        self.reset()
+        for t in ids:
+            self.tok.copy_(t.view(1, 1))
+            self.step()
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy continuation: ``1 x (T + new_tokens)`` ids, like ``model.generate``."""
+        ids = prompt.reshape(1, -1)
+        if ids.shape[1] + new_tokens > self.max_len:
+            raise ValueError(f"{ids.shape[1]} + {new_tokens} tokens exceed max_len={self.max_len}")
+        self.prefill(ids)
+        out = [self.next_token.clone()]
+        for _ in range(new_tokens - 1):
+            self.step()  # the input token is the previous step's argmax, already on the device
+            out.append(self.next_token.clone())
+        return torch.cat([ids.to(self.tok.device), torch.stack(out, dim=1)], dim=1)
+
+    def decode(self, steps: int) -> None:
+        """``steps`` further greedy tokens with no host work per token (for timing)."""
+        for _ in range(steps):
+            self.step()
