@@ -1,8 +1,17 @@
-"""GPU correctness of the packed int-k kernels against the dense dequantized weight (fp64 reference).
+"""GPU correctness of the packed int-k paths against the dense dequantized weight (fp64 reference).
 
-    python bench/check_kernels.py        # a few seconds after Triton compiles; exits 1 on a mismatch
+    python bench/check_kernels.py --quick   # ~20 s (mostly Triton compiles); exits 1 on a mismatch
+    python bench/check_kernels.py           # every bit width x group x activation dtype
+
+Checks, each against the dense weight: the fused GEMV (1 and 3 activation rows) and the
+dequantize + cuBLAS path (40 rows), with and without Hadamard incoherence; the autotuned GEMV on a
+Llama-8B shape; the layer replayed from a CUDA graph; the layer under ``torch.compile`` with
+``fullgraph=True`` (no graph break); and :class:`GraphDecoder` greedy tokens, replayed from a CUDA
+graph, against the same step run eagerly and against transformers ``generate``.
 """
 
+import argparse
+import faulthandler
 import sys
 from pathlib import Path
 
@@ -14,36 +23,121 @@ from yaqa.nn import QuantizedLinear  # noqa: E402
 from yaqa.quantizers import IntQuantizer  # noqa: E402
 from yaqa.rounding import round_weight  # noqa: E402
 
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class Checker:
+    def __init__(self):
+        self.bad = 0
+
+    def check(self, label: str, y: torch.Tensor, ref: torch.Tensor, tol: float,
+              show: bool = False) -> None:
+        err = ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+        ok = err < tol and bool(torch.isfinite(y).all())
+        self.bad += not ok
+        if show or not ok:
+            print(f"{label}: rel err {err:.2e} {'OK' if ok else 'FAIL'}", flush=True)
+
+    def expect(self, label: str, ok: bool) -> None:
+        self.bad += not ok
+        print(f"{label}: {'OK' if ok else 'FAIL'}", flush=True)
+
+
+def layer(bits, group, m, n, inc, dev, dtype=torch.bfloat16):
+    W = torch.randn(m, n, device=dev) * 0.05
+    q = IntQuantizer(bits=bits, group_size=group)
+    res = round_weight(W, None, None, q, method="rtn", incoherence=7 if inc else False,
+                       return_details=True)
+    return QuantizedLinear.from_codes(res.codes, res.grid, q, transform=res.transform, dtype=dtype)
+
+
+def check_layers(c: Checker, dev, quick: bool) -> None:
+    combos = [(b, g) for b in (4, 8, 2, 3) for g in (32, 64, 128)]
+    if quick:
+        combos = [(4, 32), (4, 64), (4, 128), (8, 128), (2, 128), (3, 128)]
+    for bits, group in combos:
+        # One K (1536 = 12·128, a Paley × Walsh size) for all shapes: K is a compile-time constant.
+        for m, n, inc in ((200, 1536, False), (96, 1536, True)):
+            ql = layer(bits, group, m, n, inc, dev)
+            Wd = ql.dequantized_weight().double()
+            dtypes = DTYPES if (not quick or (bits, group) == (4, 128)) else DTYPES[:1]
+            for rows in (1, 3, 40):
+                for dt in dtypes:
+                    x = torch.randn(rows, n, device=dev, dtype=dt)
+                    with torch.no_grad():
+                        y = ql(x)
+                    tol = 1e-2 if dt != torch.float32 else 2e-3
+                    c.check(f"int{bits} g{group} {m}x{n} inc={inc} rows={rows} {dt}", y,
+                            x.double() @ Wd.T, tol, show=rows == 1 and dt == torch.bfloat16)
+
+
+def check_big_and_graphs(c: Checker, dev) -> None:
+    # A Llama-8B shape: the autotuned GEMV, then the same call captured in a CUDA graph.
+    n = 4096 if dev.type == "cuda" else 512
+    for inc in (False, True):
+        ql = layer(4, 128, n, n, inc, dev)
+        Wd = ql.dequantized_weight().double()
+        x = torch.randn(1, n, device=dev, dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = ql(x)
+            c.check(f"int4 g128 {n}x{n} inc={inc} autotuned GEMV", y, x.double() @ Wd.T, 1e-2,
+                    show=True)
+            if dev.type == "cuda":
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    yg = ql(x)
+                x.copy_(torch.randn_like(x))
+                graph.replay()
+                c.check(f"  same, CUDA graph replay on new input inc={inc}", yg,
+                        x.double() @ Wd.T, 1e-2, show=True)
+            compiled = torch.compile(ql, backend="eager", fullgraph=True)
+            c.check(f"  same, torch.compile fullgraph inc={inc}", compiled(x), x.double() @ Wd.T,
+                    1e-2, show=True)
+
+
+def check_decoder(c: Checker, dev) -> None:
+    import transformers
+
+    import yaqa
+    from yaqa.nn.graph_decode import GraphDecoder
+
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    yaqa.quantize(model, method="rtn", quantizer="int4", group_size=128, incoherence=True,
+                  progress=False)
+    prompt = torch.randint(1, 512, (1, 6), device=dev)
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(device=dev, dtype=dtype)
+        graph = GraphDecoder(model, max_len=40, graph=dev.type == "cuda").generate(prompt, 16)
+        eager = GraphDecoder(model, max_len=40, graph=False).generate(prompt, 16)
+        c.expect(f"GraphDecoder {dtype}: CUDA graph tokens == eager step tokens",
+                 torch.equal(graph, eager))
+        if dtype == torch.float32:
+            with torch.no_grad():
+                ref = model.generate(prompt, max_new_tokens=16, min_new_tokens=16,
+                                     do_sample=False, pad_token_id=0, disable_compile=True)
+            c.expect("GraphDecoder float32 tokens == transformers generate", torch.equal(graph, ref))
+
 
 def main() -> int:
-    dev = torch.device("cuda")
-    bad = 0
-    for bits in (4, 8, 2, 3):
-        for group in (32, 64, 128):
-            for m, n, inc in ((200, 1536, False), (96, 640, True)):
-                W = torch.randn(m, n, device=dev) * 0.05
-                q = IntQuantizer(bits=bits, group_size=group)
-                res = round_weight(W, None, None, q, method="rtn", incoherence=7 if inc else False,
-                                   return_details=True)
-                ql = QuantizedLinear.from_codes(res.codes, res.grid, q, transform=res.transform,
-                                                dtype=torch.bfloat16)
-                Wd = ql.dequantized_weight().double()
-                for rows in (1, 3, 40):
-                    for dt in (torch.bfloat16, torch.float16, torch.float32):
-                        x = torch.randn(rows, n, device=dev, dtype=dt)
-                        y = torch.full((rows, m), float("nan"), device=dev)
-                        with torch.no_grad():
-                            y = ql(x)
-                        ref = x.double() @ Wd.T
-                        err = ((y.double() - ref).norm() / ref.norm()).item()
-                        tol = 1e-2 if dt != torch.float32 else 2e-3
-                        ok = err < tol and torch.isfinite(y).all().item()
-                        bad += not ok
-                        if not ok or (rows == 1 and dt == torch.bfloat16):
-                            print(f"int{bits} g{group} {m}x{n} inc={inc} rows={rows} {dt}: "
-                                  f"rel err {err:.2e} {'OK' if ok else 'FAIL'}", flush=True)
-    print("all kernel checks passed" if not bad else f"{bad} FAILED")
-    return 1 if bad else 0
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer bit/group/dtype combinations")
+    ap.add_argument("--timeout", type=float, default=300, help="hard limit, seconds")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script (no graphs)")
+    args = ap.parse_args()
+    faulthandler.dump_traceback_later(args.timeout, exit=True)  # never hang the caller
+    dev = torch.device(args.device)
+    c = Checker()
+    check_layers(c, dev, args.quick)
+    check_big_and_graphs(c, dev)
+    check_decoder(c, dev)
+    print("all kernel checks passed" if not c.bad else f"{c.bad} FAILED", flush=True)
+    return 1 if c.bad else 0
 
 
 if __name__ == "__main__":

@@ -1,27 +1,37 @@
 """Inference speed and memory of packed int-k models against bf16, in one run.
 
-    python bench/inference.py --device cuda                 # Llama-3.1-8B shape, ~5-7 min on an H100
-    python bench/inference.py --device cpu --tiny           # smoke test of the script
+    python bench/inference.py --device cuda --budget 100   # Llama-3.1-8B shape, ~1.5 min on an H100
+    python bench/inference.py --device cuda --generate     # + transformers generate (compiles, ~6 min)
+    python bench/inference.py --device cpu --tiny          # smoke test of the script
 
-Builds a Llama-3.1-8B-shaped model with random weights from its config (no download), then for
-bf16, int4 g128 and int4 g128 + incoherence (RTN; speed does not depend on the rounding method):
+Builds a Llama-3.1-8B-shaped model with random weights from its config (no download).  The
+quantized variants replace every decoder linear by a packed int4 g128 layer with random codes,
+scales and signs (speed does not depend on the values, and quantizing 8B weights would take a
+minute).  For bf16, int4 and int4 + incoherence:
 
 - GPU memory after loading, and the bytes of the decoder linears alone;
-- batch-1 decode tokens/s with ``generate`` and a static cache (transformers compiles the forward
-  with ``torch.compile(mode="reduce-overhead")`` for static caches on CUDA; ``--no-compile`` turns
-  that off);
-- prefill latency of ``--prefill`` tokens;
-- per-layer matrix-vector kernel bandwidth (packed bytes read / time) for the four Llama shapes,
-  with the kernel's error against the dense dequantized weight.
+- batch-1 greedy decode tokens/s with :class:`yaqa.nn.graph_decode.GraphDecoder` (static cache,
+  one CUDA graph per token: no Python or launch overhead), and without the graph;
+- with ``--generate``: tokens/s of transformers ``generate`` with a static cache (it compiles the
+  forward with ``torch.compile(mode="reduce-overhead")``, about a minute per variant);
+- prefill latency of ``--prefill`` tokens (dequantize to bf16 + cuBLAS for the packed layers);
+- per-layer kernel times for the four Llama shapes: the fused GEMV in GB/s of packed bytes, with
+  and without the Hadamard rotations, the dequantize kernel, against bf16, and the GEMV's error
+  against the dense dequantized weight (RTN codes).
 
-Writes ``bench/results/inference-<device>.json`` and a markdown table next to it.
+``--budget S`` skips the stages that would start after S seconds (they are reported as skipped)
+and a watchdog ends the process 20 s later whatever happens, so the run cannot hang.  Results are
+written after every stage: ``bench/results/inference-<device>.json`` and a markdown table next to
+it (``--out``), also into ``--copy-to DIR``.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
+import math
 import platform
 import statistics
 import sys
@@ -32,8 +42,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaqa  # noqa: E402
 from yaqa.nn import QuantizedLinear  # noqa: E402
+from yaqa.nn.graph_decode import GraphDecoder  # noqa: E402
+from yaqa.quantizers import IntQuantizer  # noqa: E402
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
@@ -41,6 +52,8 @@ LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, nu
 TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
             tie_word_embeddings=False)
+PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def sync(dev):
@@ -77,6 +90,36 @@ def build(cfg: dict, dev, dtype, seed: int = 0):
     return model.eval()
 
 
+def random_packed(lin: torch.nn.Linear, bits: int, group: int, incoherence: bool,
+                  gen: torch.Generator) -> QuantizedLinear:
+    """A packed layer of ``lin``'s shape with random codes (zero point mid-range) and scales that
+    keep the output scale of the random init, and random signs."""
+    m, n = lin.out_features, lin.in_features
+    dev, dtype = lin.weight.device, lin.weight.dtype
+    ql = QuantizedLinear(n, m, IntQuantizer(bits=bits, group_size=group), incoherence=incoherence,
+                         dtype=dtype, device=dev)
+    # Drawn on the device: 3.4 GB of random bytes on the host would take longer than the run.
+    ql.qweight.copy_(torch.randint(0, 256, ql.qweight.shape, dtype=torch.uint8, device=dev))
+    code_std = math.sqrt((4**bits - 1) / 12)
+    ql.grid_scale.fill_(lin.weight.float().std().item() / code_std)
+    ql.grid_zero.fill_(2 ** (bits - 1))
+    if incoherence:
+        for name in ("tf_sign_in", "tf_sign_out"):
+            b = getattr(ql, name)
+            b.copy_((torch.randint(0, 2, b.shape, generator=gen) * 2 - 1).to(b))
+        ql.materialize_hadamard()
+    return ql
+
+
+def quantize_random(model, bits: int, group: int, incoherence: bool) -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    for layer in model.model.layers:
+        for name in PROJ:
+            layer.set_submodule(name, random_packed(layer.get_submodule(name), bits, group,
+                                                    incoherence, gen))
+
+
 def linear_bytes(model) -> int:
     total = 0
     for m in model.model.layers.modules():
@@ -88,7 +131,7 @@ def linear_bytes(model) -> int:
     return total
 
 
-def measure_model(model, dev, args) -> dict:
+def measure_model(model, dev, args, left) -> dict:
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -97,7 +140,29 @@ def measure_model(model, dev, args) -> dict:
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=g).to(dev)
+    n, reps = args.new_tokens, 3
+    dec = GraphDecoder(model, max_len=args.prompt + (reps + 1) * n + 8)
+    t = time.perf_counter()
+    dec.prefill(prompt)  # captures the graph
+    res["capture_s"] = time.perf_counter() - t
+    res["decode_tok_s"] = n / timed(lambda: dec.decode(n), dev, reps)
+    dec.use_graph = False
+    eager_n = max(2, n // 8)
+    res["decode_eager_tok_s"] = eager_n / timed(lambda: dec.decode(eager_n), dev, 1)
+    del dec
+    long = torch.randint(0, vocab, (1, args.prefill), generator=g).to(dev)
 
+    def prefill():
+        with torch.no_grad():
+            model(long, use_cache=False, logits_to_keep=1)
+
+    res["prefill_s"] = timed(prefill, dev, 3)
+    if args.generate and left() > 0:
+        res.update(measure_generate(model, prompt, dev, args))
+    return res
+
+
+def measure_generate(model, prompt, dev, args) -> dict:
     def gen(n):
         with torch.no_grad():
             return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -106,29 +171,26 @@ def measure_model(model, dev, args) -> dict:
 
     t0 = time.perf_counter()
     gen(args.new_tokens)  # compiles (if enabled) and warms up
-    res["warmup_s"] = time.perf_counter() - t0
-    t_short = timed(lambda: gen(2), dev, 3)
-    t_long = timed(lambda: gen(args.new_tokens), dev, 3)
-    res["decode_tok_s"] = (args.new_tokens - 2) / max(t_long - t_short, 1e-9)
-    long = torch.randint(0, vocab, (1, args.prefill), generator=g).to(dev)
-
-    def prefill():
-        with torch.no_grad():
-            model(long, use_cache=False, logits_to_keep=1)
-
-    res["prefill_s"] = timed(prefill, dev, 5)
+    res = {"generate_warmup_s": time.perf_counter() - t0}
+    t_short = timed(lambda: gen(2), dev, 2)
+    t_long = timed(lambda: gen(args.new_tokens), dev, 2)
+    res["generate_tok_s"] = (args.new_tokens - 2) / max(t_long - t_short, 1e-9)
     return res
 
 
-def kernel_bandwidth(dev, args) -> list[dict]:
-    """Matrix-vector time and GB/s of packed int4 g128 against bf16, per Llama-8B shape."""
-    from yaqa.quantizers import IntQuantizer
+SHAPES = {"q/o_proj": (4096, 4096), "k/v_proj": (1024, 4096), "gate/up_proj": (14336, 4096),
+          "down_proj": (4096, 14336)}
 
-    shapes = {"q/o_proj": (4096, 4096), "k/v_proj": (1024, 4096), "gate/up_proj": (14336, 4096),
-              "down_proj": (4096, 14336)}
+
+def kernel_bandwidth(dev, args) -> list[dict]:
+    """Matrix-vector time and GB/s of packed int-k g128 against bf16, per Llama-8B shape."""
+    from yaqa.nn import kernels
+
+    shapes = SHAPES
     if args.tiny:
         shapes = {k: (m // 16, n // 16) for k, (m, n) in shapes.items()}
     rows = []
+    gen = torch.Generator().manual_seed(0)
     for name, (m, n) in shapes.items():
         for bits in args.kernel_bits:
             torch.manual_seed(0)
@@ -138,18 +200,26 @@ def kernel_bandwidth(dev, args) -> list[dict]:
             _, codes = grid.round_all(W)
             ql = QuantizedLinear.from_codes(codes, grid, q, dtype=torch.bfloat16)
             dense = grid.dequantize(codes).to(torch.bfloat16)
+            inc = random_packed(torch.nn.Linear(n, m, device=dev, dtype=torch.bfloat16), bits, 128,
+                                True, gen)
             x = torch.randn(1, n, device=dev, dtype=torch.bfloat16)
             with torch.no_grad():
                 ref = x.float() @ dense.float().T
                 err = ((ql(x).float() - ref).norm() / ref.norm()).item()
                 t_q = _bench(lambda: ql(x), dev)
+                t_i = _bench(lambda: inc(x), dev)
                 t_d = _bench(lambda: torch.nn.functional.linear(x, dense), dev)
+                t_w = (_bench(lambda: kernels.dequantize_cuda(ql.qweight, ql.grid_scale,
+                                                              ql.grid_zero, bits, 128, m, n,
+                                                              torch.bfloat16), dev)
+                       if dev.type == "cuda" else float("nan"))
             qbytes = sum(b.numel() * b.element_size() for b in ql.buffers())
             rows.append({"layer": name, "shape": [m, n], "bits": bits, "rel_err": err,
-                         "us_packed": t_q * 1e6, "us_bf16": t_d * 1e6,
+                         "us_packed": t_q * 1e6, "us_packed_inc": t_i * 1e6, "us_bf16": t_d * 1e6,
+                         "us_dequant": t_w * 1e6,
                          "GBs_packed": qbytes / t_q / 1e9, "GBs_bf16": m * n * 2 / t_d / 1e9,
                          "speedup": t_d / t_q})
-            del W, ql, dense
+            del W, ql, dense, inc
     return rows
 
 
@@ -159,14 +229,76 @@ def _bench(fn, dev) -> float:
     if dev.type == "cuda":
         from triton.testing import do_bench
 
-        fn()
+        fn()  # compiles and autotunes outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(20):
                 fn()
-        return do_bench(graph.replay, warmup=25, rep=200, return_mode="median") / 1e3 / 20
-    return timed(fn, dev, 5)
+        return do_bench(graph.replay, warmup=10, rep=50, return_mode="median") / 1e3 / 20
+    return timed(fn, dev, 3)
+
+
+def machine(dev) -> dict:
+    import transformers
+
+    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+def render(report: dict) -> str:
+    base = report["variants"].get("bf16")
+
+    def rel(a, b):
+        return f"{a / b:.2f}x" if base and a and b else "-"
+
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+    lines = ["| variant | memory GiB | linears GiB | linears vs bf16 | decode tok/s (graph) | vs bf16"
+             " | decode tok/s (eager) | generate tok/s | prefill ms | vs bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in report["variants"].items():
+        if "skipped" in r or "error" in r:
+            lines.append(f"| {name} | {r.get('skipped') or r.get('error')} |" + " |" * 8)
+            continue
+        mem = f"{r['memory_bytes'] / 2**30:.2f}" if r["memory_bytes"] else "-"
+        lines.append(
+            f"| {name} | {mem} | {r['linear_bytes'] / 2**30:.2f} | "
+            f"{rel(r['linear_bytes'], base and base.get('linear_bytes'))} | "
+            f"{r['decode_tok_s']:.1f} | {rel(r['decode_tok_s'], base and base.get('decode_tok_s'))}"
+            f" | {r['decode_eager_tok_s']:.1f} | {fmt(r.get('generate_tok_s'), '.1f')} | "
+            f"{r['prefill_s'] * 1e3:.1f} | {rel(base and base.get('prefill_s'), r['prefill_s'])} |")
+    lines += ["", "| layer | shape | bits | packed us | packed GB/s | +Hadamard us | dequant us | "
+              "bf16 us | bf16 GB/s | speedup | rel err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report.get("kernels", []):
+        lines.append(f"| {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['bits']} | "
+                     f"{r['us_packed']:.1f} | {r['GBs_packed']:.0f} | {r['us_packed_inc']:.1f} | "
+                     f"{r['us_dequant']:.1f} | {r['us_bf16']:.1f} | {r['GBs_bf16']:.0f} | "
+                     f"{r['speedup']:.2f} | {r['rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
+def write(report: dict, paths: list[Path]) -> None:
+    table = render(report)
+    m = report["machine"]
+    head = (f"`{report['command']}` on {m.get('gpu') or m['cpu']} ({m['host']}), torch "
+            f"{m['torch']}, triton {m['triton']}, transformers {m['transformers']}, "
+            f"{report['total_s']:.0f} s")
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(report, indent=2))
+        p.with_suffix(".md").write_text(f"{head}\n\n{table}\n")
 
 
 def main() -> None:
@@ -177,12 +309,17 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prefill", type=int, default=2048)
-    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--generate", action="store_true",
+                    help="also time transformers generate with a static cache (slow: compiles)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="with --generate: do not let generate compile the forward")
     ap.add_argument("--variants", default="bf16,int4,int4-inc")
-    ap.add_argument("--kernel-bits", type=lambda s: [int(b) for b in s.split(",")],
-                    default=[4], help="bit widths for the per-layer kernel table "
-                    "(each adds ~15 s of autotuning)")
+    ap.add_argument("--kernel-bits", type=lambda s: [int(b) for b in s.split(",") if b],
+                    default=[4], help="bit widths for the per-layer kernel table ('' for none)")
+    ap.add_argument("--budget", type=float, default=0,
+                    help="seconds: later stages are skipped, the process ends 20 s after")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--copy-to", default=None, help="a directory that gets the results too")
     args = ap.parse_args()
     dev = torch.device(args.device)
     cfg = dict(TINY if args.tiny else LLAMA_8B)
@@ -193,54 +330,51 @@ def main() -> None:
         args.new_tokens = min(args.new_tokens, 16)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     t_all = time.perf_counter()
-    report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
-              "torch": torch.__version__, "command": " ".join(sys.argv), "config": cfg,
-              "variants": {}}
+    if args.budget:
+        faulthandler.dump_traceback_later(args.budget + 20, exit=True)
+
+    def left() -> float:
+        return (args.budget - (time.perf_counter() - t_all)) if args.budget else math.inf
+
+    out = Path(args.out or Path(__file__).parent / "results" / f"inference-{dev.type}.json")
+    paths = [out] + ([Path(args.copy_to) / out.name] if args.copy_to else [])
+    report = {"machine": machine(dev), "command": "python " + " ".join(sys.argv),
+              "config": cfg, "variants": {}, "kernels": [], "total_s": 0.0}
+
+    def save():
+        report["total_s"] = time.perf_counter() - t_all
+        write(report, paths)
+
     print("kernels ...", flush=True)
     report["kernels"] = kernel_bandwidth(dev, args)
     for r in report["kernels"]:
         print(f"  {r['layer']:<13} {r['shape']} int{r['bits']}: {r['us_packed']:7.1f} us "
-              f"{r['GBs_packed']:7.0f} GB/s (bf16 {r['us_bf16']:7.1f} us {r['GBs_bf16']:6.0f} GB/s)"
+              f"{r['GBs_packed']:7.0f} GB/s, +Hadamard {r['us_packed_inc']:7.1f} us, dequant "
+              f"{r['us_dequant']:7.1f} us (bf16 {r['us_bf16']:7.1f} us {r['GBs_bf16']:6.0f} GB/s)"
               f"  x{r['speedup']:.2f}  err {r['rel_err']:.1e}", flush=True)
+    save()
     for variant in args.variants.split(","):
+        if left() <= 0:
+            report["variants"][variant] = {"skipped": f"budget of {args.budget:.0f} s spent"}
+            continue
         t = time.perf_counter()
-        model = build(cfg, dev, dtype)
-        if variant != "bf16":
-            yaqa.quantize(model, method="rtn", quantizer="int4", group_size=128,
-                          incoherence=variant.endswith("-inc"), device=dev, progress=False)
-        built = time.perf_counter() - t
-        res = measure_model(model, dev, args)
-        res["build_s"] = built
+        try:
+            model = build(cfg, dev, dtype)
+            if variant != "bf16":
+                bits = int(variant.split("-")[0].removeprefix("int"))
+                quantize_random(model, bits, 128, variant.endswith("-inc"))
+            built = time.perf_counter() - t
+            res = measure_model(model, dev, args, left)
+            res["build_s"] = built
+        except Exception as e:  # one failing variant must not lose the others' numbers
+            res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         report["variants"][variant] = res
         print(f"{variant}: {json.dumps(res)}", flush=True)
-        del model
-    base = report["variants"].get("bf16")
-    lines = ["| variant | memory GiB | linears GiB | linears vs bf16 | decode tok/s | vs bf16 | "
-             "prefill ms | vs bf16 |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in report["variants"].items():
-        mem = f"{r['memory_bytes'] / 2**30:.2f}" if r["memory_bytes"] else "-"
-        rel = (lambda a, b: f"{a / b:.2f}x") if base else (lambda a, b: "-")
-        lines.append(f"| {name} | {mem} | {r['linear_bytes'] / 2**30:.2f} | "
-                     f"{rel(r['linear_bytes'], base['linear_bytes']) if base else '-'} | "
-                     f"{r['decode_tok_s']:.1f} | "
-                     f"{rel(r['decode_tok_s'], base['decode_tok_s']) if base else '-'} | "
-                     f"{r['prefill_s'] * 1e3:.1f} | "
-                     f"{rel(base['prefill_s'], r['prefill_s']) if base else '-'} |")
-    lines += ["", "| layer | shape | bits | packed us | packed GB/s | bf16 us | bf16 GB/s | speedup |"
-              " rel err |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in report["kernels"]:
-        lines.append(f"| {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['bits']} | "
-                     f"{r['us_packed']:.1f} | {r['GBs_packed']:.0f} | {r['us_bf16']:.1f} | "
-                     f"{r['GBs_bf16']:.0f} | {r['speedup']:.2f} | {r['rel_err']:.1e} |")
-    report["total_s"] = time.perf_counter() - t_all
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out or Path(__file__).parent / "results" / f"inference-{dev.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(f"`{report['command']}` on {report['device']}, torch "
-                                      f"{report['torch']}, {report['total_s']:.0f} s\n\n{table}\n")
-    print(f"wrote {out} ({report['total_s']:.0f} s)")
+        model = None
+        save()
+    save()
+    print(render(report))
+    print(f"wrote {', '.join(map(str, paths))} ({report['total_s']:.0f} s)")
 
 
 if __name__ == "__main__":

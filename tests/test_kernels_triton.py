@@ -55,6 +55,16 @@ def test_gemv_and_dequant_kernels_equal_the_dense_weight(bits, group):
         torch.testing.assert_close(y, x @ W.T, rtol=1e-4, atol=1e-4)  # 8-bit sums reach ~10
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_every_autotuner_tile_computes_the_same_gemv(bits):
+    m, n, group = 20, 1024, 128
+    qw, scale, zero, W = _layer(bits, group, m, n, seed=bits)
+    x = torch.randn(2, n, generator=torch.Generator().manual_seed(0))
+    for tile in kernels._GEMV_CONFIGS:
+        y = kernels.gemv(x, qw, scale, zero, bits, group, m, n, tile=tile)
+        torch.testing.assert_close(y, x @ W.T, rtol=1e-4, atol=1e-4, msg=f"tile {tile}")
+
+
 def test_gemv_writes_the_activation_dtype_and_keeps_leading_dims():
     m, n, bits, group = 16, 128, 4, 64
     qw, scale, zero, W = _layer(bits, group, m, n)

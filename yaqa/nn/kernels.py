@@ -117,18 +117,20 @@ def _word_layout(bits: int) -> bool:
     return 32 % bits == 0
 
 
-# GEMV tile shapes tried by the autotuner on large layers (rows per program, K per step, warps).
+# GEMV tiles tried by the autotuner on large layers: (rows per program, K per step, warps,
+# unpack as a 3-D tile or code by code); smaller layers get :func:`_default_tile`.
 # No split-K: even the 1024-row projections give 128+ programs of a few rows each, which keeps
 # every SM busy without the fp32 atomics, the zero-fill and the cast back that split-K needs.
-_GEMV_CONFIGS = ((4, 512, 4), (8, 512, 4), (8, 256, 4), (16, 256, 4), (16, 512, 8), (8, 1024, 8))
+_GEMV_CONFIGS = ((8, 512, 4, False), (4, 512, 4, False), (16, 256, 4, False), (8, 1024, 8, False),
+                 (8, 512, 4, True), (16, 256, 4, True))
 # Layers smaller than this (codes) use the default tile: autotuning costs more than it saves.
 AUTOTUNE_MIN_CODES = 1 << 22
 
 
-def _default_tile(m: int, n: int) -> tuple[int, int, int]:
+def _default_tile(m: int, n: int, group: int) -> tuple[int, int, int, bool]:
     bn = 16 if m >= 8192 else 8 if m >= 2048 else 4
-    bk = next(b for b in (512, 256, 128) if n % b == 0)
-    return bn, bk, 4
+    bk = max(group, next(b for b in (512, 256, 128) if n % b == 0))
+    return bn, bk, 4, False
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,7 +141,7 @@ def _kernels():
     @triton.jit
     def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, stride_x, stride_y, K: tl.constexpr,
                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, UNPACK_3D: tl.constexpr):
         # One program: BLOCK_N output features of one activation row, the whole K.  The packed
         # weight is read as int32 words (8 int4 codes each), so each row of the tile is one
         # contiguous, vectorizable load of BLOCK_K·BITS/8 bytes.
@@ -157,11 +159,24 @@ def _kernels():
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for t in range(0, K // BLOCK_K):
             w = tl.load(wrow + t * BW + tl.arange(0, BW)[None, :], mask=rmask[:, None], other=0)
-            xt = tl.load(x_ptr + row * stride_x + t * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.float32)
-            q = ((w[:, :, None] >> shifts[None, None, :]) & MASK).to(tl.float32)
-            p = tl.sum(q * tl.reshape(xt, (BW, CPW))[None, :, :], axis=2)       # per word
-            pg = tl.sum(tl.reshape(p, (BLOCK_N, NG, BW // NG)), axis=2)           # per group
-            xg = tl.sum(tl.reshape(xt, (NG, GROUP)), axis=1)
+            if UNPACK_3D:
+                # Codes as a (rows, words, codes-per-word) tile against x as (words, codes).
+                xt = tl.load(x_ptr + row * stride_x + t * BLOCK_K
+                             + tl.arange(0, BLOCK_K)).to(tl.float32)
+                q = ((w[:, :, None] >> shifts[None, None, :]) & MASK).to(tl.float32)
+                p = tl.sum(q * tl.reshape(xt, (BW, CPW))[None, :, :], axis=2)   # per word
+                xg = tl.sum(tl.reshape(xt, (NG, GROUP)), axis=1)
+            else:
+                # Code j of every word against a strided slice of x (L1-resident): 2-D tiles only.
+                p = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+                xs = tl.zeros((BW,), dtype=tl.float32)
+                for j in tl.static_range(CPW):
+                    xj = tl.load(x_ptr + row * stride_x + t * BLOCK_K + tl.arange(0, BW) * CPW
+                                 + j).to(tl.float32)
+                    p += ((w >> (BITS * j)) & MASK).to(tl.float32) * xj[None, :]
+                    xs += xj
+                xg = tl.sum(tl.reshape(xs, (NG, BW // NG)), axis=1)
+            pg = tl.sum(tl.reshape(p, (BLOCK_N, NG, BW // NG)), axis=2)            # per group
             sz = rows[:, None] * n_groups + (t * NG + tl.arange(0, NG))[None, :]
             s = tl.load(s_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
             z = tl.load(z_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
@@ -251,8 +266,8 @@ def _kernels():
         tl.store(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                  ((q - z) * s).to(w_ptr.dtype.element_ty), mask=rmask[:, None])
 
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-               for bn, bk, w in _GEMV_CONFIGS]
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "UNPACK_3D": u}, num_warps=w)
+               for bn, bk, w, u in _GEMV_CONFIGS]
 
     def prune(configs, named_args, **kwargs):
         K, group = named_args["K"], kwargs.get("GROUP", named_args.get("GROUP"))
@@ -270,32 +285,41 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _may_autotune(x: torch.Tensor, m: int, n: int) -> bool:
-    # Autotuning times candidate launches: never while a CUDA graph is being captured, and not
-    # for small layers, where the default tile is as good and compiling candidates costs seconds.
-    return (m * n >= AUTOTUNE_MIN_CODES and x.is_cuda and not _interpreting()
-            and not torch.cuda.is_current_stream_capturing())
+_TUNED: set[tuple] = set()  # layer shapes whose autotuning is done (safe inside a CUDA graph)
+
+
+def _use_tuned(x: torch.Tensor, bits: int, group: int, m: int, n: int) -> bool:
+    # Autotuning times candidate launches: not for small layers (the default tile is as good and
+    # compiling candidates costs seconds), and inside a CUDA graph capture only once it is done
+    # (an eager call first, as CUDA-graph users warm up anyway); else the default tile.
+    if m * n < AUTOTUNE_MIN_CODES or not x.is_cuda or _interpreting():
+        return False
+    return (not torch.cuda.is_current_stream_capturing()
+            or (m, n, bits, group, x.dtype) in _TUNED)
 
 
 def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-         bits: int, group: int, m: int, n: int) -> torch.Tensor:
-    """``x2 @ W^T`` for a contiguous ``(rows, n)`` activation by the fused GEMV, in ``x2.dtype``."""
+         bits: int, group: int, m: int, n: int, tile: tuple | None = None) -> torch.Tensor:
+    """``x2 @ W^T`` for a contiguous ``(rows, n)`` activation by the fused GEMV, in ``x2.dtype``.
+
+    ``tile``: force one ``(rows per program, K per step, warps, unpack 3-D)`` (tests).
+    """
     triton, gemv_words, gemv_tuned, gemv_bytes, _, _ = _kernels()
     y = torch.empty(x2.shape[0], m, dtype=x2.dtype, device=x2.device)
     if _word_layout(bits):
         qw = qweight.view(torch.int32)
-        if _may_autotune(x2, m, n):
+        if tile is None and _use_tuned(x2, bits, group, m, n):
             def grid(meta):
                 return triton.cdiv(m, meta["BLOCK_N"]), x2.shape[0]
 
             gemv_tuned[grid](x2, qw, scale, zero, y, m, x2.stride(0), y.stride(0), n, BITS=bits,
                              GROUP=group)
+            _TUNED.add((m, n, bits, group, x2.dtype))
         else:
-            bn, bk, w = _default_tile(m, n)
-            bk = max(bk, group)
+            bn, bk, w, u = tile or _default_tile(m, n, group)
             gemv_words[(triton.cdiv(m, bn), x2.shape[0])](
                 x2, qw, scale, zero, y, m, x2.stride(0), y.stride(0), n, BITS=bits, GROUP=group,
-                BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
+                BLOCK_N=bn, BLOCK_K=bk, UNPACK_3D=u, num_warps=w)
     else:
         cpc, nb = chunk(bits)
         bn, bk = (8 if m >= 2048 else 4), 256 if n % 256 == 0 else 128
