@@ -88,3 +88,19 @@ def test_custom_op_has_a_fake_impl_and_compiles_without_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="eager", fullgraph=True)  # fullgraph: breaks raise
     torch.testing.assert_close(compiled(x), torch.relu(x @ W.T) + 1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [256, 1024, 4096])
+@pytest.mark.parametrize("sign_first", [True, False])
+def test_fused_rotation_equals_the_kronecker_path(n, sign_first):
+    from yaqa.nn.hadamard import apply_factors, factors, kron_factors
+
+    assert kernels.rotate2_supports(kron_factors(n))
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, generator=g)
+    sign = (torch.randint(0, 2, (n,), generator=g) * 2 - 1) / n**0.5
+    Hs = factors(n, transpose=not sign_first)
+    y = kernels.hadamard_rotate2(x, sign, Hs[0], Hs[1], sign_first)
+    ref = (apply_factors(x * sign, Hs, normalize=False) if sign_first
+           else apply_factors(x, Hs, normalize=False) * sign)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

@@ -266,6 +266,33 @@ def _kernels():
         tl.store(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                  ((q - z) * s).to(w_ptr.dtype.element_ty), mask=rmask[:, None])
 
+    @triton.jit
+    def rotate2_kernel(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y,
+                       D1: tl.constexpr, D2: tl.constexpr, SIGN_FIRST: tl.constexpr,
+                       IEEE: tl.constexpr):
+        # One activation row as a D1 x D2 tile X: (H1 ⊗ H2) vec(X) = H1 X H2^T, two tensor-core
+        # dots in registers, with the sign/scale vector applied before (inputs) or after
+        # (outputs): one launch instead of a multiply, two GEMMs and a copy.
+        row = tl.program_id(0)
+        i = tl.arange(0, D1)
+        j = tl.arange(0, D2)
+        offs = i[:, None] * D2 + j[None, :]
+        X = tl.load(x_ptr + row * stride_x + offs)
+        S = tl.load(s_ptr + offs)
+        if SIGN_FIRST:
+            X = X * S
+        H1 = tl.load(h1_ptr + i[:, None] * D1 + i[None, :]).to(X.dtype)
+        H2T = tl.load(h2_ptr + j[None, :] * D2 + j[:, None]).to(X.dtype)
+        if IEEE:
+            Y = tl.dot(H1, X, input_precision="ieee")
+            Y = tl.dot(Y, H2T, input_precision="ieee")
+        else:
+            Y = tl.dot(H1, X).to(X.dtype)  # rounded like the unfused path's 16-bit GEMM output
+            Y = tl.dot(Y, H2T)
+        if not SIGN_FIRST:
+            Y = Y * S.to(tl.float32)
+        tl.store(y_ptr + row * stride_y + offs, Y.to(y_ptr.dtype.element_ty))
+
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "UNPACK_3D": u}, num_warps=w)
                for bn, bk, w, u in _GEMV_CONFIGS]
 
@@ -276,7 +303,8 @@ def _kernels():
 
     gemv_tuned = triton.autotune(configs=configs, key=["N", "K", "BITS", "GROUP"],
                                  prune_configs_by={"early_config_prune": prune})(gemv_words)
-    return triton, gemv_words, gemv_tuned, gemv_bytes, dequant_words, dequant_bytes
+    return (triton, gemv_words, gemv_tuned, gemv_bytes, dequant_words, dequant_bytes,
+            rotate2_kernel)
 
 
 def _interpreting() -> bool:
@@ -304,7 +332,7 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
 
     ``tile``: force one ``(rows per program, K per step, warps, unpack 3-D)`` (tests).
     """
-    triton, gemv_words, gemv_tuned, gemv_bytes, _, _ = _kernels()
+    triton, gemv_words, gemv_tuned, gemv_bytes = _kernels()[:4]
     y = torch.empty(x2.shape[0], m, dtype=x2.dtype, device=x2.device)
     if _word_layout(bits):
         qw = qweight.view(torch.int32)
@@ -332,7 +360,7 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
 def dequantize_cuda(qweight, scale, zero, bits: int, group: int, m: int, n: int,
                     dtype: torch.dtype) -> torch.Tensor:
     """The dense ``m x n`` weight in ``dtype`` (for cuBLAS at prefill)."""
-    triton, _, _, _, dequant_words, dequant_bytes = _kernels()
+    triton, _, _, _, dequant_words, dequant_bytes, _ = _kernels()
     W = torch.empty(m, n, dtype=dtype, device=qweight.device)
     if _word_layout(bits):
         bn, bk = 32, max(256 if n % 256 == 0 else 128, group)
@@ -375,3 +403,41 @@ def intk_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
 @intk_matmul.register_fake
 def _(x, qweight, scale, zero, bits, group, m, n):
     return x.new_empty(*x.shape[:-1], m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hadamard rotation of a few activation rows
+
+
+def rotate2_supports(sizes: tuple[int, ...]) -> bool:
+    """Two power-of-two Kronecker factors of 16..128 (4096 = 64·64, 1024 = 32·32, ...)."""
+    return len(sizes) == 2 and all(16 <= d <= 128 and d & (d - 1) == 0 for d in sizes)
+
+
+def rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor,
+            sign_first: bool) -> torch.Tensor:
+    """Rows of ``x`` times ``(H1 ⊗ H2)^T``, with ``sign`` (signs/sqrt(n)) applied before
+    (``sign_first``) or after; by the fused Triton kernel."""
+    rotate2_kernel = _kernels()[-1]
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = torch.empty_like(x2)
+    d1, d2 = h1.shape[0], h2.shape[0]
+    rotate2_kernel[(x2.shape[0],)](x2, sign.to(x.dtype), h1, h2, y, x2.stride(0), y.stride(0),
+                                   D1=d1, D2=d2, SIGN_FIRST=sign_first,
+                                   IEEE=x.dtype == torch.float32, num_warps=4)
+    return y.reshape(x.shape)
+
+
+@torch.library.custom_op("yaqa::hadamard_rotate2", mutates_args=())
+def hadamard_rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor,
+                     sign_first: bool) -> torch.Tensor:
+    """:func:`rotate2` as an op that ``torch.compile`` keeps opaque and CUDA graphs capture."""
+    return rotate2(x, sign, h1, h2, sign_first)
+
+
+@hadamard_rotate2.register_fake
+def _(x, sign, h1, h2, sign_first):
+    return torch.empty_like(x)

@@ -224,10 +224,24 @@ class QuantizedLinear(nn.Module):
                                       self.bits, g, m, n)
         return torch.nn.functional.linear(x, self.transformed_weight().to(x.dtype))
 
+    def _fused_rotation(self, x: torch.Tensor, side: str) -> bool:
+        # Decode-sized inputs on CUDA: one Triton launch per side instead of four small ops.
+        count = self._had_in if side == "in" else self._had_out
+        return (x.is_cuda and not self._had_block and count == 2
+                and x.numel() <= kernels.GEMV_MAX_ROWS * x.shape[-1]
+                and kernels.triton_available()
+                and kernels.rotate2_supports((getattr(self, f"had_{side}_0").shape[0],
+                                              getattr(self, f"had_{side}_1").shape[0])))
+
     def _rotate_in(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_rotation(x, "in"):
+            return kernels.hadamard_rotate2(x, self.had_in_sign, self.had_in_0, self.had_in_1, True)
         return self._hadamard(x * self.had_in_sign.to(x.dtype), "in")
 
     def _rotate_out(self, y: torch.Tensor) -> torch.Tensor:
+        if self._fused_rotation(y, "out"):
+            return kernels.hadamard_rotate2(y, self.had_out_sign, self.had_out_0, self.had_out_1,
+                                            False)
         return self._hadamard(y, "out") * self.had_out_sign.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
