@@ -63,3 +63,11 @@ def test_the_step_never_reads_a_tensor_back_to_the_host():
         dec.step()
     assert rec.ops and not {o for o in rec.ops
                             if any(s in o for s in ("_local_scalar_dense", "nonzero", "item"))}
+
+
+def test_decoding_past_the_cache_is_refused_on_the_host():
+    dec = GraphDecoder(tiny_model("llama"), max_len=6)
+    dec.prefill(torch.tensor([1, 2, 3]))
+    dec.decode(3)
+    with pytest.raises(ValueError, match="past max_len"):
+        dec.decode(1)

@@ -68,6 +68,7 @@ class GraphDecoder:
         self.inv_freq = inv_freq.to(device=dev, dtype=torch.float32)
         self.rope_scale = float(getattr(body.rotary_emb, "attention_scaling", 1.0))
         self.use_graph = dev.type == "cuda" if graph is None else graph
+        self._pos = 0  # host mirror of `pos`: a write past the cache must fail here, not on device
         self._graph: torch.cuda.CUDAGraph | None = None
         self.next_token = torch.zeros(1, dtype=torch.long, device=dev)
 
@@ -117,6 +118,9 @@ class GraphDecoder:
         self.pos.zero_()
 
     def step(self) -> None:
+        if self._pos >= self.max_len:
+            raise ValueError(f"decoding past max_len={self.max_len}")
+        self._pos += 1
         if self.use_graph:
             if self._graph is None:
                 self._capture()
@@ -126,6 +130,7 @@ class GraphDecoder:
 
     def reset(self) -> None:
         self.pos.zero_()
+        self._pos = 0
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> None:
