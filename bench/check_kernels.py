@@ -132,6 +132,14 @@ def main() -> int:
     args = ap.parse_args()
     faulthandler.dump_traceback_later(args.timeout, exit=True)  # never hang the caller
     dev = torch.device(args.device)
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"`python {' '.join(sys.argv)}` on {name}, torch {torch.__version__}, triton {tv}",
+          flush=True)
     c = Checker()
     check_layers(c, dev, args.quick)
     check_big_and_graphs(c, dev)
