@@ -104,3 +104,15 @@ def test_fused_rotation_equals_the_kronecker_path(n, sign_first):
     ref = (apply_factors(x * sign, Hs, normalize=False) if sign_first
            else apply_factors(x, Hs, normalize=False) * sign)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_codes_off_a_word_boundary_take_the_byte_kernels():
+    m, n, bits, group = 8, 128, 4, 32
+    qw, scale, zero, W = _layer(bits, group, m, n)
+    shifted = torch.cat([torch.zeros(1, dtype=torch.uint8), qw])[1:]  # storage offset 1
+    assert shifted.storage_offset() % 4
+    x = torch.randn(1, n)
+    torch.testing.assert_close(kernels.packed_matmul(x, shifted, scale, zero, bits, group, m, n),
+                               x @ W.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernels.dequantize_cuda(shifted, scale, zero, bits, group, m, n,
+                                                       torch.float32), W)

@@ -112,9 +112,13 @@ def kernel_supports(bits: int, group: int, m: int, n: int) -> bool:
             and n % cpc == 0)
 
 
-def _word_layout(bits: int) -> bool:
-    """2/4/8-bit codes: a little-endian int32 word holds ``32 // bits`` whole codes, in order."""
-    return 32 % bits == 0
+def _word_layout(bits: int, qweight: torch.Tensor) -> bool:
+    """2/4/8-bit codes: a little-endian int32 word holds ``32 // bits`` whole codes, in order.
+
+    The bytes must start on a word boundary to be read as int32 (a view into a larger buffer
+    may not); otherwise the byte kernels read them.
+    """
+    return 32 % bits == 0 and qweight.storage_offset() % 4 == 0
 
 
 # GEMV tiles tried by the autotuner on large layers: (rows per program, K per step, warps,
@@ -334,7 +338,7 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
     """
     triton, gemv_words, gemv_tuned, gemv_bytes = _kernels()[:4]
     y = torch.empty(x2.shape[0], m, dtype=x2.dtype, device=x2.device)
-    if _word_layout(bits):
+    if _word_layout(bits, qweight):
         qw = qweight.view(torch.int32)
         if tile is None and _use_tuned(x2, bits, group, m, n):
             def grid(meta):
@@ -362,7 +366,7 @@ def dequantize_cuda(qweight, scale, zero, bits: int, group: int, m: int, n: int,
     """The dense ``m x n`` weight in ``dtype`` (for cuBLAS at prefill)."""
     triton, _, _, _, dequant_words, dequant_bytes, _ = _kernels()
     W = torch.empty(m, n, dtype=dtype, device=qweight.device)
-    if _word_layout(bits):
+    if _word_layout(bits, qweight):
         bn, bk = 32, max(256 if n % 256 == 0 else 128, group)
         dequant_words[(triton.cdiv(m, bn), n // bk)](
             qweight.view(torch.int32), scale, zero, W, m, n, BITS=bits, GROUP=group,
