@@ -29,6 +29,7 @@ def test_kron_hadamard_equals_the_reference_transform(n):
     x = torch.randn(3, n, dtype=torch.float64)
     for t in (False, True):
         torch.testing.assert_close(fast_hadamard(x, t), hadamard_transform(x, t))
+        torch.testing.assert_close(fast_hadamard(x[:1], t), hadamard_transform(x[:1], t))  # decode
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

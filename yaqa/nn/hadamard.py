@@ -86,6 +86,8 @@ def apply_factors(x: torch.Tensor, Hs: list[torch.Tensor], normalize: bool = Tru
         # Row v as a (pre, d, post) tensor: applying H along the middle axis is (I ⊗ H ⊗ I) v.
         if post == 1:  # last axis: one plain GEMM instead of a batch of matrix-vector products
             y = y.reshape(rows * pre, d) @ H.T
+        elif rows * pre == 1:  # first axis of a single row (decode): one plain GEMM, no copies
+            y = H @ y.reshape(d, post)
         else:
             y = torch.matmul(H, y.reshape(rows * pre, d, post))
         pre *= d
