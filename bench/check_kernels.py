@@ -144,6 +144,10 @@ def main() -> int:
     check_layers(c, dev, args.quick)
     check_big_and_graphs(c, dev)
     check_decoder(c, dev)
+    from yaqa.nn import kernels
+
+    for line in kernels.FALLBACKS:  # a kernel that did not build here ran on a slower path
+        c.expect(f"kernel fell back: {line}", False)
     print("all kernel checks passed" if not c.bad else f"{c.bad} FAILED", flush=True)
     return 1 if c.bad else 0
 

@@ -302,6 +302,9 @@ def write(report: dict, paths: list[Path]) -> None:
     head = (f"`{report['command']}` on {m.get('gpu') or m['cpu']} ({m['host']}), torch "
             f"{m['torch']}, triton {m['triton']}, transformers {m['transformers']}, "
             f"{report['total_s']:.0f} s")
+    if report.get("kernel_fallbacks"):
+        table += "\n\nKernels that fell back to a slower path:\n" + "\n".join(
+            f"- {line}" for line in report["kernel_fallbacks"])
     for p in paths:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(report, indent=2))
@@ -349,6 +352,9 @@ def main() -> None:
               "config": cfg, "variants": {}, "kernels": [], "total_s": 0.0}
 
     def save():
+        from yaqa.nn import kernels
+
+        report["kernel_fallbacks"] = list(kernels.FALLBACKS)  # kernels that did not build here
         report["total_s"] = time.perf_counter() - t_all
         write(report, paths)
 

@@ -116,3 +116,19 @@ def test_codes_off_a_word_boundary_take_the_byte_kernels():
                                x @ W.T, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(kernels.dequantize_cuda(shifted, scale, zero, bits, group, m, n,
                                                        torch.float32), W)
+
+
+def test_a_kernel_that_fails_to_build_falls_back_once_and_is_reported(monkeypatch):
+    calls = []
+
+    def broken():
+        calls.append("fast")
+        raise RuntimeError("no such instruction\nout of resources: shared memory")
+
+    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "FALLBACKS", [])
+    monkeypatch.setattr(kernels, "_BROKEN", set())
+    assert kernels._guarded("k", (1,), broken, lambda: "slow") == "slow"
+    assert kernels._guarded("k", (1,), broken, lambda: "slow") == "slow"
+    assert calls == ["fast"]  # not retried
+    assert kernels.FALLBACKS == ["k (1,): RuntimeError: out of resources: shared memory"]

@@ -25,9 +25,12 @@ it as an opaque call.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Activation rows up to which the fused GEMV beats dequantize + cuBLAS (each row re-reads the
 # weight tile from L1/L2; beyond this the GEMM's tensor cores win).
@@ -311,6 +314,32 @@ def _kernels():
             rotate2_kernel)
 
 
+# Kernels that failed to build on this machine and were replaced by a slower path, as
+# "name key: error" lines (bench/check_kernels.py fails on any).
+FALLBACKS: list[str] = []
+_BROKEN: set[tuple] = set()
+
+
+def _guarded(name: str, key: tuple, fast, slow):
+    """``fast()``, or ``slow()`` from now on for this key if ``fast`` fails to build or launch.
+
+    A Triton version or GPU that rejects one of the newer kernels then still runs, on the
+    older kernel or on torch ops, and says so once.
+    """
+    if (name, key) not in _BROKEN:
+        try:
+            return fast()
+        except Exception as e:  # compile errors and resource limits have no common base class
+            if _interpreting():
+                raise
+            _BROKEN.add((name, key))
+            msg = str(e).strip().splitlines()
+            FALLBACKS.append(f"{name} {key}: {type(e).__name__}: {msg[-1][:300] if msg else ''}")
+            log.warning("Triton kernel %s failed for %s, using a slower path: %s", name, key,
+                        FALLBACKS[-1])
+    return slow()
+
+
 def _interpreting() -> bool:
     import os
 
@@ -338,26 +367,39 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
     """
     triton, gemv_words, gemv_tuned, gemv_bytes = _kernels()[:4]
     y = torch.empty(x2.shape[0], m, dtype=x2.dtype, device=x2.device)
-    if _word_layout(bits, qweight):
-        qw = qweight.view(torch.int32)
-        if tile is None and _use_tuned(x2, bits, group, m, n):
-            def grid(meta):
-                return triton.cdiv(m, meta["BLOCK_N"]), x2.shape[0]
+    key = (bits, group, m, n, x2.dtype)
 
-            gemv_tuned[grid](x2, qw, scale, zero, y, m, x2.stride(0), y.stride(0), n, BITS=bits,
-                             GROUP=group)
-            _TUNED.add((m, n, bits, group, x2.dtype))
+    def words_default():
+        bn, bk, w, u = tile or _default_tile(m, n, group)
+        gemv_words[(triton.cdiv(m, bn), x2.shape[0])](
+            x2, qweight.view(torch.int32), scale, zero, y, m, x2.stride(0), y.stride(0), n,
+            BITS=bits, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, UNPACK_3D=u, num_warps=w)
+
+    def words_tuned():
+        def grid(meta):
+            return triton.cdiv(m, meta["BLOCK_N"]), x2.shape[0]
+
+        gemv_tuned[grid](x2, qweight.view(torch.int32), scale, zero, y, m, x2.stride(0),
+                         y.stride(0), n, BITS=bits, GROUP=group)
+        _TUNED.add((m, n, bits, group, x2.dtype))
+
+    def words():
+        if tile is None and _use_tuned(x2, bits, group, m, n):
+            _guarded("gemv_tuned", key, words_tuned, words_default)
         else:
-            bn, bk, w, u = tile or _default_tile(m, n, group)
-            gemv_words[(triton.cdiv(m, bn), x2.shape[0])](
-                x2, qw, scale, zero, y, m, x2.stride(0), y.stride(0), n, BITS=bits, GROUP=group,
-                BLOCK_N=bn, BLOCK_K=bk, UNPACK_3D=u, num_warps=w)
-    else:
+            words_default()
+
+    def chunks():
         cpc, nb = chunk(bits)
         bn, bk = (8 if m >= 2048 else 4), 256 if n % 256 == 0 else 128
         gemv_bytes[(triton.cdiv(m, bn), x2.shape[0])](
             x2, qweight, scale, zero, y, m, x2.stride(0), y.stride(0), n, BITS=bits, CPC=cpc,
             NB=nb, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+
+    if _word_layout(bits, qweight):
+        _guarded("gemv_words", key, words, chunks)
+    else:
+        chunks()
     return y
 
 
@@ -366,17 +408,24 @@ def dequantize_cuda(qweight, scale, zero, bits: int, group: int, m: int, n: int,
     """The dense ``m x n`` weight in ``dtype`` (for cuBLAS at prefill)."""
     triton, _, _, _, dequant_words, dequant_bytes, _ = _kernels()
     W = torch.empty(m, n, dtype=dtype, device=qweight.device)
-    if _word_layout(bits, qweight):
+
+    def words():
         bn, bk = 32, max(256 if n % 256 == 0 else 128, group)
         dequant_words[(triton.cdiv(m, bn), n // bk)](
             qweight.view(torch.int32), scale, zero, W, m, n, BITS=bits, GROUP=group,
             BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
-    else:
+
+    def chunks():
         cpc, nb = chunk(bits)
         bn, bk = 32, 128
         dequant_bytes[(triton.cdiv(m, bn), n // bk)](
             qweight, scale, zero, W, m, n, BITS=bits, CPC=cpc, NB=nb, GROUP=group, BLOCK_N=bn,
             BLOCK_K=bk, num_warps=4)
+
+    if _word_layout(bits, qweight):
+        _guarded("dequant_words", (bits, group, n, dtype), words, chunks)
+    else:
+        chunks()
     return W
 
 
@@ -429,10 +478,22 @@ def rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Ten
         x2 = x2.contiguous()
     y = torch.empty_like(x2)
     d1, d2 = h1.shape[0], h2.shape[0]
-    rotate2_kernel[(x2.shape[0],)](x2, sign.to(x.dtype), h1, h2, y, x2.stride(0), y.stride(0),
-                                   D1=d1, D2=d2, SIGN_FIRST=sign_first,
-                                   IEEE=x.dtype == torch.float32, num_warps=4)
-    return y.reshape(x.shape)
+    s = sign.to(x.dtype)
+
+    def fused():
+        rotate2_kernel[(x2.shape[0],)](x2, s, h1, h2, y, x2.stride(0), y.stride(0), D1=d1, D2=d2,
+                                       SIGN_FIRST=sign_first, IEEE=x.dtype == torch.float32,
+                                       num_warps=4)
+        return y
+
+    def unfused():
+        from .hadamard import apply_factors
+
+        Hs = [h1, h2]
+        return (apply_factors(x2 * s, Hs, normalize=False) if sign_first
+                else apply_factors(x2, Hs, normalize=False) * s)
+
+    return _guarded("rotate2", (d1, d2, sign_first, x.dtype), fused, unfused).reshape(x.shape)
 
 
 @torch.library.custom_op("yaqa::hadamard_rotate2", mutates_args=())
