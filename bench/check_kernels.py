@@ -73,14 +73,18 @@ def check_layers(c: Checker, dev, quick: bool) -> None:
 
 def check_big_and_graphs(c: Checker, dev) -> None:
     # A Llama-8B shape: the autotuned GEMV, then the same call captured in a CUDA graph.
-    n = 4096 if dev.type == "cuda" else 512
-    for inc in (False, True):
-        ql = layer(4, 128, n, n, inc, dev)
+    # 4096 = 64·64 and 1024 = 32·32 rotate in one fused two-factor launch, 14336 = 28·32·16 in
+    # the three-factor one (inputs: sign first; outputs: sign last).
+    shapes = ((4096, 4096, False), (1024, 4096, True), (14336, 4096, True), (4096, 14336, True))
+    if dev.type != "cuda":
+        shapes = ((512, 512, False), (512, 512, True))
+    for m, n, inc in shapes:
+        ql = layer(4, 128, m, n, inc, dev)
         Wd = ql.dequantized_weight().double()
         x = torch.randn(1, n, device=dev, dtype=torch.bfloat16)
         with torch.no_grad():
             y = ql(x)
-            c.check(f"int4 g128 {n}x{n} inc={inc} autotuned GEMV", y, x.double() @ Wd.T, 1e-2,
+            c.check(f"int4 g128 {m}x{n} inc={inc} autotuned GEMV", y, x.double() @ Wd.T, 1e-2,
                     show=True)
             if dev.type == "cuda":
                 graph = torch.cuda.CUDAGraph()

@@ -132,3 +132,20 @@ def test_a_kernel_that_fails_to_build_falls_back_once_and_is_reported(monkeypatc
     assert kernels._guarded("k", (1,), broken, lambda: "slow") == "slow"
     assert calls == ["fast"]  # not retried
     assert kernels.FALLBACKS == ["k (1,): RuntimeError: out of resources: shared memory"]
+
+
+@pytest.mark.parametrize("n", [14336, 10240, 512 * 12])
+@pytest.mark.parametrize("sign_first", [True, False])
+def test_fused_three_factor_rotation_equals_the_kronecker_path(n, sign_first):
+    from yaqa.nn.hadamard import apply_factors, factors, kron_factors
+
+    sizes = kron_factors(n)
+    assert kernels.rotate3_supports(sizes), sizes
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, n, generator=g)
+    sign = (torch.randint(0, 2, (n,), generator=g) * 2 - 1) / n**0.5
+    Hs = factors(n, transpose=not sign_first)  # the out side uses the transposed (Paley) factor
+    y = kernels.hadamard_rotate3(x, sign, *Hs, sign_first)
+    ref = (apply_factors(x * sign, Hs, normalize=False) if sign_first
+           else apply_factors(x, Hs, normalize=False) * sign)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

@@ -300,6 +300,38 @@ def _kernels():
             Y = Y * S.to(tl.float32)
         tl.store(y_ptr + row * stride_y + offs, Y.to(y_ptr.dtype.element_ty))
 
+    @triton.jit
+    def rotate3_kernel(x_ptr, s_ptr, ha_ptr, hb_ptr, hc_ptr, y_ptr, stride_x, stride_y,
+                       A: tl.constexpr, AP: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
+                       SIGN_FIRST: tl.constexpr, PREC: tl.constexpr):
+        # (HA ⊗ HB ⊗ HC) on a row viewed as an A x B x C tensor, A (e.g. a Paley 28) padded to
+        # the power of two AP with zero rows: HC on the last axis, HB on the middle one (by a
+        # permute), HA on the first, each one tensor-core dot.
+        row = tl.program_id(0)
+        a = tl.arange(0, AP)
+        bc = tl.arange(0, B * C)
+        offs = a[:, None] * (B * C) + bc[None, :]
+        amask = (a < A)[:, None]
+        X = tl.load(x_ptr + row * stride_x + offs, mask=amask, other=0)
+        S = tl.load(s_ptr + offs, mask=amask, other=0)
+        if SIGN_FIRST:
+            X = X * S
+        dt = X.dtype
+        b = tl.arange(0, B)
+        c = tl.arange(0, C)
+        HCT = tl.load(hc_ptr + c[None, :] * C + c[:, None]).to(dt)
+        HBT = tl.load(hb_ptr + b[None, :] * B + b[:, None]).to(dt)
+        HA = tl.load(ha_ptr + a[:, None] * A + a[None, :], mask=amask & (a < A)[None, :],
+                     other=0).to(dt)
+        Y = tl.dot(tl.reshape(X, (AP * B, C)), HCT, input_precision=PREC).to(dt)
+        Y = tl.permute(tl.reshape(Y, (AP, B, C)), (0, 2, 1))
+        Y = tl.dot(tl.reshape(Y, (AP * C, B)), HBT, input_precision=PREC).to(dt)
+        Y = tl.reshape(tl.permute(tl.reshape(Y, (AP, C, B)), (0, 2, 1)), (AP, B * C))
+        Y = tl.dot(HA, Y, input_precision=PREC)
+        if not SIGN_FIRST:
+            Y = Y * S.to(tl.float32)
+        tl.store(y_ptr + row * stride_y + offs, Y.to(y_ptr.dtype.element_ty), mask=amask)
+
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "UNPACK_3D": u}, num_warps=w)
                for bn, bk, w, u in _GEMV_CONFIGS]
 
@@ -311,7 +343,7 @@ def _kernels():
     gemv_tuned = triton.autotune(configs=configs, key=["N", "K", "BITS", "GROUP"],
                                  prune_configs_by={"early_config_prune": prune})(gemv_words)
     return (triton, gemv_words, gemv_tuned, gemv_bytes, dequant_words, dequant_bytes,
-            rotate2_kernel)
+            rotate2_kernel, rotate3_kernel)
 
 
 # Kernels that failed to build on this machine and were replaced by a slower path, as
@@ -406,7 +438,7 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
 def dequantize_cuda(qweight, scale, zero, bits: int, group: int, m: int, n: int,
                     dtype: torch.dtype) -> torch.Tensor:
     """The dense ``m x n`` weight in ``dtype`` (for cuBLAS at prefill)."""
-    triton, _, _, _, dequant_words, dequant_bytes, _ = _kernels()
+    triton, _, _, _, dequant_words, dequant_bytes = _kernels()[:6]
     W = torch.empty(m, n, dtype=dtype, device=qweight.device)
 
     def words():
@@ -471,7 +503,7 @@ def rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Ten
             sign_first: bool) -> torch.Tensor:
     """Rows of ``x`` times ``(H1 ⊗ H2)^T``, with ``sign`` (signs/sqrt(n)) applied before
     (``sign_first``) or after; by the fused Triton kernel."""
-    rotate2_kernel = _kernels()[-1]
+    rotate2_kernel = _kernels()[6]
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if not x2.is_contiguous():
@@ -505,4 +537,55 @@ def hadamard_rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: 
 
 @hadamard_rotate2.register_fake
 def _(x, sign, h1, h2, sign_first):
+    return torch.empty_like(x)
+
+
+def rotate3_supports(sizes: tuple[int, ...]) -> bool:
+    """Three factors: any first one up to 64 (Paley), then powers of two of 16..128
+    (14336 = 28·32·16)."""
+    if len(sizes) != 3:
+        return False
+    a, b, c = sizes
+    return a <= 64 and all(16 <= d <= 128 and d & (d - 1) == 0 for d in (b, c)) and b * c <= 1024
+
+
+def rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Tensor,
+            hc: torch.Tensor, sign_first: bool) -> torch.Tensor:
+    """:func:`rotate2` for three Kronecker factors."""
+    rotate3_kernel = _kernels()[7]
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = torch.empty_like(x2)
+    A, B, C = ha.shape[0], hb.shape[0], hc.shape[0]
+    AP = max(16, 1 << (A - 1).bit_length())
+    s = sign.to(x.dtype)
+
+    def fused():
+        rotate3_kernel[(x2.shape[0],)](x2, s, ha, hb, hc, y, x2.stride(0), y.stride(0), A=A,
+                                       AP=AP, B=B, C=C, SIGN_FIRST=sign_first,
+                                       PREC="ieee" if x.dtype == torch.float32 else None,
+                                       num_warps=8)
+        return y
+
+    def unfused():
+        from .hadamard import apply_factors
+
+        Hs = [ha, hb, hc]
+        return (apply_factors(x2 * s, Hs, normalize=False) if sign_first
+                else apply_factors(x2, Hs, normalize=False) * s)
+
+    return _guarded("rotate3", (A, B, C, sign_first, x.dtype), fused, unfused).reshape(x.shape)
+
+
+@torch.library.custom_op("yaqa::hadamard_rotate3", mutates_args=())
+def hadamard_rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Tensor,
+                     hc: torch.Tensor, sign_first: bool) -> torch.Tensor:
+    """:func:`rotate3` as an op that ``torch.compile`` keeps opaque and CUDA graphs capture."""
+    return rotate3(x, sign, ha, hb, hc, sign_first)
+
+
+@hadamard_rotate3.register_fake
+def _(x, sign, ha, hb, hc, sign_first):
     return torch.empty_like(x)

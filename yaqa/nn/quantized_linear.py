@@ -224,24 +224,32 @@ class QuantizedLinear(nn.Module):
                                       self.bits, g, m, n)
         return torch.nn.functional.linear(x, self.transformed_weight().to(x.dtype))
 
-    def _fused_rotation(self, x: torch.Tensor, side: str) -> bool:
-        # Decode-sized inputs on CUDA: one Triton launch per side instead of four small ops.
+    def _fused_rotation(self, x: torch.Tensor, side: str) -> int:
+        """Factor count (2 or 3) when one fused Triton launch can rotate ``x``, else 0: decode-
+        sized inputs on CUDA, instead of a sign multiply, 2-3 GEMMs and copies."""
         count = self._had_in if side == "in" else self._had_out
-        return (x.is_cuda and not self._had_block and count == 2
+        if not (x.is_cuda and not self._had_block and count in (2, 3)
                 and x.numel() <= kernels.GEMV_MAX_ROWS * x.shape[-1]
-                and kernels.triton_available()
-                and kernels.rotate2_supports((getattr(self, f"had_{side}_0").shape[0],
-                                              getattr(self, f"had_{side}_1").shape[0])))
+                and kernels.triton_available()):
+            return 0
+        sizes = tuple(getattr(self, f"had_{side}_{i}").shape[0] for i in range(count))
+        ok = kernels.rotate2_supports(sizes) if count == 2 else kernels.rotate3_supports(sizes)
+        return count if ok else 0
+
+    def _fused_rotate(self, x: torch.Tensor, side: str, count: int) -> torch.Tensor:
+        Hs = [getattr(self, f"had_{side}_{i}") for i in range(count)]
+        sign = getattr(self, f"had_{side}_sign")
+        op = kernels.hadamard_rotate2 if count == 2 else kernels.hadamard_rotate3
+        return op(x, sign, *Hs, side == "in")
 
     def _rotate_in(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused_rotation(x, "in"):
-            return kernels.hadamard_rotate2(x, self.had_in_sign, self.had_in_0, self.had_in_1, True)
+        if count := self._fused_rotation(x, "in"):
+            return self._fused_rotate(x, "in", count)
         return self._hadamard(x * self.had_in_sign.to(x.dtype), "in")
 
     def _rotate_out(self, y: torch.Tensor) -> torch.Tensor:
-        if self._fused_rotation(y, "out"):
-            return kernels.hadamard_rotate2(y, self.had_out_sign, self.had_out_0, self.had_out_1,
-                                            False)
+        if count := self._fused_rotation(y, "out"):
+            return self._fused_rotate(y, "out", count)
         return self._hadamard(y, "out") * self.had_out_sign.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
