@@ -149,3 +149,26 @@ def test_fused_three_factor_rotation_equals_the_kronecker_path(n, sign_first):
     ref = (apply_factors(x * sign, Hs, normalize=False) if sign_first
            else apply_factors(x, Hs, normalize=False) * sign)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,n", [(256, 256), (96, 6144)])
+def test_quantized_linear_on_the_triton_path_equals_the_dense_weight(m, n, monkeypatch):
+    # 256 = 16·16: two-factor fused rotation; 6144 = 12·32·16: the three-factor one, on the
+    # input side (the output side is covered by the kernel test above).
+    from yaqa.nn import QuantizedLinear
+    from yaqa.quantizers import IntQuantizer
+    from yaqa.rounding import round_weight
+
+    monkeypatch.setattr(kernels, "FORCE_TRITON", True)
+    torch.manual_seed(m + n)
+    q = IntQuantizer(bits=4, group_size=64)
+    res = round_weight(torch.randn(m, n) * 0.05, None, None, q, method="rtn", incoherence=5,
+                       return_details=True)
+    ql = QuantizedLinear.from_codes(res.codes, res.grid, q, transform=res.transform)
+    Wd = ql.dequantized_weight()
+    for rows in (1, kernels.GEMV_MAX_ROWS + 1):  # fused rotations + GEMV; torch + dequantize
+        x = torch.randn(rows, n)
+        fused = ql._fused_rotation(x, "in") or ql._fused_rotation(torch.zeros(rows, m), "out")
+        assert bool(fused) == (rows == 1)
+        with torch.no_grad():
+            torch.testing.assert_close(ql(x), x @ Wd.T, rtol=1e-4, atol=1e-4)

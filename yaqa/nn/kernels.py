@@ -109,6 +109,15 @@ def triton_available() -> bool:
     return _TRITON_OK
 
 
+# Tests set this to run the Triton paths on CPU tensors under TRITON_INTERPRET=1.
+FORCE_TRITON = False
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether ``x``'s packed matmuls and rotations go to the Triton kernels."""
+    return FORCE_TRITON or (x.is_cuda and triton_available())
+
+
 def kernel_supports(bits: int, group: int, m: int, n: int) -> bool:
     cpc, _ = chunk(bits)
     return (bits in KERNEL_BITS and group in KERNEL_GROUPS and n % 128 == 0 and n % group == 0

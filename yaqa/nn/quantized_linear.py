@@ -216,8 +216,7 @@ class QuantizedLinear(nn.Module):
         m, n = self.out_features, self.in_features
         if self.is_int:
             g = self.group_size
-            if (x.is_cuda and kernels.triton_available()
-                    and kernels.kernel_supports(self.bits, g, m, n)):
+            if kernels.use_triton(x) and kernels.kernel_supports(self.bits, g, m, n):
                 return kernels.intk_matmul(x, self.qweight, self.grid_scale, self.grid_zero,
                                            self.bits, g, m, n)
             return kernels.cpu_matmul(x, self.qweight, self.grid_scale, self.grid_zero,
@@ -228,9 +227,8 @@ class QuantizedLinear(nn.Module):
         """Factor count (2 or 3) when one fused Triton launch can rotate ``x``, else 0: decode-
         sized inputs on CUDA, instead of a sign multiply, 2-3 GEMMs and copies."""
         count = self._had_in if side == "in" else self._had_out
-        if not (x.is_cuda and not self._had_block and count in (2, 3)
-                and x.numel() <= kernels.GEMV_MAX_ROWS * x.shape[-1]
-                and kernels.triton_available()):
+        if not (not self._had_block and count in (2, 3)
+                and x.numel() <= kernels.GEMV_MAX_ROWS * x.shape[-1] and kernels.use_triton(x)):
             return 0
         sizes = tuple(getattr(self, f"had_{side}_{i}").shape[0] for i in range(count))
         ok = kernels.rotate2_supports(sizes) if count == 2 else kernels.rotate3_supports(sizes)
