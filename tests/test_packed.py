@@ -237,3 +237,15 @@ def test_generate_cli_prints_text_and_speed(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("the cat") and "5 tokens in" in out and "tokens/s" in out
     assert main(["generate", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("n,folded", [(256, True), (384, False)])
+def test_sign_vectors_stay_exact_in_16_bit(n, folded):
+    # 1/sqrt(256) = 2^-4 joins the ±1 signs exactly; 1/sqrt(384) would round in bf16 and bias
+    # every output by the same factor, so it stays a float32 scalar.
+    q = IntQuantizer(bits=4, group_size=64)
+    ql = QuantizedLinear(n, 64, q, incoherence=True, dtype=torch.bfloat16)
+    v = ql.had_in_sign.float().abs()
+    expected = n ** -0.5 if folded else 1.0
+    assert v.dtype == torch.float32 and torch.equal(v, torch.full_like(v, expected))
+    assert ql._had_in_scale == (1.0 if folded else n ** -0.5)

@@ -283,7 +283,7 @@ def _kernels():
                  ((q - z) * s).to(w_ptr.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
-    def rotate2_kernel(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y,
+    def rotate2_kernel(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, scale,
                        D1: tl.constexpr, D2: tl.constexpr, SIGN_FIRST: tl.constexpr,
                        IEEE: tl.constexpr):
         # One activation row as a D1 x D2 tile X: (H1 ⊗ H2) vec(X) = H1 X H2^T, two tensor-core
@@ -305,12 +305,13 @@ def _kernels():
         else:
             Y = tl.dot(H1, X).to(X.dtype)  # rounded like the unfused path's 16-bit GEMM output
             Y = tl.dot(Y, H2T)
+        Y = Y * scale
         if not SIGN_FIRST:
             Y = Y * S.to(tl.float32)
         tl.store(y_ptr + row * stride_y + offs, Y.to(y_ptr.dtype.element_ty))
 
     @triton.jit
-    def rotate3_kernel(x_ptr, s_ptr, ha_ptr, hb_ptr, hc_ptr, y_ptr, stride_x, stride_y,
+    def rotate3_kernel(x_ptr, s_ptr, ha_ptr, hb_ptr, hc_ptr, y_ptr, stride_x, stride_y, scale,
                        A: tl.constexpr, AP: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
                        SIGN_FIRST: tl.constexpr, PREC: tl.constexpr):
         # (HA ⊗ HB ⊗ HC) on a row viewed as an A x B x C tensor, A (e.g. a Paley 28) padded to
@@ -336,7 +337,7 @@ def _kernels():
         Y = tl.permute(tl.reshape(Y, (AP, B, C)), (0, 2, 1))
         Y = tl.dot(tl.reshape(Y, (AP * C, B)), HBT, input_precision=PREC).to(dt)
         Y = tl.reshape(tl.permute(tl.reshape(Y, (AP, C, B)), (0, 2, 1)), (AP, B * C))
-        Y = tl.dot(HA, Y, input_precision=PREC)
+        Y = tl.dot(HA, Y, input_precision=PREC) * scale
         if not SIGN_FIRST:
             Y = Y * S.to(tl.float32)
         tl.store(y_ptr + row * stride_y + offs, Y.to(y_ptr.dtype.element_ty), mask=amask)
@@ -509,9 +510,10 @@ def rotate2_supports(sizes: tuple[int, ...]) -> bool:
 
 
 def rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor,
-            sign_first: bool) -> torch.Tensor:
-    """Rows of ``x`` times ``(H1 ⊗ H2)^T``, with ``sign`` (signs/sqrt(n)) applied before
-    (``sign_first``) or after; by the fused Triton kernel."""
+            sign_first: bool, scale: float = 1.0) -> torch.Tensor:
+    """Rows of ``x`` times ``scale·(H1 ⊗ H2)^T``, with ``sign`` (a ±1 vector, possibly with an
+    exact power-of-two scale folded in) applied before (``sign_first``) or after; by the fused
+    Triton kernel."""
     rotate2_kernel = _kernels()[6]
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
@@ -522,7 +524,8 @@ def rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Ten
     s = sign.to(x.dtype)
 
     def fused():
-        rotate2_kernel[(x2.shape[0],)](x2, s, h1, h2, y, x2.stride(0), y.stride(0), D1=d1, D2=d2,
+        rotate2_kernel[(x2.shape[0],)](x2, s, h1, h2, y, x2.stride(0), y.stride(0), scale,
+                                       D1=d1, D2=d2,
                                        SIGN_FIRST=sign_first, IEEE=x.dtype == torch.float32,
                                        num_warps=4)
         return y
@@ -531,21 +534,22 @@ def rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Ten
         from .hadamard import apply_factors
 
         Hs = [h1, h2]
-        return (apply_factors(x2 * s, Hs, normalize=False) if sign_first
-                else apply_factors(x2, Hs, normalize=False) * s)
+        y = (apply_factors(x2 * s, Hs, normalize=False) if sign_first
+             else apply_factors(x2, Hs, normalize=False) * s)
+        return y * scale if scale != 1.0 else y
 
     return _guarded("rotate2", (d1, d2, sign_first, x.dtype), fused, unfused).reshape(x.shape)
 
 
 @torch.library.custom_op("yaqa::hadamard_rotate2", mutates_args=())
 def hadamard_rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor,
-                     sign_first: bool) -> torch.Tensor:
+                     sign_first: bool, scale: float = 1.0) -> torch.Tensor:
     """:func:`rotate2` as an op that ``torch.compile`` keeps opaque and CUDA graphs capture."""
-    return rotate2(x, sign, h1, h2, sign_first)
+    return rotate2(x, sign, h1, h2, sign_first, scale)
 
 
 @hadamard_rotate2.register_fake
-def _(x, sign, h1, h2, sign_first):
+def _(x, sign, h1, h2, sign_first, scale=1.0):
     return torch.empty_like(x)
 
 
@@ -559,7 +563,7 @@ def rotate3_supports(sizes: tuple[int, ...]) -> bool:
 
 
 def rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Tensor,
-            hc: torch.Tensor, sign_first: bool) -> torch.Tensor:
+            hc: torch.Tensor, sign_first: bool, scale: float = 1.0) -> torch.Tensor:
     """:func:`rotate2` for three Kronecker factors."""
     rotate3_kernel = _kernels()[7]
     n = x.shape[-1]
@@ -572,7 +576,7 @@ def rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Ten
     s = sign.to(x.dtype)
 
     def fused():
-        rotate3_kernel[(x2.shape[0],)](x2, s, ha, hb, hc, y, x2.stride(0), y.stride(0), A=A,
+        rotate3_kernel[(x2.shape[0],)](x2, s, ha, hb, hc, y, x2.stride(0), y.stride(0), scale, A=A,
                                        AP=AP, B=B, C=C, SIGN_FIRST=sign_first,
                                        PREC="ieee" if x.dtype == torch.float32 else None,
                                        num_warps=8)
@@ -582,19 +586,20 @@ def rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Ten
         from .hadamard import apply_factors
 
         Hs = [ha, hb, hc]
-        return (apply_factors(x2 * s, Hs, normalize=False) if sign_first
-                else apply_factors(x2, Hs, normalize=False) * s)
+        y = (apply_factors(x2 * s, Hs, normalize=False) if sign_first
+             else apply_factors(x2, Hs, normalize=False) * s)
+        return y * scale if scale != 1.0 else y
 
     return _guarded("rotate3", (A, B, C, sign_first, x.dtype), fused, unfused).reshape(x.shape)
 
 
 @torch.library.custom_op("yaqa::hadamard_rotate3", mutates_args=())
 def hadamard_rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Tensor,
-                     hc: torch.Tensor, sign_first: bool) -> torch.Tensor:
+                     hc: torch.Tensor, sign_first: bool, scale: float = 1.0) -> torch.Tensor:
     """:func:`rotate3` as an op that ``torch.compile`` keeps opaque and CUDA graphs capture."""
-    return rotate3(x, sign, ha, hb, hc, sign_first)
+    return rotate3(x, sign, ha, hb, hc, sign_first, scale)
 
 
 @hadamard_rotate3.register_fake
-def _(x, sign, ha, hb, hc, sign_first):
+def _(x, sign, ha, hb, hc, sign_first, scale=1.0):
     return torch.empty_like(x)

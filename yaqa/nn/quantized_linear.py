@@ -101,8 +101,13 @@ class QuantizedLinear(nn.Module):
         for side, sign, d in (("in", self.tf_sign_in, din), ("out", self.tf_sign_out, dout)):
             if sign.is_meta:
                 sign = torch.ones(sign.shape, device=device)  # refreshed by materialize_hadamard
-            v = (sign.to(device=device, dtype=torch.float64) / math.sqrt(d)).to(dtype)
-            self.register_buffer(f"had_{side}_sign", v, persistent=False)
+            # 1/sqrt(d) joins the ±1 signs only where it is a power of two (d = 4^k), so that the
+            # 16-bit vector stays exact; otherwise it stays a float32 scalar.
+            scale = 1.0 / math.sqrt(d)
+            exact = math.frexp(scale)[0] == 0.5
+            v = sign.to(device=device, dtype=torch.float64) * (scale if exact else 1.0)
+            self.register_buffer(f"had_{side}_sign", v.to(dtype), persistent=False)
+            setattr(self, f"_had_{side}_scale", 1.0 if exact else scale)
 
     def _hadamard(self, x: torch.Tensor, side: str) -> torch.Tensor:
         count = self._had_in if side == "in" else self._had_out
@@ -237,18 +242,21 @@ class QuantizedLinear(nn.Module):
     def _fused_rotate(self, x: torch.Tensor, side: str, count: int) -> torch.Tensor:
         Hs = [getattr(self, f"had_{side}_{i}") for i in range(count)]
         sign = getattr(self, f"had_{side}_sign")
+        scale = getattr(self, f"_had_{side}_scale")
         op = kernels.hadamard_rotate2 if count == 2 else kernels.hadamard_rotate3
-        return op(x, sign, *Hs, side == "in")
+        return op(x, sign, *Hs, side == "in", scale)
 
     def _rotate_in(self, x: torch.Tensor) -> torch.Tensor:
         if count := self._fused_rotation(x, "in"):
             return self._fused_rotate(x, "in", count)
-        return self._hadamard(x * self.had_in_sign.to(x.dtype), "in")
+        y = self._hadamard(x * self.had_in_sign.to(x.dtype), "in")
+        return y if self._had_in_scale == 1.0 else y * self._had_in_scale
 
     def _rotate_out(self, y: torch.Tensor) -> torch.Tensor:
         if count := self._fused_rotation(y, "out"):
             return self._fused_rotate(y, "out", count)
-        return self._hadamard(y, "out") * self.had_out_sign.to(y.dtype)
+        y = self._hadamard(y, "out") * self.had_out_sign.to(y.dtype)
+        return y if self._had_out_scale == 1.0 else y * self._had_out_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_cache:
