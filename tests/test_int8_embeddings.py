@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from yaqa.io import load, read_record, save_quantized
 from yaqa.io.checkpoint import CheckpointError
+from yaqa.nn import QuantizedLinear
 from yaqa.nn.int8 import (Int8Embedding, Int8Linear, dequantize_rows, parse_embeddings,
                           quantize_embeddings, quantize_rows)
 from yaqa.quantize_model import quantize
@@ -260,3 +261,20 @@ def test_cli_quantize_with_int8_embeddings(tmp_path):
     assert isinstance(load(out).get_input_embeddings(), Int8Embedding)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "--out", "x", "--embeddings", "int4"])
+
+
+def test_quantize_one_evaluates_what_it_saves(tmp_path):
+    from yaqa.pipeline import quantize_one
+    from yaqa.recipe import get_recipe
+
+    recipe = get_recipe("rtn", quantizer="int4", group_size=32)
+    untouched = _model()
+    with pytest.raises(ValueError, match="unknown embeddings format"):
+        quantize_one(untouched, recipe, None, tmp_path / "bad", embeddings="int4", progress=False)
+    assert not any(isinstance(m, QuantizedLinear) for m in untouched.modules())  # no work done
+    model = _model()
+    res = quantize_one(model, recipe, None, tmp_path / "c", embeddings="int8", progress=False)
+    assert isinstance(model.get_input_embeddings(), Int8Embedding)
+    assert read_record(res.saved.path)["embeddings"]["format"] == "int8"
+    with torch.no_grad():
+        assert torch.equal(load(res.saved.path)(PROMPT).logits, model(PROMPT).logits)

@@ -200,10 +200,6 @@ class Int8Linear(_Int8Rows):
 
 # -- whole models ---------------------------------------------------------------------------------
 
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
-
-
 def _targets(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, bool]:
     """(input embedding, LM head or None when quantized/absent, tied)."""
     emb = model.get_input_embeddings()
