@@ -106,6 +106,13 @@ def _memory_plan(args, model, n_seqs: int, sketch: str = "B", blocks=None):
                      blocks_per_pass=getattr(args, "blocks_per_pass", None))
 
 
+def _add_embeddings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embeddings", default="auto", type=str.lower, choices=("auto", "int8"),
+                   help="input embedding and LM head: auto (the model's 16-bit dtype, default) "
+                        "or int8 (one scale per row; about half their size, kept int8 when "
+                        "loaded)")
+
+
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default="auto",
                    help="evaluation text (default: WikiText-2 test when found)")
@@ -161,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory of stored Hessians (reused when they match; collected there "
                         "otherwise; default <out>/hessians-<sketch>)")
     p.add_argument("--include-head", action="store_true", help="also quantize the LM head (RTN)")
+    _add_embeddings(p)
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_quantize)
@@ -179,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantizer(p, many_bits=True)
     _add_data(p)
     _add_eval(p)
+    _add_embeddings(p)
     p.add_argument("--out", default="yaqa-out", help="work and output directory")
     p.add_argument("--no-save", dest="save", action="store_false")
     p.add_argument("--overwrite", action="store_true",
@@ -301,7 +310,8 @@ def cmd_quantize(args) -> int:
                        hessian_dir=args.hessians or f"{args.out}.hessians-{recipe.hessian}",
                        work_dir=f"{args.out}.work", model_name=args.model,
                        include_head=args.include_head, overwrite=args.overwrite,
-                       batch_size=args.batch_size, progress=not args.quiet)
+                       batch_size=args.batch_size, progress=not args.quiet,
+                       embeddings=args.embeddings)
     report, saved = res.report, res.saved
     resumed = f" ({report.resumed_blocks} blocks resumed)" if report.resumed_blocks else ""
     print(f"{recipe.name} {recipe.quantizer} g{recipe.group_size or 'row'}: "
@@ -363,7 +373,8 @@ def cmd_run(args) -> int:
                     overwrite=args.overwrite, shrinkage=args.shrinkage,
                     progress=not args.quiet, tasks=args.tasks,
                     tasks_path=args.tasks_path, tasks_limit=args.tasks_limit,
-                    strict=args.strict, command=_command_line(args))
+                    strict=args.strict, command=_command_line(args),
+                    embeddings=args.embeddings)
     for qname in cfg.formats():  # every flag checked before the model loads
         for m in methods:
             recipe_from_args(args, m, qname)

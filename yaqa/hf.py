@@ -37,10 +37,13 @@ def _register() -> None:
         """``quantization_config`` of a yaqa checkpoint: which linears are quantized, and how."""
 
         def __init__(self, modules: dict[str, dict] | None = None, format_version: int = 2,
-                     dense_cache: bool = False, **kwargs: Any) -> None:
+                     dense_cache: bool = False, embeddings: dict | None = None,
+                     **kwargs: Any) -> None:
             self.quant_method = QUANT_METHOD
             self.format_version = int(format_version)
             self.modules = dict(modules or {})
+            # Int8 input embedding / LM head (format v3): {"format": "int8", "modules": {...}}
+            self.embeddings = embeddings
             # Opt-in dense weights (fast CPU evaluation, unquantized memory); never saved as True
             # by yaqa itself.
             self.dense_cache = bool(dense_cache)
@@ -67,9 +70,20 @@ def _register() -> None:
         def _process_model_before_weight_loading(self, model, **kwargs) -> None:
             replace_linears(model, self.quantization_config.modules,
                             dense_cache=self.quantization_config.dense_cache)
+            specs = _int8_specs(self.quantization_config)
+            if specs:
+                from .nn.int8 import build_int8_modules
+
+                build_int8_modules(model, specs)
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             from .nn import QuantizedLinear
+
+            specs = _int8_specs(self.quantization_config)
+            if specs:
+                from .nn.int8 import check_tied
+
+                check_tied(model, specs)
 
             for m in model.modules():
                 if isinstance(m, QuantizedLinear):
@@ -89,6 +103,16 @@ def _register() -> None:
             return True
 
     globals().update(YaqaConfig=YaqaConfig, YaqaHfQuantizer=YaqaHfQuantizer)
+
+
+def _int8_specs(config) -> dict[str, dict]:
+    emb = getattr(config, "embeddings", None) or {}
+    if emb and emb.get("format") != "int8":
+        from .io.checkpoint import CheckpointError
+
+        raise CheckpointError(f"unknown embeddings format {emb.get('format')!r} in "
+                              "quantization_config; upgrade yaqa")
+    return dict(emb.get("modules") or {})
 
 
 def replace_linears(model: torch.nn.Module, modules: dict[str, dict], *,

@@ -93,6 +93,7 @@ class RunConfig:
     strict: bool = False  # a failed sanity check on the reference is an error, not a warning
     command: str | None = None  # the command line, for report.md
     report: bool = True  # write report.md (and the KL plot) next to results.json
+    embeddings: str = "auto"  # "int8": input embedding and LM head int8, one scale per row
 
     def formats(self) -> tuple[str, ...]:
         """The quantizer names of the comparison: ``quantizers``, else ``int<bits>``."""
@@ -234,16 +235,22 @@ def quantize_one(model: nn.Module, recipe: Recipe, calib: Calibration | None,
                  hessian_dir: str | Path | None = None, work_dir: str | Path | None = None,
                  model_name: str | None = None, include_head: bool = False,
                  overwrite: bool = False, replace_output: bool | None = None,
-                 batch_size: int = 4, progress: bool = True) -> QuantizeOutcome:
+                 batch_size: int = 4, progress: bool = True,
+                 embeddings: str = "auto") -> QuantizeOutcome:
     """Validate, collect (or reuse) Hessians, round block by block (resumable in ``work_dir``)
     and save a checkpoint to ``out`` (skipped when ``out`` is None).  What ``yaqa quantize``
     and each row of ``yaqa run`` do.
 
     ``overwrite`` discards stale Hessians and resume state; ``replace_output`` (default:
     ``overwrite``) allows replacing an existing checkpoint at ``out``.
+    ``embeddings="int8"``: the input embedding and the LM head become int8 (one scale per row)
+    in ``model`` too, so what is evaluated is what is saved.
     """
     from .io import save_quantized
+    from .nn.int8 import parse_embeddings, quantize_embeddings
     from .quantize_model import quantize
+
+    embeddings = parse_embeddings(embeddings)
 
     replace = overwrite if replace_output is None else replace_output
     preflight(model, [recipe], outs=[out] if out is not None else [], overwrite=replace,
@@ -262,6 +269,8 @@ def quantize_one(model: nn.Module, recipe: Recipe, calib: Calibration | None,
     weights = store.weights_identity(model)
     report = quantize(model, hessians, recipe=recipe, include_head=include_head,
                       work_dir=work_dir, overwrite=overwrite, progress=progress)
+    if embeddings == "int8":
+        quantize_embeddings(model)
     saved, t = None, time.perf_counter()
     if out is not None:
         info = checkpoint_info(recipe, calib, model_name, weights, report)
@@ -320,6 +329,9 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
 
     out = Path(cfg.out_dir)
     store.check_output_dir(out)
+    from .nn.int8 import parse_embeddings
+
+    cfg.embeddings = parse_embeddings(cfg.embeddings)  # a bad value fails before any work
     recipes = [cfg.recipe(m, q) for q in cfg.formats() for m in cfg.methods]
     out.mkdir(parents=True, exist_ok=True)
     stages = StageLog()
@@ -368,7 +380,8 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
             res = quantize_one(qmodel, recipe, calib, out / name if cfg.save else None,
                                tokenizer=tok, hessians=hs, work_dir=out / "work" / name,
                                model_name=cfg.model, overwrite=cfg.overwrite,
-                               replace_output=True, progress=cfg.progress)
+                               replace_output=True, progress=cfg.progress,
+                               embeddings=cfg.embeddings)
         layers[name] = res.report.layers
         size_mb = res.saved.weights_bytes / 1e6 if res.saved else float("nan")
         path = str(res.saved.path) if res.saved else None
@@ -410,6 +423,8 @@ def _report_settings(cfg: RunConfig, calib_src: str, eval_src: str, ev, model) -
                          f"{'sym' if cfg.symmetric else 'asym'} {cfg.scale_search}",
             "incoherence": cfg.incoherence, "device": str(next(model.parameters()).device),
             "dtype": cfg.dtype,
+            **({"embedding, LM head": "int8, one scale per row"}
+               if cfg.embeddings == "int8" else {}),
             "tasks": tasks + (f" (limit {cfg.tasks_limit})" if cfg.tasks_limit else "")}
 
 

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..incoherence import IncoherenceTransform, expand_kv_signs, sign_partner
 from ..nn import QuantizedLinear
+from ..nn.int8 import Int8Embedding, Int8Linear
 from ..quantizers import FP4Grid, IntGrid
 
 log = logging.getLogger(__name__)
@@ -336,12 +337,16 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
         log.warning("bfloat16 export rounds yaqa's fp16 scales; use float16 to keep the weights exact")
     if fmt == "nvfp4" and not allow_unfused_nvfp4:
         _check_fused_global_scales(layers)
+    # Int8 embedding/head (yaqa.nn.int8) have no compressed-tensors form that vLLM loads for
+    # embeddings: they are exported dequantized, in ``dtype``, like any unquantized tensor.
+    int8_mods = {n: m for n, m in model.named_modules()
+                 if isinstance(m, (Int8Embedding, Int8Linear))}
     ignore = [n for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and n not in qmods]
+              if isinstance(m, (nn.Linear, Int8Linear)) and n not in qmods]
     schemes = _collect_schemes(layers, head_dim)
 
     tensors: dict[str, torch.Tensor] = {}
-    skip_prefixes = tuple(n + "." for n in qmods)
+    skip_prefixes = tuple(n + "." for n in list(qmods) + list(int8_mods))
     tied_head = None
     if getattr(cfg, "tie_word_embeddings", False):
         head = model.get_output_embeddings()
@@ -350,6 +355,11 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
         if k.startswith(skip_prefixes) or (tied_head and k == tied_head + ".weight"):
             continue
         tensors[k] = v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+    for name, m in int8_mods.items():
+        if name != tied_head:
+            tensors[f"{name}.weight"] = m.dequantized_weight().to(dtype).cpu().contiguous()
+        if getattr(m, "bias", None) is not None:
+            tensors[f"{name}.bias"] = m.bias.detach().to("cpu", dtype).contiguous()
 
     groups: dict[str, dict] = {}
     for name, lc in layers.items():

@@ -13,6 +13,11 @@ Layout of a checkpoint directory (format v2)::
     yaqa.json            how it was made (method, quantizer, Hessians, data, seeds) and which
                          modules are quantized with which format
 
+With ``embeddings="int8"`` the input embedding and the LM head are stored as int8 ``weight``
+plus a float32 ``weight_scale`` per row (:mod:`yaqa.nn.int8`; a tied head is stored once), and
+both records list them under ``embeddings``; such a checkpoint is format v3, which older yaqa
+versions refuse instead of misreading.  Without the option a checkpoint is still written as v2.
+
 Format v1 (yaqa 0.1) had the same tensors, float32 unquantized tensors and no
 ``quantization_config``; :func:`load` still reads it.
 
@@ -26,6 +31,7 @@ import copy
 import json
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +41,15 @@ from torch import nn
 
 from .. import __version__, store
 from ..nn import QuantizedLinear
+from ..nn import int8 as int8_rows
 from ..quantizers import quantizer_from_config
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest this yaqa reads and writes
+# Checkpoints are written with the oldest version that describes them: v3 only adds int8
+# embeddings, so a checkpoint without them stays readable by yaqa versions that read v2.
+BASE_FORMAT_VERSION = 2
 RECORD = "yaqa.json"
 WEIGHTS = "model.safetensors"
 
@@ -107,7 +117,10 @@ def _resolve_save_dtype(model: nn.Module, dtype) -> torch.dtype | None:
 
 def _state_to_save(model: nn.Module, qmods: dict[str, QuantizedLinear],
                    dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    packed = {f"{name}.{k}" for name, m in qmods.items() for k, _ in m.named_buffers()}
+    # Stored formats keep their dtypes: packed linears, and int8 rows with float32 scales.
+    stored = dict(qmods) | {n: m for n, m in model.named_modules()
+                            if isinstance(m, (int8_rows.Int8Embedding, int8_rows.Int8Linear))}
+    packed = {f"{name}.{k}" for name, m in stored.items() for k, _ in m.named_buffers()}
     state, seen = {}, set()
     for name, t in model.state_dict().items():
         # Tied weights (embedding = head) are one tensor: save it once, as transformers does.
@@ -123,12 +136,17 @@ def _state_to_save(model: nn.Module, qmods: dict[str, QuantizedLinear],
 
 def save_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None,
                    info: dict | None = None, overwrite: bool = False,
-                   dtype: torch.dtype | str | None = "auto") -> SavedCheckpoint:
+                   dtype: torch.dtype | str | None = "auto",
+                   embeddings: str | None = "auto") -> SavedCheckpoint:
     """Write ``model`` (with QuantizedLinear modules) to ``out_dir``.
 
     ``dtype``: of the unquantized tensors (embeddings, norms, head, biases).  ``"auto"`` keeps
     the 16-bit dtype the model was published in (float32 tensors of a bf16 model are saved as
     bf16); ``None`` saves every tensor as it is in memory.
+    ``embeddings``: ``"auto"`` saves the input embedding and the LM head like the other
+    unquantized tensors; ``"int8"`` stores them as int8 with one scale per row (the model in
+    memory is left as it is).  A model already converted by
+    :func:`yaqa.nn.int8.quantize_embeddings` is saved with int8 embeddings either way.
 
     The directory is built under a temporary name and swapped in by rename; an old checkpoint
     is deleted only after the swap.
@@ -136,29 +154,38 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=No
     qmods = quantized_modules(model)
     if not qmods:
         raise CheckpointError("model has no quantized layers; run yaqa.quantize first")
+    want_int8 = int8_rows.parse_embeddings(embeddings) == "int8"
     out = check_checkpoint_target(out_dir, overwrite=overwrite)
     save_dtype = _resolve_save_dtype(model, dtype)
     specs = module_specs(qmods)
-    with store.atomic_dir(out) as tmp:
+    view = (int8_rows.int8_embeddings_view(model)
+            if want_int8 and not int8_rows.has_int8_embeddings(model) else nullcontext())
+    with view, store.atomic_dir(out) as tmp:
+        emb_specs = int8_rows.embedding_specs(model)
+        version = FORMAT_VERSION if emb_specs else BASE_FORMAT_VERSION
+        emb_record = {"format": "int8", "modules": emb_specs} if emb_specs else None
         config = copy.deepcopy(model.config)
-        config.quantization_config = {"quant_method": "yaqa", "format_version": FORMAT_VERSION,
+        config.quantization_config = {"quant_method": "yaqa", "format_version": version,
                                       "modules": specs}
+        if emb_record:
+            config.quantization_config["embeddings"] = emb_record
         if save_dtype is not None:
             config.dtype = save_dtype
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(_state_to_save(model, qmods, save_dtype), str(tmp / WEIGHTS),
-                  metadata={"format": "pt", "yaqa_format_version": str(FORMAT_VERSION)})
+                  metadata={"format": "pt", "yaqa_format_version": str(version)})
         record = {
             "format": "yaqa",
-            "format_version": FORMAT_VERSION,
+            "format_version": version,
             "yaqa_version": __version__,
             # Attention kernels differ in the last bits; reload with the one used here so the
             # loaded model reproduces the in-memory logits exactly.
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "dtype": str(save_dtype).removeprefix("torch.") if save_dtype else None,
             "modules": specs,
+            "embeddings": emb_record,
             "info": info or {},
         }
         (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str))
