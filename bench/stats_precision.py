@@ -1,0 +1,89 @@
+"""Does bf16 in the Sketch-B statistics move the final KL?  SmolLM2-135M on CPU.
+
+Collects Sketch B once per precision mode on the same calibration windows (bf16 levels are
+emulated exactly on CPU: operands rounded to bf16, products summed in fp32, as tensor cores do),
+compares each mode's factors with the "full" (fp32) ones (relative Frobenius error per factor),
+then rounds a fresh copy of the model with each (YAQA int4 g128, shrinkage auto) and reports
+KL against the unquantized model on held-out windows.
+
+    python bench/stats_precision.py --n-seqs 32 --ctx 256 --modes full bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import yaqa
+from yaqa.data import calibration_windows, eval_windows, find_wikitext2
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n-seqs", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--eval-seqs", type=int, default=16)
+    ap.add_argument("--eval-ctx", type=int, default=512)
+    ap.add_argument("--modes", nargs="+", default=["full", "bf16"])
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--tag", default="_cpu")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    model, tok = yaqa.load_model(None)
+    wt = find_wikitext2()
+    calib = calibration_windows(tok, wt / "wiki.valid.tokens", args.n_seqs, args.ctx, seed=0,
+                                model=model, progress=False)
+    evals = eval_windows(tok, wt / "wiki.test.raw", args.eval_ctx, args.eval_seqs)
+    hs, secs = {}, {}
+    for mode in args.modes:
+        t = time.perf_counter()
+        hs[mode] = yaqa.collect_hessians(model, calib, sketch="B", precision=mode,
+                                         batch_size=args.batch_size, progress=False)
+        secs[mode] = time.perf_counter() - t
+        print(f"{mode}: collected in {secs[mode]:.0f} s", flush=True)
+    ref_mode = args.modes[0]
+    out = {"machine": platform.node(), "torch": torch.__version__,
+           "command": "python bench/stats_precision.py " + " ".join(sys.argv[1:]),
+           "calibration": f"{args.n_seqs} x {args.ctx} WikiText-2 validation windows, seed 0",
+           "eval": f"{args.eval_seqs} x {args.eval_ctx} WikiText-2 test windows",
+           "collect_seconds": secs, "modes": {}}
+    for mode in args.modes:
+        row = {}
+        if mode != ref_mode:
+            errs = {k: [rel(getattr(hs[mode][n], k), getattr(hs[ref_mode][n], k))
+                        for n in hs[mode]] for k in ("H_in", "H_out", "H_x")}
+            row["factor_rel_err"] = {k: {"median": statistics.median(v), "max": max(v)}
+                                     for k, v in errs.items()}
+            a = [hs[mode][n].shrinkage["out"] - hs[ref_mode][n].shrinkage["out"] for n in hs[mode]]
+            row["shrink_out_max_abs_diff"] = max(abs(x) for x in a)
+        q = copy.deepcopy(model)
+        yaqa.quantize(q, hs[mode], method="yaqa", quantizer="int4", group_size=128,
+                      progress=False)
+        r = yaqa.evaluate.compare(model, q, evals, batch_size=4, progress=False)
+        row.update(kl=r.kl, ppl=r.ppl, ref_ppl=r.ref_ppl, top1=r.top1)
+        out["modes"][mode] = row
+        print(mode, json.dumps(row), flush=True)
+        del q
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"stats_precision{args.tag}.json").write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
