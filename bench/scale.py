@@ -311,6 +311,8 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
                 col.begin_pass("b")
                 t_groups.append(_timed(lambda: col.step(ids, range(ids.shape[0])), args.steps,
                                        args.device))
+            # how bf16 products reached the fp32 sums: one fused GEMM, or GEMM + add
+            fused = {a.prod._fused_ok for a in col.acc.values()}
             del col  # its accumulators must be gone before the next group allocates its own
             gc.collect()
         # the statistics alone: each group's time minus the model's own work (the forward is
@@ -322,7 +324,8 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
             "sketch_b_s": sb, "x_plain": sb / t_plain,
             "x_plain_if_one_pass": (t_plain + stat_s) / t_plain,
             "stats_per_layer_token_s": stat_s / layers / ids.numel(),
-            "peak_gpu_gib": (gpu_peak_bytes(args.device) or 0) / GiB}
+            "peak_gpu_gib": (gpu_peak_bytes(args.device) or 0) / GiB,
+            "fused_bf16_accumulation": sorted(str(f) for f in fused)}
         m = row["modes"][prec]
         print(f"{layers} layers, batch {args.batch_size}, {prec}: plain {t_plain * 1e3:.1f} ms, "
               f"Sketch B {sb * 1e3:.1f} ms over {len(plan.groups)} pass(es) = "
@@ -342,6 +345,11 @@ def stage_throughput(args, state: dict) -> None:
     for layers in args.layers_list:
         rows[layers] = _throughput_at(args, layers, precisions)
         _free(args.device)
+        _throughput_table(args, state, rows)  # after every depth: a cut-off run keeps its rows
+
+
+def _throughput_table(args, state: dict, rows: dict) -> None:
+    precisions = args.precisions
     # the projection reads the first precision's numbers
     state["throughput"] = {str(k): {**{q: v for q, v in r.items() if q != "modes"},
                                     **r["modes"][precisions[0]], "precision": precisions[0]}
@@ -357,9 +365,12 @@ def stage_throughput(args, state: dict) -> None:
              "warm-up. Plain = forward + sampled-label activation-only backward (frozen "
              "weights), the model's own work in collection. Sketch B = every pass of the memory "
              "plan (each pass repeats the forward; its backward stops at its first block).", "",
+             "x plain if one pass: the plain step plus the statistics alone (each pass's time "
+             "minus its share of the model's work), i.e. as if every accumulator fit one pass. "
+             "fused: bf16 products added to the fp32 sums by one addmm (True) or mm + add.", "",
              "| layers | passes | plain ms | precision | Sketch B ms | x plain | x plain if one "
-             "pass | stats ms / layer | peak GiB plain (plan) | peak GiB Sketch B (plan) |",
-             "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "pass | stats ms / layer | peak GiB plain (plan) | peak GiB Sketch B (plan) | fused |",
+             "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for k, r in rows.items():
         for prec, m in r["modes"].items():
             per_layer = m["stats_per_layer_token_s"] * args.batch_size * args.ctx * 1e3
@@ -367,7 +378,8 @@ def stage_throughput(args, state: dict) -> None:
                          f"{m['sketch_b_s'] * 1e3:.1f} | {m['x_plain']:.2f} | "
                          f"{m['x_plain_if_one_pass']:.2f} | {per_layer:.2f} | "
                          f"{r['plain_peak_gib']:.1f} ({r['plain_peak_gib_est']:.1f}) | "
-                         f"{m['peak_gpu_gib']:.1f} ({r['plan_peak_gib_est']:.1f}) |")
+                         f"{m['peak_gpu_gib']:.1f} ({r['plan_peak_gib_est']:.1f}) | "
+                         f"{'/'.join(m['fused_bf16_accumulation'])} |")
     _write_results(args, f"scale_throughput{args.tag}.md", "\n".join(lines) + "\n")
     _write_results(args, f"scale_throughput{args.tag}.json",
                    json.dumps(state["throughput_modes"], indent=1, default=str))

@@ -63,8 +63,10 @@ def main(argv=None) -> int:
            "calibration": f"{args.n_seqs} x {args.ctx} WikiText-2 validation windows, seed 0",
            "eval": f"{args.eval_seqs} x {args.eval_ctx} WikiText-2 test windows",
            "collect_seconds": secs, "modes": {}}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"stats_precision{args.tag}.json"
     for mode in args.modes:
-        row = {}
+        row = out["modes"].setdefault(mode, {})
         if mode != ref_mode:
             errs = {k: [rel(getattr(hs[mode][n], k), getattr(hs[ref_mode][n], k))
                         for n in hs[mode]] for k in ("H_in", "H_out", "H_x")}
@@ -72,16 +74,17 @@ def main(argv=None) -> int:
                                      for k, v in errs.items()}
             a = [hs[mode][n].shrinkage["out"] - hs[ref_mode][n].shrinkage["out"] for n in hs[mode]]
             row["shrink_out_max_abs_diff"] = max(abs(x) for x in a)
+            print(mode, "factors:", json.dumps(row), flush=True)
+    for mode in args.modes:
+        row = out["modes"].setdefault(mode, {})
         q = copy.deepcopy(model)
         yaqa.quantize(q, hs[mode], method="yaqa", quantizer="int4", group_size=128,
                       progress=False)
         r = yaqa.evaluate.compare(model, q, evals, batch_size=4, progress=False)
         row.update(kl=r.kl, ppl=r.ppl, ref_ppl=r.ref_ppl, top1=r.top1)
-        out["modes"][mode] = row
         print(mode, json.dumps(row), flush=True)
         del q
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"stats_precision{args.tag}.json").write_text(json.dumps(out, indent=1))
+        path.write_text(json.dumps(out, indent=1))  # after every mode: partial runs keep rows
     return 0
 
 
