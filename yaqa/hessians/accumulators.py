@@ -16,6 +16,7 @@ mirrored at the end of a pass.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -210,15 +211,23 @@ def sym_tiles(n: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def sym_blocks(n: int) -> list[tuple[int, int, int, int]]:
+def sym_blocks(n: int) -> tuple[tuple[int, int, int, int], ...]:
     """Rectangles (r0, r1, c0, c1) that together cover the lower block triangle of n×n exactly.
 
     "recursive": split the tiles in two halves, one GEMM for the lower-left rectangle, recurse
     into both halves (a blocked SYRK); "tiles": one GEMM per lower tile.
     """
+    # every update of every layer asks again: computed once per (size, scheme)
+    return _sym_blocks(n, _SYM_SCHEME, _SYM_TILE, _OLD_TILE)
+
+
+@functools.lru_cache(maxsize=64)
+def _sym_blocks(n: int, scheme: str, tile: int,
+                old_tile: int) -> tuple[tuple[int, int, int, int], ...]:
     tiles = sym_tiles(n)
-    if _SYM_SCHEME == "tiles":
-        return [(i0, i1, j0, j1) for i, (i0, i1) in enumerate(tiles) for j0, j1 in tiles[:i + 1]]
+    if scheme == "tiles":
+        return tuple((i0, i1, j0, j1) for i, (i0, i1) in enumerate(tiles)
+                     for j0, j1 in tiles[:i + 1])
     out: list[tuple[int, int, int, int]] = []
 
     def split(lo: int, hi: int) -> None:  # tiles[lo:hi]
@@ -231,7 +240,7 @@ def sym_blocks(n: int) -> list[tuple[int, int, int, int]]:
         split(mid, hi)
 
     split(0, len(tiles))
-    return out
+    return tuple(out)
 
 
 def sym_flop_fraction(n: int) -> float:
