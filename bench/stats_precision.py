@@ -20,11 +20,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 import yaqa
 from yaqa.data import calibration_windows, eval_windows, find_wikitext2
+from yaqa.models import get_adapter
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -41,6 +43,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-ctx", type=int, default=512)
     ap.add_argument("--modes", nargs="+", default=["full", "bf16"])
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--blocks", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="collect only these decoder blocks (the others round against identity "
+                         "factors, the same in every mode): a cheaper comparison on CPU")
     ap.add_argument("--tag", default="_cpu")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -54,14 +59,20 @@ def main(argv=None) -> int:
     for mode in args.modes:
         t = time.perf_counter()
         hs[mode] = yaqa.collect_hessians(model, calib, sketch="B", precision=mode,
-                                         batch_size=args.batch_size, progress=False)
+                                         batch_size=args.batch_size, blocks=args.blocks,
+                                         progress=False)
         secs[mode] = time.perf_counter() - t
         print(f"{mode}: collected in {secs[mode]:.0f} s", flush=True)
     ref_mode = args.modes[0]
+    identity = {name: SimpleNamespace(H_in=torch.eye(mod.in_features), H_x=None, shrinkage=None,
+                                      H_out=torch.eye(mod.out_features))
+                for name, _, mod in get_adapter(model).named_linears(model)
+                if name not in hs[ref_mode]}
     out = {"machine": platform.node(), "torch": torch.__version__,
            "command": "python bench/stats_precision.py " + " ".join(sys.argv[1:]),
            "calibration": f"{args.n_seqs} x {args.ctx} WikiText-2 validation windows, seed 0",
            "eval": f"{args.eval_seqs} x {args.eval_ctx} WikiText-2 test windows",
+           "blocks": args.blocks or "all",
            "collect_seconds": secs, "modes": {}}
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"stats_precision{args.tag}.json"
@@ -78,8 +89,8 @@ def main(argv=None) -> int:
     for mode in args.modes:
         row = out["modes"].setdefault(mode, {})
         q = copy.deepcopy(model)
-        yaqa.quantize(q, hs[mode], method="yaqa", quantizer="int4", group_size=128,
-                      progress=False)
+        yaqa.quantize(q, {**identity, **hs[mode]}, method="yaqa", quantizer="int4",
+                      group_size=128, progress=False)
         r = yaqa.evaluate.compare(model, q, evals, batch_size=4, progress=False)
         row.update(kl=r.kl, ppl=r.ppl, ref_ppl=r.ref_ppl, top1=r.top1)
         print(mode, json.dumps(row), flush=True)
