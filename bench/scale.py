@@ -18,6 +18,7 @@ CPU check at a tiny scale: ``python bench/scale.py --tiny --stage all --work /tm
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import os
 import platform
 import resource
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,8 +38,8 @@ import yaqa
 from yaqa.hessians import HessianCollector, load_hessians, run_collection
 from yaqa.hessians.labels import sampled_label_grad
 from yaqa.models import get_adapter
-from yaqa.plan import (GiB, CollectionRequest, ModelShape, is_oom, make_plan, oom_message,
-                       stored_bytes, timed_warmup)
+from yaqa.plan import (GiB, CollectionRequest, ModelShape, collection_terms, is_oom, make_plan,
+                       oom_message, stored_bytes, timed_warmup)
 
 log = logging.getLogger("bench.scale")
 RESULTS = Path(__file__).parent / "results"
@@ -246,66 +248,169 @@ def _timed(fn, steps: int, device: str) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def stage_throughput(args, state: dict) -> None:
-    """Plain fwd+bwd vs Sketch B (every group of the plan) at each depth, and a profile."""
-    out = {}
+def _free(device: str) -> None:
+    """Return every freed block to the device, so the next depth starts from its own weights."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _plain_step(model, ids, gen):
+    """The model's own work in collection: forward, sampled-label gradient, activation-only
+    backward down to the first decoder block (parameters frozen)."""
+    def step():
+        logits = model(input_ids=ids, use_cache=False).logits
+        grad, _ = sampled_label_grad(logits.detach(), range(ids.shape[0]), 0, gen)
+        logits.backward(grad)
+    return step
+
+
+def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
+    """Plain fwd+bwd and Sketch B (every group of the plan, per precision) at one depth.
+
+    Everything this allocates dies with the call; nothing but numbers comes back.
+    """
+    model = build_model(args, layers)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    shape = ModelShape.from_model(model)
     req = CollectionRequest(n_seqs=args.batch_size, ctx=args.ctx, batch_size=args.batch_size,
                             collect_hx=args.hx)
-    for layers in args.layers_list:
-        model = build_model(args, layers)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        ids = calibration(args, model.config.vocab_size)[: args.batch_size].to(args.device)
-        gen = torch.Generator(device=args.device)
-        blocks = get_adapter(model).blocks(model)
+    plan = make_plan(shape, req, budget_bytes=budget(args), device=args.device,
+                     margin=args.margin)
+    # the plain baseline keeps every block's activations: the first group's peak without the
+    # accumulators and the statistic workspace (never more than the plan's own peak)
+    t0 = collection_terms(shape, req, [0])
+    plain_est = t0["weights"] + t0["activations"] + t0["logits + gradient"]
+    ids = calibration(args, model.config.vocab_size)[: args.batch_size].to(args.device)
+    gen = torch.Generator(device=args.device)
+    leaf_block = get_adapter(model).blocks(model)[0]
 
-        def leaf(module, a, kw):
-            return (a[0].detach().requires_grad_(),) + tuple(a[1:]), kw
+    def leaf(module, a, kw):
+        return (a[0].detach().requires_grad_(),) + tuple(a[1:]), kw
 
-        def plain():
-            logits = model(input_ids=ids, use_cache=False).logits
-            grad, _ = sampled_label_grad(logits.detach(), range(ids.shape[0]), 0, gen)
-            logits.backward(grad)
-
-        h = blocks[0].register_forward_pre_hook(leaf, with_kwargs=True)
-        t_plain = _timed(plain, args.steps, args.device)
+    h = leaf_block.register_forward_pre_hook(leaf, with_kwargs=True)
+    try:
+        _free(args.device)
+        t_plain = _timed(_plain_step(model, ids, gen), args.steps, args.device)
+        plain_peak = gpu_peak_bytes(args.device)
+    finally:
         h.remove()
-        plan = make_plan(ModelShape.from_model(model), req, budget_bytes=budget(args),
-                         device=args.device, margin=args.margin)
+    row = {"layers": layers, "batch": args.batch_size, "ctx": args.ctx, "plain_s": t_plain,
+           "plain_peak_gib_est": plain_est / GiB,
+           "plain_peak_gib": (plain_peak or 0) / GiB, "groups": plan.groups,
+           "plan_peak_gib_est": plan.collection_peak_bytes / GiB,
+           "plain_per_layer_token_s": t_plain / layers / ids.numel(), "modes": {}}
+    for prec in precisions:
+        _free(args.device)
         t_groups = []
         for g in plan.groups:
-            with HessianCollector(model, g, collect_hx=args.hx) as col:
+            col = HessianCollector(model, g, collect_hx=args.hx, precision=prec)
+            with col:
                 col.begin_pass("b")
                 t_groups.append(_timed(lambda: col.step(ids, range(ids.shape[0])), args.steps,
                                        args.device))
-        # the statistics alone, per decoder layer: each group's time minus the model's own work
-        # (the forward is the same; its backward stops at the group's first block)
-        stat_s = sum(tg - t_plain * (1 - g[0] / layers) for tg, g in zip(t_groups, plan.groups))
-        tokens = ids.numel()
-        out[layers] = {
-            "plain_s": t_plain, "sketch_b_s": sum(t_groups), "groups": plan.groups,
-            "x_plain": sum(t_groups) / t_plain,
-            "x_plain_if_one_pass": (t_plain + max(stat_s, 0.0)) / t_plain,
-            "plain_per_layer_token_s": t_plain / layers / tokens,
-            "stats_per_layer_token_s": max(stat_s, 0.0) / layers / tokens,
-            "peak_gpu_gib": (gpu_peak_bytes(args.device) or 0) / GiB}
-        print(f"{layers} layers: plain {t_plain * 1e3:.1f} ms, Sketch B {sum(t_groups) * 1e3:.1f} "
-              f"ms over {len(plan.groups)} pass(es) = {out[layers]['x_plain']:.2f}x plain "
-              f"({out[layers]['x_plain_if_one_pass']:.2f}x if every accumulator fit one pass)")
-        if layers == args.layers_list[0]:
-            profile(model, plan.groups[-1], ids, args)
-        del model
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-    state["throughput"] = {str(k): v for k, v in out.items()}
+            # how bf16 products reached the fp32 sums: one fused GEMM, or GEMM + add
+            fused = {a.prod._fused_ok for a in col.acc.values()}
+            del col  # its accumulators must be gone before the next group allocates its own
+            gc.collect()
+        # the statistics alone: each group's time minus the model's own work (the forward is
+        # the same; its backward stops at the group's first block)
+        stat_s = max(sum(tg - t_plain * (1 - g[0] / layers)
+                         for tg, g in zip(t_groups, plan.groups)), 0.0)
+        sb = sum(t_groups)
+        row["modes"][prec] = {
+            "sketch_b_s": sb, "x_plain": sb / t_plain,
+            "x_plain_if_one_pass": (t_plain + stat_s) / t_plain,
+            "stats_per_layer_token_s": stat_s / layers / ids.numel(),
+            "peak_gpu_gib": (gpu_peak_bytes(args.device) or 0) / GiB,
+            "fused_bf16_accumulation": sorted(str(f) for f in fused)}
+        m = row["modes"][prec]
+        print(f"{layers} layers, batch {args.batch_size}, {prec}: plain {t_plain * 1e3:.1f} ms, "
+              f"Sketch B {sb * 1e3:.1f} ms over {len(plan.groups)} pass(es) = "
+              f"{m['x_plain']:.2f}x plain ({m['x_plain_if_one_pass']:.2f}x if every accumulator "
+              f"fit one pass); statistics {stat_s / layers * 1e3:.1f} ms per layer", flush=True)
+    if layers == args.layers_list[0]:
+        _free(args.device)
+        profile(model, plan.groups[-1], ids, args, precisions[0])
+    del model
+    return row
 
 
-def profile(model, group, ids, args) -> None:
+def stage_throughput(args, state: dict) -> None:
+    """Plain fwd+bwd vs Sketch B (every group of the plan) at each depth, and a profile."""
+    precisions = args.precisions
+    rows = {}
+    for layers in args.layers_list:
+        rows[layers] = _throughput_at(args, layers, precisions)
+        _free(args.device)
+        _throughput_table(args, state, rows)  # after every depth: a cut-off run keeps its rows
+
+
+def _throughput_table(args, state: dict, rows: dict) -> None:
+    precisions = args.precisions
+    # the projection reads the first precision's numbers
+    state["throughput"] = {str(k): {**{q: v for q, v in r.items() if q != "modes"},
+                                    **r["modes"][precisions[0]], "precision": precisions[0]}
+                           for k, r in rows.items()}
+    state["throughput_modes"] = {str(k): r for k, r in rows.items()}
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    lines = [f"# Sketch B throughput at depth (bench/scale.py{args.tag})", "",
+             f"Machine: {platform.node()}, {dev}, torch {torch.__version__}, transformers "
+             f"{transformers.__version__}, yaqa at {_git_commit()}",
+             f"Command: `python bench/scale.py {' '.join(sys.argv[1:])}`",
+             f"Model: {'tiny' if args.tiny else 'Llama-3.1-8B'}-shaped, random bf16 weights, "
+             f"ctx {args.ctx}, batch {args.batch_size}; mean of {args.steps} steps after one "
+             "warm-up. Plain = forward + sampled-label activation-only backward (frozen "
+             "weights), the model's own work in collection. Sketch B = every pass of the memory "
+             "plan (each pass repeats the forward; its backward stops at its first block).", "",
+             "x plain if one pass: the plain step plus the statistics alone (each pass's time "
+             "minus its share of the model's work), i.e. as if every accumulator fit one pass. "
+             "fused: bf16 products added to the fp32 sums by one addmm (True) or mm + add.", "",
+             "| layers | passes | plain ms | precision | Sketch B ms | x plain | x plain if one "
+             "pass | stats ms / layer | peak GiB plain (plan) | peak GiB Sketch B (plan) | fused |",
+             "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for k, r in rows.items():
+        for prec, m in r["modes"].items():
+            per_layer = m["stats_per_layer_token_s"] * args.batch_size * args.ctx * 1e3
+            lines.append(f"| {k} | {len(r['groups'])} | {r['plain_s'] * 1e3:.1f} | {prec} | "
+                         f"{m['sketch_b_s'] * 1e3:.1f} | {m['x_plain']:.2f} | "
+                         f"{m['x_plain_if_one_pass']:.2f} | {per_layer:.2f} | "
+                         f"{r['plain_peak_gib']:.1f} ({r['plain_peak_gib_est']:.1f}) | "
+                         f"{m['peak_gpu_gib']:.1f} ({r['plan_peak_gib_est']:.1f}) | "
+                         f"{'/'.join(m['fused_bf16_accumulation'])} |")
+    _write_results(args, f"scale_throughput{args.tag}.md", "\n".join(lines) + "\n")
+    _write_results(args, f"scale_throughput{args.tag}.json",
+                   json.dumps(state["throughput_modes"], indent=1, default=str))
+    print("\n".join(lines))
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _write_results(args, name: str, text: str) -> Path:
+    """Into bench/results/, and into --copy-to as well (the device run's $OUT)."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / name
+    path.write_text(text)
+    if args.copy_to:
+        args.copy_to.mkdir(parents=True, exist_ok=True)
+        (args.copy_to / name).write_text(text)
+    return path
+
+
+def profile(model, group, ids, args, precision: str = "auto") -> None:
     """Torch profiler over two collection steps, per-layer statistics labelled by layer kind."""
     from torch.profiler import ProfilerActivity, profile as tprofile, record_function
 
-    with HessianCollector(model, group, collect_hx=args.hx) as col:
+    col = HessianCollector(model, group, collect_hx=args.hx, precision=precision)
+    with col:
         orig = col._on_backward
 
         def labelled(name, x, g):
@@ -320,13 +425,15 @@ def profile(model, group, ids, args) -> None:
             for _ in range(2):
                 col.step(ids, range(ids.shape[0]))
             _sync(args.device)
+    del col
     key = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=40)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"scale_profile{args.tag}.txt"
-    path.write_text(f"{platform.node()} {torch.__version__} "
-                    f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}\n"
-                    f"python bench/scale.py {' '.join(sys.argv[1:])}\n\n{table}\n")
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    path = _write_results(args, f"scale_profile{args.tag}.txt",
+                          f"{platform.node()} {torch.__version__} {dev}, yaqa at {_git_commit()}, "
+                          f"precision {precision}, {len(group)} block(s), batch {ids.shape[0]} x "
+                          f"{ids.shape[1]}\npython bench/scale.py {' '.join(sys.argv[1:])}\n\n"
+                          f"{table}\n")
     print(f"profile -> {path}")
 
 
@@ -460,6 +567,11 @@ def main(argv=None) -> int:
                     default=None, help="throughput depths (default 8,32; tiny: 1,2)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--hx", action="store_true", help="also collect H_x in throughput")
+    ap.add_argument("--precisions", type=lambda s: s.split(","), default=["auto"],
+                    help="statistics precision modes timed by the throughput stage, e.g. "
+                         "tf32,bf16 (the first feeds the projection)")
+    ap.add_argument("--copy-to", type=Path, default=None,
+                    help="also write the throughput table and profile here (e.g. $OUT)")
     ap.add_argument("--dry-run", action="store_true", help="plan without the timed warm-up")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
@@ -469,6 +581,8 @@ def main(argv=None) -> int:
     args.ctx = args.ctx or (32 if args.tiny else 2048)
     args.group_size = args.group_size or (32 if args.tiny else 128)
     args.layers_list = args.layers_list or ([1, 2] if args.tiny else [8, 32])
+    if args.tiny and "tiny" not in args.tag:
+        args.tag += "_tiny"  # a functional check never overwrites a real run's results
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     state = load_state(args.work)
     stages = (["plan", "collect", "round", "save", "throughput", "project", "report"]

@@ -16,6 +16,7 @@ mirrored at the end of a pass.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .shrinkage import seq_sq_norms_direct, seq_sq_norms_gram
+from .shrinkage import seq_sq_norms_direct, seq_sq_norms_of_gram_product
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def _tf32(enabled: bool) -> Iterator[None]:
 
 
 class Products:
-    """Matrix products at a precision per level, all returning ``acc_dtype`` results.
+    """Matrix products at a precision per level, accumulated or returned in ``acc_dtype``.
 
     Levels: "first" multiplies two activations (X, G) as they come from the model; bf16×bf16
     products are exact in fp32, so bf16 tensor cores with fp32 accumulation lose nothing there.
@@ -83,6 +84,9 @@ class Products:
         bf16    bf16TC  bf16    bf16
 
     (bf16TC: bf16 tensor cores with fp32 output when both operands are bf16/fp16, else TF32.)
+    Every product accumulates in fp32 (or fp64); a bf16 operand is an fp32 result rounded once.
+    On CPU, bf16 levels are emulated exactly that way (operands rounded to bf16, products in
+    fp32), so CPU runs measure the same rounding as the GPU.
     bench/hessians.py measures speed and error of each mode against fp64.
     """
 
@@ -94,10 +98,8 @@ class Products:
         self.acc_dtype = acc_dtype
         self.cuda = device.type == "cuda"
         self._out_dtype_ok = self.cuda  # torch's mm(out_dtype=fp32) exists for bf16/fp16 on CUDA only
-        first, mid, final = self.MODES[precision]
-        # bf16 operands only pay off where tensor cores exist; on CPU they fall back to fp32
-        self._how = {"first": first, "mid": mid if self.cuda or mid != "bf16" else "tf32",
-                     "final": final if self.cuda or final != "bf16" else "tf32"}
+        self._fused_ok: bool | None = None if self.cuda else False  # addmm(out_dtype=) in place
+        self._how = dict(zip(("first", "mid", "final"), self.MODES[precision]))
         # One mode wants one TF32 setting for all its fp32 products ("full": IEEE everywhere;
         # the others: TF32 wherever an operand is fp32), so the flag is set once per update in
         # :meth:`scope`, never per product.
@@ -122,20 +124,84 @@ class Products:
             return t.float()
         return t
 
-    def mm(self, a: Tensor, b: Tensor, level: str) -> Tensor:
+    def gemm_operand(self, t: Tensor, level: str) -> Tensor:
+        """:meth:`operand`, and on CPU a bf16 operand already widened to fp32 (exactly): the
+        emulated product then slices it many times without converting each slice."""
+        t = self.operand(t, level)
+        if not self.cuda and t.dtype in _LOW_PRECISION:
+            return t.to(self.acc_dtype)
+        return t
+
+    def _result_dtype(self, level: str | None) -> torch.dtype:
+        how = self._how[level] if level is not None else "full"
+        return {"bf16": torch.bfloat16, "tf32": torch.float32}.get(how, self.acc_dtype)
+
+    def mm(self, a: Tensor, b: Tensor, level: str, for_level: str | None = None) -> Tensor:
+        """``a @ b`` (or a batched product) at ``level``.
+
+        ``for_level``: the level that consumes the result; it comes back in that level's operand
+        dtype straight from the product (a bf16 consumer gets the fp32-accumulated sum rounded
+        once, never an fp32 copy to convert). Default: ``acc_dtype``.
+        """
         a, b = self.operand(a, level), self.operand(b, level)
+        want = self._result_dtype(for_level)
         f = torch.bmm if a.dim() == 3 else torch.mm
         if self._how[level] == "full":
-            return f(a, b)
+            return f(a, b).to(want)
         if a.dtype != b.dtype:  # "first" with one fp32 operand: TF32 (bf16 is exact in TF32)
             a, b = a.float(), b.float()
-        if self._out_dtype_ok and a.dtype in _LOW_PRECISION:
-            try:
-                return f(a, b, out_dtype=torch.float32).to(self.acc_dtype)
-            except (RuntimeError, TypeError) as e:
-                log.info("bf16 products with fp32 output unavailable (%s); using TF32", e)
-                self._out_dtype_ok = False
-        return f(a.float(), b.float()).to(self.acc_dtype)
+        if a.dtype in _LOW_PRECISION:
+            if not self.cuda:
+                return f(a.float(), b.float()).to(want)  # exact products, fp32 sums: as on GPU
+            if want == a.dtype:
+                return f(a, b)  # tensor cores accumulate in fp32 and round once on output
+            if self._out_dtype_ok:
+                try:
+                    return f(a, b, out_dtype=torch.float32).to(want)
+                except (RuntimeError, TypeError) as e:
+                    log.info("bf16 products with fp32 output unavailable (%s); using TF32", e)
+                    self._out_dtype_ok = False
+            a, b = a.float(), b.float()
+        return f(a, b).to(want)
+
+    def addmm_(self, acc: Tensor, a: Tensor, b: Tensor, level: str) -> None:
+        """``acc += a @ b`` in place (``acc`` may be a view into a larger sum), no temporaries
+        where the device allows; operands must already be :meth:`operand` of ``level``."""
+        if a.dtype != b.dtype or (a.dtype in _LOW_PRECISION and not self.cuda):
+            a, b = a.to(acc.dtype), b.to(acc.dtype)
+        if a.dtype not in _LOW_PRECISION:
+            acc.addmm_(a if a.dtype == acc.dtype else a.to(acc.dtype),
+                       b if b.dtype == acc.dtype else b.to(acc.dtype))
+            return
+        if self._fused_ok is None:
+            self._fused_ok = _fused_addmm_works(acc.device, a.dtype)
+        if self._fused_ok:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        elif self._out_dtype_ok and acc.dtype == torch.float32:
+            acc.add_(self.mm(a, b, level))
+        else:
+            acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _fused_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``addmm(acc, a, b, out_dtype=fp32, out=acc)`` of low-precision operands updates a
+    strided view of an fp32 sum correctly here (checked once on small tensors)."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        big = torch.randn(48, 48, device=device, generator=g)
+        a = torch.randn(24, 40, device=device, generator=g).to(dtype)
+        b = torch.randn(40, 16, device=device, generator=g).to(dtype)
+        want = big.clone()
+        want[24:, 8:24] += a.double().mm(b.double()).float()
+        view = big[24:, 8:24]
+        torch.addmm(view, a, b, out_dtype=torch.float32, out=view)
+        ok = bool(torch.allclose(big, want, rtol=1e-4, atol=1e-3))
+    except (RuntimeError, TypeError) as e:
+        log.info("fused bf16 addmm into fp32 sums unavailable (%s); one product + add each", e)
+        return False
+    if not ok:
+        log.info("fused bf16 addmm into a strided fp32 view is wrong here; one product + add each")
+    return ok
 
 
 def sym_tiles(n: int) -> list[tuple[int, int]]:
@@ -145,15 +211,23 @@ def sym_tiles(n: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def sym_blocks(n: int) -> list[tuple[int, int, int, int]]:
+def sym_blocks(n: int) -> tuple[tuple[int, int, int, int], ...]:
     """Rectangles (r0, r1, c0, c1) that together cover the lower block triangle of n×n exactly.
 
     "recursive": split the tiles in two halves, one GEMM for the lower-left rectangle, recurse
     into both halves (a blocked SYRK); "tiles": one GEMM per lower tile.
     """
+    # every update of every layer asks again: computed once per (size, scheme)
+    return _sym_blocks(n, _SYM_SCHEME, _SYM_TILE, _OLD_TILE)
+
+
+@functools.lru_cache(maxsize=64)
+def _sym_blocks(n: int, scheme: str, tile: int,
+                old_tile: int) -> tuple[tuple[int, int, int, int], ...]:
     tiles = sym_tiles(n)
-    if _SYM_SCHEME == "tiles":
-        return [(i0, i1, j0, j1) for i, (i0, i1) in enumerate(tiles) for j0, j1 in tiles[:i + 1]]
+    if scheme == "tiles":
+        return tuple((i0, i1, j0, j1) for i, (i0, i1) in enumerate(tiles)
+                     for j0, j1 in tiles[:i + 1])
     out: list[tuple[int, int, int, int]] = []
 
     def split(lo: int, hi: int) -> None:  # tiles[lo:hi]
@@ -166,7 +240,7 @@ def sym_blocks(n: int) -> list[tuple[int, int, int, int]]:
         split(mid, hi)
 
     split(0, len(tiles))
-    return out
+    return tuple(out)
 
 
 def sym_flop_fraction(n: int) -> float:
@@ -180,13 +254,10 @@ def sym_addmm(acc: Tensor, a: Tensor, b: Tensor, prod: Products, level: str) -> 
     a, b: [K, n]. Only the rectangles of :func:`sym_blocks` are multiplied (about half the flops
     of the full product for large n); :func:`mirror_lower` restores the upper half.
     """
-    blocks = sym_blocks(acc.shape[0])
-    a, b = prod.operand(a, level), prod.operand(b, level)
-    if len(blocks) == 1:
-        acc += prod.mm(a.T, b, level)
-        return
-    for r0, r1, c0, c1 in blocks:
-        acc[r0:r1, c0:c1] += prod.mm(a[:, r0:r1].T, b[:, c0:c1], level)
+    a, b = prod.gemm_operand(a, level), prod.gemm_operand(b, level)
+    # in place into views of the sum: one GEMM per rectangle, no product temporaries
+    for r0, r1, c0, c1 in sym_blocks(acc.shape[0]):
+        prod.addmm_(acc[r0:r1, c0:c1], a[:, r0:r1].T, b[:, c0:c1], level)
 
 
 def mirror_lower(acc: Tensor) -> Tensor:
@@ -372,7 +443,8 @@ class LayerAccumulator:
             if route == "gram":
                 self._gram_step(X, G, None, None, cache)
             else:
-                D = prod.mm(G.transpose(1, 2), X, "first")  # [b, m, n] per-sequence ∇W_b
+                # [b, m, n] per-sequence ∇W_b, in the dtype the final products consume
+                D = prod.mm(G.transpose(1, 2), X, "first", for_level="final")
                 sym_addmm(self.sums["H_in"], D.reshape(b * m, n), D.reshape(b * m, n), prod,
                           "final")
                 Dt = D.transpose(1, 2).reshape(b * n, m)
@@ -405,22 +477,25 @@ class LayerAccumulator:
         if prod.same_operand("mid", "final"):  # one conversion serves both levels
             X, G = prod.operand(X, "mid"), prod.operand(G, "mid")
         if Hout is None:
-            SG = prod.mm(G0, G0.transpose(1, 2), "first")
+            SG = prod.mm(G0, G0.transpose(1, 2), "first", for_level="mid")
         else:
-            SG = prod.mm(prod.mm(G.reshape(b * T, m), Hout, "mid").reshape(b, T, m),
-                         G.transpose(1, 2), "mid")
-        Y = prod.mm(SG, X, "mid").reshape(b * T, n)
+            SG = prod.mm(prod.mm(G.reshape(b * T, m), Hout, "mid", for_level="mid")
+                         .reshape(b, T, m), G.transpose(1, 2), "mid", for_level="mid")
+        Y = prod.mm(SG, X, "mid", for_level="final").reshape(b * T, n)
         sym_addmm(self.sums["H_in"], X.reshape(b * T, n), Y, prod, "final")
         del Y
         if Hin is None:
-            SX = cache.get(X0, "xxt", lambda: prod.mm(X0, X0.transpose(1, 2), "first"))
+            SX = cache.get(X0, "xxt", lambda: prod.mm(X0, X0.transpose(1, 2), "first",
+                                                      for_level="mid"))
         else:
-            SX = prod.mm(prod.mm(X.reshape(b * T, n), Hin, "mid").reshape(b, T, n),
-                         X.transpose(1, 2), "mid")
+            SX = prod.mm(prod.mm(X.reshape(b * T, n), Hin, "mid", for_level="mid")
+                         .reshape(b, T, n), X.transpose(1, 2), "mid", for_level="mid")
         if "seq_sq" in self.sums and Hin is None and Hout is None:
-            self.sums["seq_sq"] += seq_sq_norms_gram(SX, SG).sum().to(self.dtype)
+            M = prod.mm(SX, SG, "mid")  # fp32: the statistic squares it
+            self.sums["seq_sq"] += seq_sq_norms_of_gram_product(M).sum().to(self.dtype)
+            del M
         del SG
-        Z = prod.mm(SX, G, "mid").reshape(b * T, m)
+        Z = prod.mm(SX, G, "mid", for_level="final").reshape(b * T, m)
         sym_addmm(self.sums["H_out"], G.reshape(b * T, m), Z, prod, "final")
 
     # -- state ---------------------------------------------------------------------------------

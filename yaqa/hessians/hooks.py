@@ -210,7 +210,9 @@ class HessianCollector:
         for name, (bi, rel, _) in self.layers.items():
             acc = self.acc[name]
             tensors[bi].update({f"{rel}.{k}": v for k, v in acc.state_tensors().items()})
-            meta[bi]["layers"][rel] = {"counts": acc.counts}
+            # the H_x route a layer has learnt (shared product or in place) sums in a different
+            # order; a resumed run must take the same one to give bit-identical factors
+            meta[bi]["layers"][rel] = {"counts": acc.counts, "hx_shared": acc.hx_shared}
         return tensors, meta
 
     def load_block_state(self, states: dict[int, tuple[dict[str, Tensor], dict]],
@@ -224,6 +226,7 @@ class HessianCollector:
                 counts = {"seqs": 0, "tokens": 0}
                 mine = {k: (v.zero_() if k.startswith("sum.") else v) for k, v in mine.items()}
             self.acc[name].load_state_tensors(mine, kind, counts)
+            self.acc[name].hx_shared = meta["layers"][rel].get("hx_shared")
         self.kind = kind
 
     def check_finite(self) -> None:

@@ -68,7 +68,11 @@ class Shrinkage:
 def seq_sq_norms_gram(SX: Tensor, SG: Tensor) -> Tensor:
     """``‖S_b‖²_F`` per sequence from the T×T Grams ``X_b X_b^T`` and ``G_b G_b^T`` ([b, T, T])."""
     dt = torch.promote_types(SX.dtype, torch.float32)
-    M = torch.bmm(SX.to(dt), SG.to(dt))
+    return seq_sq_norms_of_gram_product(torch.bmm(SX.to(dt), SG.to(dt)))
+
+
+def seq_sq_norms_of_gram_product(M: Tensor) -> Tensor:
+    """``‖S_b‖²_F = tr(M_b²)`` per sequence from ``M_b = X_b X_b^T · G_b G_b^T`` ([b, T, T])."""
     return (M * M.transpose(1, 2)).sum((1, 2), dtype=torch.float64)
 
 
