@@ -221,10 +221,10 @@ def test_graph_runner_pads_batches_and_returns_the_eager_result(monkeypatch):
 
     class FakeGraph:
         def __init__(self, key, cb_shape):
-            bucket, T, V, L, kv, dt, dev = key
+            bucket, T, V, L, kv, dt, dev, backend = key
             self.sx, self.scb = torch.zeros(bucket, T, V), torch.zeros(cb_shape)
             self.out = torch.zeros(bucket, T, dtype=torch.int64)
-            self.args = (L, kv, dt)
+            self.args = (L, kv, dt, backend)
 
         def replay(self):
             self.out.copy_(tr.viterbi_tailbiting(self.sx, self.scb, *self.args))

@@ -129,7 +129,7 @@ def codebook(code: str, L: int, V: int, table: torch.Tensor | None = None) -> to
 
 def viterbi(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
             start_low: torch.Tensor | None = None, end_low: torch.Tensor | None = None,
-            cost_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            cost_dtype: torch.dtype = torch.float32, backend: str = "torch") -> torch.Tensor:
     """Minimum squared-error state path through the bitshift trellis, batched over sequences.
 
     ``x``: ``(B, T, V)`` targets; ``cb``: ``(2^L, V)`` codewords; ``kv`` bits enter per step.
@@ -140,7 +140,18 @@ def viterbi(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
     Per step: one strided min over the 2^kv predecessors of each state group (plus its argmin,
     kept as uint8 back-pointers), and one or two fused multiply-adds over all 2^L states.  No
     host synchronisation, so the whole function can be captured in a CUDA graph.
+
+    ``backend="triton"`` runs the fused kernel of :mod:`.trellis_triton` instead (float32 costs
+    only): the same arithmetic and tie-breaking, hence the same path.
     """
+    if backend == "triton":
+        if cost_dtype != torch.float32:
+            raise ValueError(f"the Triton Viterbi keeps float32 costs, got {cost_dtype}")
+        from .trellis_triton import viterbi_triton
+
+        return viterbi_triton(x, cb, L, kv, start_low, end_low)
+    if backend != "torch":
+        raise ValueError(f"Viterbi backend must be 'torch' or 'triton', got {backend!r}")
     B, T, V = x.shape
     S, P = 1 << L, 1 << kv
     R = S >> kv  # states sharing their low L - kv bits form one predecessor group
@@ -172,12 +183,11 @@ def viterbi(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
         for v in range(1, V):
             cost.addcmul_(xt[:, v].view(B, 1, 1), c_cols[v], value=-2)
         cost += best_prev.unsqueeze(-1)  # (B, R, P): row l holds the P successors of group l
-    cost = cost.view(B, S)
-    if end_low is None:
-        last = cost.argmin(1)
-    else:
-        cand = end_low.to(dev).view(B, 1) + R * torch.arange(P, device=dev).view(1, P)
-        last = cand.gather(1, cost.gather(1, cand).argmin(1, keepdim=True)).squeeze(1)
+    # The best final state, ties broken towards the lowest group l, then the lowest h (codewords
+    # repeat, so exact ties are common): the same choice as the Triton Viterbi's.
+    best_prev, idx = cost.view(B, P, R).min(dim=1)
+    low = best_prev.argmin(1) if end_low is None else end_low.to(dev).to(torch.int64).view(B)
+    last = torch.add(low, idx.gather(1, low.unsqueeze(1)).squeeze(1), alpha=R)
     out = [last]
     s = last
     for t in range(T - 1, 0, -1):
@@ -197,7 +207,8 @@ def path_states(steps: torch.Tensor, L: int, kv: int) -> torch.Tensor:
 
 
 def viterbi_tailbiting(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
-                       cost_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                       cost_dtype: torch.dtype = torch.float32,
+                       backend: str = "torch") -> torch.Tensor:
     """Tail-biting encode (the paper's two-pass heuristic); returns step bits ``(B, T)``.
 
     Pass 1 runs unconstrained on the sequence rotated by half, so the wrap point sits mid-sequence
@@ -205,9 +216,10 @@ def viterbi_tailbiting(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
     """
     T = x.shape[1]
     half = T // 2
-    rot = viterbi(torch.roll(x, -half, dims=1), cb, L, kv, cost_dtype=cost_dtype)
+    rot = viterbi(torch.roll(x, -half, dims=1), cb, L, kv, cost_dtype=cost_dtype, backend=backend)
     low = rot[:, half - 1] & ((1 << (L - kv)) - 1)  # rotated index half-1 = original step T
-    states = viterbi(x, cb, L, kv, start_low=low, end_low=low, cost_dtype=cost_dtype)
+    states = viterbi(x, cb, L, kv, start_low=low, end_low=low, cost_dtype=cost_dtype,
+                     backend=backend)
     return states & ((1 << kv) - 1)
 
 
@@ -227,10 +239,10 @@ class _GraphedTailbiting:
         self.failed = False
 
     def __call__(self, x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
-                 cost_dtype: torch.dtype, cap: int) -> torch.Tensor:
+                 cost_dtype: torch.dtype, cap: int, backend: str = "torch") -> torch.Tensor:
         B = x.shape[0]
         bucket = min(1 << (B - 1).bit_length(), max(cap, B))
-        key = (bucket, x.shape[1], x.shape[2], L, kv, cost_dtype, x.device)
+        key = (bucket, x.shape[1], x.shape[2], L, kv, cost_dtype, x.device, backend)
         if key not in self.graphs:
             self.graphs[key] = self._capture(key, cb.shape)
         g, sx, scb, out = self.graphs[key]
@@ -241,17 +253,17 @@ class _GraphedTailbiting:
 
     @staticmethod
     def _capture(key: tuple, cb_shape: torch.Size) -> tuple:
-        bucket, T, V, L, kv, dt, dev = key
+        bucket, T, V, L, kv, dt, dev, backend = key
         sx = torch.zeros(bucket, T, V, device=dev)
         scb = torch.zeros(cb_shape, device=dev)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
-            viterbi_tailbiting(sx, scb, L, kv, dt)  # warm-up outside the capture
+            viterbi_tailbiting(sx, scb, L, kv, dt, backend)  # warm-up (and compile) outside the capture
         torch.cuda.current_stream(dev).wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = viterbi_tailbiting(sx, scb, L, kv, dt)
+            out = viterbi_tailbiting(sx, scb, L, kv, dt, backend)
         log.debug("captured a trellis Viterbi CUDA graph for %d tiles", bucket)
         return g, sx, scb, out
 
@@ -287,7 +299,9 @@ class TrellisQuantizer(Quantizer):
     The scaled weight has RMS ``scale_override`` times the codebook's RMS (QTIP uses 0.9).
     ``max_batch_bytes`` bounds the Viterbi's memory (back-pointers + costs) per chunk of tiles;
     ``cost_dtype="float16"`` halves the Viterbi's memory traffic at some cost in path accuracy;
-    ``cuda_graphs`` replays the Viterbi as CUDA graphs on GPUs (results are the same).
+    ``cuda_graphs`` replays the Viterbi as CUDA graphs on GPUs (results are the same);
+    ``viterbi``: ``"torch"``, ``"triton"`` (the fused kernel, float32 costs; the same paths) or
+    ``"auto"`` (Triton on CUDA when it is installed and costs are float32, else torch).
     """
 
     bits: int = 2
@@ -300,6 +314,7 @@ class TrellisQuantizer(Quantizer):
     cost_dtype: str = "float32"
     max_batch_bytes: int = 1 << 30
     cuda_graphs: bool = True
+    viterbi: str = "auto"
 
     def __post_init__(self) -> None:
         if self.code not in CODES:
@@ -318,6 +333,10 @@ class TrellisQuantizer(Quantizer):
             raise ValueError(f"trellis scale must be 'tensor' or 'row', got {self.scale!r}")
         if self.cost_dtype not in ("float32", "float16", "float64"):
             raise ValueError(f"cost_dtype must be float32, float16 or float64, got {self.cost_dtype!r}")
+        if self.viterbi not in ("auto", "torch", "triton"):
+            raise ValueError(f"trellis viterbi must be 'auto', 'torch' or 'triton', got {self.viterbi!r}")
+        if self.viterbi == "triton" and self.cost_dtype != "float32":
+            raise ValueError("the Triton Viterbi keeps float32 costs; use cost_dtype='float32'")
         if TILE * TILE % self.V or (TILE * TILE // self.V) * self.bits * self.V < self.L:
             raise ValueError("a 256-weight tile must fill the trellis state at least once")
 
@@ -433,16 +452,25 @@ class TrellisGrid(FittedGrid):
                 out.append(self._steps_to_codes(self._viterbi(xi, cb, dt, step)))
         return torch.cat(out) if out else x.new_zeros(0, TILE * TILE, dtype=torch.int64)
 
+    def _backend(self, dev: torch.device, dt: torch.dtype) -> str:
+        if self.q.viterbi != "auto":
+            return self.q.viterbi
+        from . import trellis_triton
+
+        return ("triton" if dev.type == "cuda" and dt == torch.float32 and trellis_triton.available()
+                else "torch")
+
     def _viterbi(self, x: torch.Tensor, cb: torch.Tensor, dt: torch.dtype, cap: int) -> torch.Tensor:
         q = self.q
         kv = q.bits * q.V
+        backend = self._backend(x.device, dt)
         if x.device.type == "cuda" and q.cuda_graphs and not _GRAPHS.failed:
             try:
-                return _GRAPHS(x, cb, q.L, kv, dt, cap)
+                return _GRAPHS(x, cb, q.L, kv, dt, cap, backend)
             except Exception as e:  # capture is an optimisation; eager mode is the same code
                 _GRAPHS.failed = True
                 log.warning("trellis: CUDA graph capture failed (%s); using eager Viterbi", e)
-        return viterbi_tailbiting(x, cb, q.L, kv, dt)
+        return viterbi_tailbiting(x, cb, q.L, kv, dt, backend)
 
     # -- FittedGrid ---------------------------------------------------------------------------
     def round(self, values, rows, cols):
