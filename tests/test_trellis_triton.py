@@ -42,16 +42,15 @@ def test_triton_viterbi_finds_the_exhaustive_optimum_with_the_torch_path(L, k, V
             assert float(path_cost(x[b], cb, ours[b])) == pytest.approx(best, rel=1e-5)
 
 
-@pytest.mark.parametrize("L,k,V,code", [(8, 2, 2, "hyb"), (10, 2, 2, "hyb"), (9, 3, 1, "1mad"),
-                                        (8, 2, 1, "3inst")])
+@pytest.mark.parametrize("L,k,V,code", [(8, 2, 2, "hyb"), (8, 2, 1, "1mad")])
 def test_triton_tailbiting_equals_torch_on_real_codes(L, k, V, code):
     # HYB repeats codewords (2^(Q+1) distinct of 2^L), so exact cost ties are common: the same
     # states here also prove the same tie-breaking.
     g = torch.Generator().manual_seed(L + k + V)
     kv = k * V
     cb = codebook(code, L, V, hyb_table(L - 2, V) if code == "hyb" else None)
-    x = torch.randn(5, 48 // V, V, generator=g)
-    for nt, block in ((1, 1 << (L - kv)), (2, 4)):
+    x = torch.randn(3, 24 // V, V, generator=g)
+    for nt, block in ((1, 1 << (L - kv)), (2, 1 << (L - kv - 2))):  # one chunk / four chunks
         ours = viterbi_tailbiting(x, cb, L, kv, backend="triton")
         assert torch.equal(ours, viterbi_tailbiting(x, cb, L, kv))
         assert torch.equal(viterbi_triton(x, cb, L, kv, block=block, tiles_per_program=nt),
@@ -60,8 +59,8 @@ def test_triton_tailbiting_equals_torch_on_real_codes(L, k, V, code):
 
 def test_trellis_grid_rounds_the_same_with_either_viterbi():
     g = torch.Generator().manual_seed(3)
-    W = torch.randn(32, 32, generator=g)
-    rows, cols = torch.arange(32), torch.arange(32)
+    W = torch.randn(16, 16, generator=g)
+    rows, cols = torch.arange(16), torch.arange(16)
     out = []
     for backend in ("torch", "triton"):
         q = TrellisQuantizer(bits=2, L=8, V=2, tlut_bits=5, viterbi=backend)

@@ -12,6 +12,10 @@ back-pointer.  The arithmetic is the torch Viterbi's, term for term and in the s
 
 A bar.sync between steps orders one step's stores before the next step's loads within the
 program; those loads bypass L1 (``.cg``) so they always see the stores.
+
+Rounding matches torch's addcmul on CUDA, ``fma(-2, round(x c), cost)``: the product is rounded
+before it meets the sum, and scaling by -2 is exact, so fused or not, ``cn + (x c) * -2`` gives
+the same float.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ try:
     import triton.language as tl
 except ImportError:  # the torch Viterbi serves every device without it
     triton = None
+
+
+# Speed knobs of the forward kernel (never the result): groups per chunk, tiles per program (they
+# share each codeword load), warps.  bench/trellis_speed.py --tune picks them on a GPU.
+TUNING = {"block": 128, "tiles_per_program": 1, "num_warps": 4}
 
 
 def available() -> bool:
@@ -46,7 +55,8 @@ if triton is not None:
             dst = 1 - src
             for c in range(0, R, BLOCK):
                 lo = c + offs_l
-                s = offs_h[None, :] * R + lo[:, None]  # (BLOCK, P): the predecessors of group lo
+                # (P, BLOCK): column lo holds the P states that lead to group lo (contiguous rows)
+                s = offs_h[:, None] * R + lo[None, :]
                 g = s >> KV  # group of each predecessor's own predecessors: where its cost lives
                 cn = tl.load(cn_ptr + s)
                 c0 = tl.load(cbt_ptr + s)
@@ -56,14 +66,15 @@ if triton is not None:
                     b = pid * NT + j
                     xb = x_ptr + (b * T + t) * V
                     x0 = tl.load(xb)
-                    e = cn + (x0 * -2.0) * c0
+                    e = cn + (x0 * c0) * -2.0
                     if V == 2:
                         x1 = tl.load(xb + 1)
-                        e = e + (x1 * -2.0) * c1
+                        e = e + (x1 * c1) * -2.0
                     a = tl.load(m_ptr + (b * 2 + src) * R + g, cache_modifier=".cg")
                     a = a + tl.load(xn_ptr + b * T + t)
                     cost = e + a
-                    best, idx = tl.min(cost, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                    best, idx = tl.min(cost, axis=0, return_indices=True,
+                                       return_indices_tie_break_left=True)
                     tl.store(m_ptr + (b * 2 + dst) * R + lo, best)
                     tl.store(back_ptr + (t * B + b).to(tl.int64) * R + lo, idx.to(tl.uint8))
             tl.debug_barrier()
@@ -84,12 +95,16 @@ if triton is not None:
 
 def viterbi_triton(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
                    start_low: torch.Tensor | None = None, end_low: torch.Tensor | None = None,
-                   block: int = 256, tiles_per_program: int = 1, num_warps: int = 4) -> torch.Tensor:
+                   block: int | None = None, tiles_per_program: int | None = None,
+                   num_warps: int | None = None) -> torch.Tensor:
     """Same contract and result as :func:`yaqa.quantizers.trellis.viterbi` with float32 costs.
 
     ``block`` groups per chunk and ``tiles_per_program`` (tiles sharing each codeword load) are
-    tuning knobs; they change the speed, never the result.
+    tuning knobs (default :data:`TUNING`); they change the speed, never the result.
     """
+    block = TUNING["block"] if block is None else block
+    tiles_per_program = TUNING["tiles_per_program"] if tiles_per_program is None else tiles_per_program
+    num_warps = TUNING["num_warps"] if num_warps is None else num_warps
     if triton is None:
         raise RuntimeError("the Triton Viterbi needs the triton package (pip install triton)")
     B, T, V = x.shape
