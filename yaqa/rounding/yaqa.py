@@ -17,6 +17,11 @@ accumulators hold the feedback (yaqa-notes §3.3b), ``T_ij = W_ij + C_ij + F_ij`
 
 After an anti-diagonal is rounded, every tile of it adds its share to the strips above it (C) and
 to its left (F) in two batched GEMMs of uniform shape.  Total ≈ 2mn(m+n) flops in M+N-1 steps.
+
+The tiles of a step, in ascending i, have descending j.  C's column strips and A_in's block rows
+are therefore stored in reversed j, so that both are contiguous slices in the step's tile order
+and the GEMMs accumulate into C and F in place (``baddbmm_``), with no gathered copies of A_in
+and no scattered sums into C.
 """
 
 from __future__ import annotations
@@ -73,16 +78,18 @@ def yaqa_round(
     W4, Q4, K4 = (t.view(M, bo, N, bi) for t in (Wp, Q, codes))
 
     AO_rows = _pad_square(A_out, mp, dev, dt).view(M, bo, mp)  # block row i of A_out
-    C = torch.zeros(N, mp, bi, device=dev, dtype=dt)  # column strip j of C, contiguous
+    C = torch.zeros(N, mp, bi, device=dev, dtype=dt)  # C[N-1-j]: column strip j, contiguous
     C4 = C.view(N, M, bo, bi)
     if A_in is not None:
-        AI_rows = _pad_square(A_in, npad, dev, dt).view(N, bi, npad)
+        # AI_rows[N-1-j]: block row j of A_in
+        AI_rows = _pad_square(A_in, npad, dev, dt).view(N, bi, npad).flip(0).contiguous()
         F = torch.zeros(M, bo, npad, device=dev, dtype=dt)  # row strip i of F, contiguous
         F4 = F.view(M, bo, N, bi)
 
     # Index tensors for every step are slices of these (no per-step host→device traffic).
     i_all = torch.arange(M, device=dev)
     j_rev = torch.arange(N - 1, -1, -1, device=dev)
+    r_all = torch.arange(N, device=dev)  # reversed-j index of j_rev
     rows_all = (i_all[:, None] * bo + torch.arange(bo, device=dev)).clamp_(max=m - 1)
     cols_rev = (j_rev[:, None] * bi + torch.arange(bi, device=dev)).clamp_(max=n - 1)
 
@@ -92,8 +99,9 @@ def yaqa_round(
         it = i_all[i0:i1 + 1]
         r0 = N - 1 - (s - i0)
         jt = j_rev[r0:r0 + (i1 - i0 + 1)]
+        K = i1 - i0 + 1
         Wt = W4[it, :, jt]  # (K, bo, bi)
-        Ct = C4[jt, it]
+        Ct = C4[r_all[r0:r0 + K], it]
         T = Wt + Ct
         if A_in is not None:
             T = T + F4[it, :, jt]
@@ -104,11 +112,9 @@ def yaqa_round(
         if i1 > 0:
             # C[a, j] += A_out[i, a]^T E_ij for a < i; rows >= i*bo get exact zeros.
             R = i1 * bo
-            X = torch.matmul(AO_rows[i0:i1 + 1, :, :R].transpose(1, 2), E)  # (K, R, bi)
-            C[:, :R].index_add_(0, jt, X)
+            C[r0:r0 + K, :R].baddbmm_(AO_rows[i0:i1 + 1, :, :R].transpose(1, 2), E)
         if A_in is not None and s - i0 > 0:
             # F[i, b] += (E_ij + C_ij) A_in[j, b] for b < j; C_ij is final (its sources are done).
             Cc = (s - i0) * bi
-            Y = torch.matmul(E + Ct, AI_rows[:, :, :Cc].index_select(0, jt))  # (K, bo, Cc)
-            F[i0:i1 + 1, :, :Cc] += Y
+            F[i0:i1 + 1, :, :Cc].baddbmm_(E + Ct, AI_rows[r0:r0 + K, :, :Cc])
     return Q[:m, :n].contiguous(), codes[:m, :n].contiguous()
