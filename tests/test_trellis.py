@@ -224,14 +224,15 @@ def test_graph_runner_pads_batches_and_returns_the_eager_result(monkeypatch):
             bucket, T, V, L, kv, dt, dev, backend = key
             self.sx, self.scb = torch.zeros(bucket, T, V), torch.zeros(cb_shape)
             self.out = torch.zeros(bucket, T, dtype=torch.int64)
+            self.snv = torch.zeros(1, dtype=torch.int32)
             self.args = (L, kv, dt, backend)
 
         def replay(self):
-            self.out.copy_(tr.viterbi_tailbiting(self.sx, self.scb, *self.args))
+            self.out.copy_(tr.viterbi_tailbiting(self.sx, self.scb, *self.args, self.snv))
 
     def capture(key, cb_shape):
         g = FakeGraph(key, cb_shape)
-        return g, g.sx, g.scb, g.out
+        return g, g.sx, g.scb, g.snv, g.out
 
     runner = tr._GraphedTailbiting()
     monkeypatch.setattr(runner, "_capture", capture)

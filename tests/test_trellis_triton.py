@@ -75,3 +75,16 @@ def test_viterbi_backend_settings_are_checked():
         TrellisQuantizer(viterbi="triton", cost_dtype="float16")
     with pytest.raises(ValueError, match="backend"):
         viterbi(torch.zeros(1, 4, 1), torch.zeros(16, 1), 4, 1, backend="numba")
+
+
+def test_triton_viterbi_skips_the_padding_of_a_graph_batch():
+    g = torch.Generator().manual_seed(4)
+    L, kv = 6, 2
+    cb = torch.randn(1 << L, 1, generator=g)
+    x = torch.randn(4, 8, 1, generator=g)
+    nv = torch.tensor([3], dtype=torch.int32)
+    ours = viterbi_triton(x, cb, L, kv, n_valid=nv, tiles_per_program=2)
+    assert torch.equal(ours[:3], viterbi(x[:3], cb, L, kv))
+    assert not ours[3].any()  # skipped: left as allocated
+    steps = viterbi_tailbiting(x, cb, L, kv, backend="triton", n_valid=nv)
+    assert torch.equal(steps[:3], viterbi_tailbiting(x[:3], cb, L, kv))

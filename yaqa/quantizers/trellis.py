@@ -129,7 +129,8 @@ def codebook(code: str, L: int, V: int, table: torch.Tensor | None = None) -> to
 
 def viterbi(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
             start_low: torch.Tensor | None = None, end_low: torch.Tensor | None = None,
-            cost_dtype: torch.dtype = torch.float32, backend: str = "torch") -> torch.Tensor:
+            cost_dtype: torch.dtype = torch.float32, backend: str = "torch",
+            n_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Minimum squared-error state path through the bitshift trellis, batched over sequences.
 
     ``x``: ``(B, T, V)`` targets; ``cb``: ``(2^L, V)`` codewords; ``kv`` bits enter per step.
@@ -142,14 +143,15 @@ def viterbi(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
     host synchronisation, so the whole function can be captured in a CUDA graph.
 
     ``backend="triton"`` runs the fused kernel of :mod:`.trellis_triton` instead (float32 costs
-    only): the same arithmetic and tie-breaking, hence the same path.
+    only): the same arithmetic and tie-breaking, hence the same path.  ``n_valid`` (Triton only, a
+    device int32 scalar) lets it skip the padded tail of a batch.
     """
     if backend == "triton":
         if cost_dtype != torch.float32:
             raise ValueError(f"the Triton Viterbi keeps float32 costs, got {cost_dtype}")
         from .trellis_triton import viterbi_triton
 
-        return viterbi_triton(x, cb, L, kv, start_low, end_low)
+        return viterbi_triton(x, cb, L, kv, start_low, end_low, n_valid=n_valid)
     if backend != "torch":
         raise ValueError(f"Viterbi backend must be 'torch' or 'triton', got {backend!r}")
     B, T, V = x.shape
@@ -208,7 +210,7 @@ def path_states(steps: torch.Tensor, L: int, kv: int) -> torch.Tensor:
 
 def viterbi_tailbiting(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
                        cost_dtype: torch.dtype = torch.float32,
-                       backend: str = "torch") -> torch.Tensor:
+                       backend: str = "torch", n_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Tail-biting encode (the paper's two-pass heuristic); returns step bits ``(B, T)``.
 
     Pass 1 runs unconstrained on the sequence rotated by half, so the wrap point sits mid-sequence
@@ -216,10 +218,11 @@ def viterbi_tailbiting(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
     """
     T = x.shape[1]
     half = T // 2
-    rot = viterbi(torch.roll(x, -half, dims=1), cb, L, kv, cost_dtype=cost_dtype, backend=backend)
+    rot = viterbi(torch.roll(x, -half, dims=1), cb, L, kv, cost_dtype=cost_dtype, backend=backend,
+                  n_valid=n_valid)
     low = rot[:, half - 1] & ((1 << (L - kv)) - 1)  # rotated index half-1 = original step T
     states = viterbi(x, cb, L, kv, start_low=low, end_low=low, cost_dtype=cost_dtype,
-                     backend=backend)
+                     backend=backend, n_valid=n_valid)
     return states & ((1 << kv) - 1)
 
 
@@ -229,8 +232,9 @@ class _GraphedTailbiting:
     Eager Viterbi launches ~10 small kernels per step, ~2500 per tile batch; at the edges of a
     YAQA wavefront (a few tiles per step) launch overhead, not the work, sets the time.  A graph
     replays them all from one launch.  Batches are padded to a power of two (capped at the
-    quantizer's chunk) so a handful of graphs serve every wavefront step; codewords are copied
-    into a static buffer, so one graph serves every layer.  If capture fails, rounding falls
+    quantizer's chunk) so a handful of graphs serve every wavefront step (the Triton kernels read
+    the true count from the device and skip the padding); codewords are copied into a static
+    buffer, so one graph serves every layer.  If capture fails, rounding falls
     back to eager mode (same code, same results) with a warning.
     """
 
@@ -245,9 +249,10 @@ class _GraphedTailbiting:
         key = (bucket, x.shape[1], x.shape[2], L, kv, cost_dtype, x.device, backend)
         if key not in self.graphs:
             self.graphs[key] = self._capture(key, cb.shape)
-        g, sx, scb, out = self.graphs[key]
+        g, sx, scb, snv, out = self.graphs[key]
         sx[:B].copy_(x)
         scb.copy_(cb)
+        snv.fill_(B)
         g.replay()
         return out[:B].clone()
 
@@ -256,16 +261,17 @@ class _GraphedTailbiting:
         bucket, T, V, L, kv, dt, dev, backend = key
         sx = torch.zeros(bucket, T, V, device=dev)
         scb = torch.zeros(cb_shape, device=dev)
+        snv = torch.full((1,), bucket, device=dev, dtype=torch.int32)  # the Triton kernels skip padding
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
-            viterbi_tailbiting(sx, scb, L, kv, dt, backend)  # warm-up (and compile) outside the capture
+            viterbi_tailbiting(sx, scb, L, kv, dt, backend, snv)  # warm-up (and compile) outside the capture
         torch.cuda.current_stream(dev).wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = viterbi_tailbiting(sx, scb, L, kv, dt, backend)
+            out = viterbi_tailbiting(sx, scb, L, kv, dt, backend, snv)
         log.debug("captured a trellis Viterbi CUDA graph for %d tiles", bucket)
-        return g, sx, scb, out
+        return g, sx, scb, snv, out
 
 
 _GRAPHS = _GraphedTailbiting()

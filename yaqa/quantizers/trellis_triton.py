@@ -41,13 +41,15 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _viterbi_steps(x_ptr, cbt_ptr, cn_ptr, xn_ptr, m_ptr, back_ptr, B, T: tl.constexpr,
+    def _viterbi_steps(x_ptr, cbt_ptr, cn_ptr, xn_ptr, m_ptr, back_ptr, nv_ptr, B, T: tl.constexpr,
                        V: tl.constexpr, L: tl.constexpr, KV: tl.constexpr,
                        BLOCK: tl.constexpr, NT: tl.constexpr):
         R: tl.constexpr = 1 << (L - KV)
         P: tl.constexpr = 1 << KV
         S: tl.constexpr = 1 << L
         pid = tl.program_id(0)
+        if pid * NT >= tl.load(nv_ptr):  # padding of a replayed CUDA graph: nobody reads it
+            return
         offs_l = tl.arange(0, BLOCK)
         offs_h = tl.arange(0, P)
         for t in range(T):
@@ -80,9 +82,12 @@ if triton is not None:
             tl.debug_barrier()
 
     @triton.jit
-    def _traceback(back_ptr, last_ptr, out_ptr, B, T: tl.constexpr, L: tl.constexpr, KV: tl.constexpr):
+    def _traceback(back_ptr, last_ptr, out_ptr, nv_ptr, B, T: tl.constexpr, L: tl.constexpr,
+                   KV: tl.constexpr):
         R: tl.constexpr = 1 << (L - KV)
         b = tl.program_id(0)
+        if b >= tl.load(nv_ptr):
+            return
         low = tl.load(last_ptr + b)
         s = tl.load(back_ptr + ((T - 1) * B + b).to(tl.int64) * R + low).to(tl.int64) * R + low
         tl.store(out_ptr + b * T + T - 1, s)
@@ -96,11 +101,14 @@ if triton is not None:
 def viterbi_triton(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
                    start_low: torch.Tensor | None = None, end_low: torch.Tensor | None = None,
                    block: int | None = None, tiles_per_program: int | None = None,
-                   num_warps: int | None = None) -> torch.Tensor:
+                   num_warps: int | None = None, n_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract and result as :func:`yaqa.quantizers.trellis.viterbi` with float32 costs.
 
     ``block`` groups per chunk and ``tiles_per_program`` (tiles sharing each codeword load) are
     tuning knobs (default :data:`TUNING`); they change the speed, never the result.
+    ``n_valid`` (a one-element int32 tensor on the device), when given, says that only the first
+    ``n_valid`` sequences matter: the kernels skip the rest (a CUDA graph's padding), whose output
+    rows are then left unset.
     """
     block = TUNING["block"] if block is None else block
     tiles_per_program = TUNING["tiles_per_program"] if tiles_per_program is None else tiles_per_program
@@ -130,14 +138,15 @@ def viterbi_triton(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
         m[:B, 0].scatter_(1, start_low.to(dev).view(B, 1), 0.0)
         m[B:, 0].zero_()
     back = torch.empty(T, Bp, R, device=dev, dtype=torch.uint8)
+    nv = torch.full((1,), B, device=dev, dtype=torch.int32) if n_valid is None else n_valid
     blk = min(int(block), R)
-    _viterbi_steps[(Bp // nt,)](xs, cbt, cn, xn, m, back, Bp, T, V=V, L=L, KV=kv, BLOCK=blk,
+    _viterbi_steps[(Bp // nt,)](xs, cbt, cn, xn, m, back, nv, Bp, T, V=V, L=L, KV=kv, BLOCK=blk,
                                 NT=nt, num_warps=num_warps)
     final = m[:B, T % 2]
     if end_low is None:
         last = final.argmin(1)
     else:
         last = end_low.to(dev).to(torch.int64).view(B)
-    out = torch.empty(B, T, device=dev, dtype=torch.int64)
-    _traceback[(B,)](back, last.contiguous(), out, Bp, T, L=L, KV=kv, num_warps=1)
+    out = torch.zeros(B, T, device=dev, dtype=torch.int64)
+    _traceback[(B,)](back, last.contiguous(), out, nv, Bp, T, L=L, KV=kv, num_warps=1)
     return out
