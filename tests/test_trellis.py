@@ -265,3 +265,23 @@ def test_every_quantizer_name_survives_its_config():
         q = make_quantizer(name)
         assert quantizer_name(q.config()) == name
         assert quantizer_from_config(q.config()) == q
+
+
+def test_auto_viterbi_falls_back_to_torch_when_triton_breaks(monkeypatch):
+    import yaqa.quantizers.trellis as tr
+    import yaqa.quantizers.trellis_triton as tt
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C compiler for the Triton launcher")
+
+    monkeypatch.setattr(tt, "viterbi_triton", broken)
+    monkeypatch.setattr(tr, "_TRITON_FAILED", False)
+    W = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+    rows = cols = torch.arange(16)
+    ref = TrellisQuantizer(L=8, tlut_bits=5, viterbi="torch").fit(W).round(W, rows, cols)
+    grid = TrellisQuantizer(L=8, tlut_bits=5).fit(W)
+    monkeypatch.setattr(grid, "_backend", lambda dev, dt: "triton")  # as on a CUDA machine
+    got = grid.round(W, rows, cols)
+    assert torch.equal(got[1], ref[1]) and tr._TRITON_FAILED
+    with pytest.raises(RuntimeError, match="compiler"):  # asked for Triton by name: no fallback
+        TrellisQuantizer(L=8, tlut_bits=5, viterbi="triton").fit(W).round(W, rows, cols)

@@ -275,6 +275,7 @@ class _GraphedTailbiting:
 
 
 _GRAPHS = _GraphedTailbiting()
+_TRITON_FAILED = False  # set when viterbi="auto" met a broken Triton install
 
 
 def viterbi_tailbiting_exact(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int) -> torch.Tensor:
@@ -464,7 +465,7 @@ class TrellisGrid(FittedGrid):
         from . import trellis_triton
 
         return ("triton" if dev.type == "cuda" and dt == torch.float32 and trellis_triton.available()
-                else "torch")
+                and not _TRITON_FAILED else "torch")
 
     def _viterbi(self, x: torch.Tensor, cb: torch.Tensor, dt: torch.dtype, cap: int) -> torch.Tensor:
         q = self.q
@@ -476,7 +477,16 @@ class TrellisGrid(FittedGrid):
             except Exception as e:  # capture is an optimisation; eager mode is the same code
                 _GRAPHS.failed = True
                 log.warning("trellis: CUDA graph capture failed (%s); using eager Viterbi", e)
-        return viterbi_tailbiting(x, cb, q.L, kv, dt, backend)
+        try:
+            return viterbi_tailbiting(x, cb, q.L, kv, dt, backend)
+        except Exception as e:
+            if backend != "triton" or q.viterbi != "auto":
+                raise
+            # "auto" promised a working Viterbi, not Triton: its torch twin gives the same codes.
+            global _TRITON_FAILED
+            _TRITON_FAILED = True
+            log.warning("trellis: the Triton Viterbi failed (%s); using the torch Viterbi", e)
+            return viterbi_tailbiting(x, cb, q.L, kv, dt, "torch")
 
     # -- FittedGrid ---------------------------------------------------------------------------
     def round(self, values, rows, cols):
