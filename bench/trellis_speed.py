@@ -97,17 +97,29 @@ def check_triton(q: TrellisQuantizer, tiles: int, dev: torch.device) -> dict:
 
 
 def tune_triton(q: TrellisQuantizer, tiles: int, dev: torch.device) -> dict:
-    """Fastest forward-kernel knobs on the bare Viterbi; sets trellis_triton.TUNING."""
+    """Fastest forward-kernel knobs; sets trellis_triton.TUNING.
+
+    A YAQA wavefront on an n x n layer of N tiles a side rounds batches of every size 1..N
+    (twice each); the kernel's time for a batch is about max(t_small, t_full * K / N): a few tiles
+    leave the GPU idle and cost the latency of one tile's 256 sequential steps.  So each setting
+    is timed on a full batch and on 16 tiles, and scored by that sum over K = 1..N.
+    """
     best, rows = None, []
-    for block, nt, warps in ((128, 1, 4), (256, 1, 8), (64, 1, 2), (128, 2, 4), (256, 2, 8),
-                             (128, 4, 4)):
+    for block, nt, warps in ((128, 1, 4), (256, 1, 4), (256, 1, 8), (512, 1, 8), (1024, 1, 16),
+                             (256, 2, 8), (512, 2, 8)):
         trellis_triton.TUNING.update(block=block, tiles_per_program=nt, num_warps=warps)
-        r = time_viterbi(q, tiles, dev, "triton", repeat=2)
-        r.update(block=block, tiles_per_program=nt, num_warps=warps)
+        full = time_viterbi(q, tiles, dev, "triton", repeat=2)
+        small = time_viterbi(q, 16, dev, "triton", repeat=2)
+        score = sum(2 * max(small["seconds"], full["seconds"] * k / tiles)
+                    for k in range(1, tiles + 1))
+        r = {"block": block, "tiles_per_program": nt, "num_warps": warps,
+             "ms_per_tile": full["ms_per_tile"], "ms_16_tiles": 1e3 * small["seconds"],
+             "wavefront_score_s": score}
         rows.append(r)
-        print(f"tune: block {block}, {nt} tiles/program, {warps} warps: "
-              f"{r['ms_per_tile']:.4f} ms/tile", flush=True)
-        if best is None or r["seconds"] < best["seconds"]:
+        print(f"tune: block {block}, {nt} tiles/program, {warps} warps: {tiles} tiles "
+              f"{r['ms_per_tile']:.4f} ms/tile, 16 tiles {r['ms_16_tiles']:.2f} ms, "
+              f"wavefront score {score:.2f} s", flush=True)
+        if best is None or score < best["wavefront_score_s"]:
             best = r
     trellis_triton.TUNING.update(block=best["block"], tiles_per_program=best["tiles_per_program"],
                                  num_warps=best["num_warps"])

@@ -31,7 +31,7 @@ except ImportError:  # the torch Viterbi serves every device without it
 
 # Speed knobs of the forward kernel (never the result): groups per chunk, tiles per program (they
 # share each codeword load), warps.  bench/trellis_speed.py --tune picks them on a GPU.
-TUNING = {"block": 128, "tiles_per_program": 1, "num_warps": 4}
+TUNING = {"block": 256, "tiles_per_program": 1, "num_warps": 8}
 
 
 def available() -> bool:
