@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import sys
 
 import pytest
 import torch
@@ -268,13 +269,16 @@ def test_every_quantizer_name_survives_its_config():
 
 
 def test_auto_viterbi_falls_back_to_torch_when_triton_breaks(monkeypatch):
+    import types
+
     import yaqa.quantizers.trellis as tr
-    import yaqa.quantizers.trellis_triton as tt
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C compiler for the Triton launcher")
 
-    monkeypatch.setattr(tt, "viterbi_triton", broken)
+    # A stand-in module: importing the real one would import triton outside its interpreter.
+    fake = types.SimpleNamespace(viterbi_triton=broken, available=lambda: True)
+    monkeypatch.setitem(sys.modules, "yaqa.quantizers.trellis_triton", fake)
     monkeypatch.setattr(tr, "_TRITON_FAILED", False)
     W = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
     rows = cols = torch.arange(16)
