@@ -43,15 +43,16 @@ PRESETS = {"mxfp4": "MXFP4A16", "nvfp4": "NVFP4A16"}
 FORMATS = {"mxfp4": "mxfp4-pack-quantized", "nvfp4": "nvfp4-pack-quantized"}
 
 
-def quantized(fmt, family="llama", mode=False, seed=0):
+def quantized(fmt, family="llama", mode=False, seed=0, **kw):
     model = tiny_model(family, seed=seed)
-    yaqa.quantize(model, None, method="rtn", quantizer=fmt, incoherence=mode, progress=False)
+    yaqa.quantize(model, None, method="rtn", quantizer=fmt, incoherence=mode, progress=False,
+                  **kw)
     return model
 
 
 def export(model, path, **kw):
+    # no allow_unfused_nvfp4: NVFP4 models share one global scale per fused group by default
     kw.setdefault("dtype", torch.float32)
-    kw.setdefault("allow_unfused_nvfp4", True)
     return export_compressed_tensors(model, path, **kw)
 
 
@@ -175,23 +176,22 @@ def test_every_family_exports_and_loads(tmp_path, family):
 
 
 def test_nvfp4_fused_layers_need_equal_global_scales(tmp_path):
-    model = quantized("nvfp4")
+    model = quantized("nvfp4", fused_global_scale=False)  # per-layer scales, as before
     with pytest.raises(ExportError, match="--allow-unfused-nvfp4"):
         export_compressed_tensors(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
-    # one global scale per fused group (what vLLM keeps) exports
-    for layer in model.model.layers:
-        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-            parent = layer.self_attn if group[0] == "q_proj" else layer.mlp
-            mods = [getattr(parent, n) for n in group]
-            g = max(m.grid_global_scale for m in mods)
-            for m in mods:
-                m.grid_global_scale.copy_(g)
+    assert export(model, tmp_path / "a", allow_unfused_nvfp4=True).fmt == "nvfp4"
+    # the default quantization gives each fused group one global scale (what vLLM keeps)
+    model = quantized("nvfp4")
     rep = export_compressed_tensors(model, tmp_path / "b", dtype=torch.float32)
     assert rep.fmt == "nvfp4" and rep.quantized_layers == 14
     sd = load_file(str(tmp_path / "b" / "model.safetensors"))
-    q, k = (sd[f"model.layers.0.self_attn.{n}.weight_global_scale"] for n in ("q_proj", "k_proj"))
-    assert torch.equal(q, k)
+    for i in range(2):
+        for group in (("self_attn", "q_proj", "k_proj", "v_proj"), ("mlp", "gate_proj", "up_proj")):
+            scales = [sd[f"model.layers.{i}.{group[0]}.{n}.weight_global_scale"] for n in group[1:]]
+            assert all(torch.equal(scales[0], s) for s in scales)
+        o, q = (sd[f"model.layers.{i}.self_attn.{n}_proj.weight_global_scale"] for n in "oq")
+        assert not torch.equal(o, q)  # layers outside the groups keep their own
 
 
 def test_mixed_quantizer_families_are_refused(tmp_path):
@@ -207,11 +207,16 @@ def test_mixed_quantizer_families_are_refused(tmp_path):
 def test_cli_exports_nvfp4_checkpoint(tmp_path):
     from yaqa.cli import main
 
-    model = quantized("nvfp4", mode="block")
-    yaqa.save_quantized(model, tmp_path / "ckpt")
-    args = ["-q", "export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ct"), "--dtype", "float32"]
+    old = quantized("nvfp4", mode="block", fused_global_scale=False)
+    yaqa.save_quantized(old, tmp_path / "old")
+    args = ["-q", "export", str(tmp_path / "old"), "--out", str(tmp_path / "ct"), "--dtype", "float32"]
     assert main(args) == 2  # vLLM could not serve the unfused global scales
     assert main(args + ["--allow-unfused-nvfp4"]) == 0
+    model = quantized("nvfp4", mode="block")
+    yaqa.save_quantized(model, tmp_path / "ckpt")
+    args = ["-q", "export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ct"), "--dtype",
+            "float32", "--overwrite"]
+    assert main(args) == 0
     assert json.loads((tmp_path / "ct" / "config.json").read_text())[
         "quantization_config"]["format"] == "nvfp4-pack-quantized"
     with torch.no_grad():

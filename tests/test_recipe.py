@@ -22,9 +22,12 @@ def test_every_field_changes_the_identity_and_the_name_does_not():
              "group_size": 32, "symmetric": True, "scale_search": "mse", "incoherence": False,
              "block_size": 8, "sigma": 0.1, "seed": 1, "shrinkage": "off"}
     fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
-    assert set(other) == fields  # a new field must be added here, and joins identity by itself
+    # fused_global_scale only matters (and only joins the identity) for nvfp4
+    assert set(other) | {"fused_global_scale"} == fields  # a new field must be added here
     for k, v in other.items():
         assert r.replace(**{k: v}).identity_hash() != r.identity_hash(), k
+    nv = r.replace(quantizer="nvfp4")
+    assert nv.replace(fused_global_scale=False).identity_hash() != nv.identity_hash()
     assert r.replace(name="renamed").identity_hash() == r.identity_hash()
 
 

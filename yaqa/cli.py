@@ -56,6 +56,10 @@ def _add_quantizer(p: argparse.ArgumentParser, many_bits: bool = False) -> None:
                         f"(default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--symmetric", action="store_true", help="symmetric grid (default asymmetric)")
     p.add_argument("--scale-search", choices=("maxabs", "mse"), default="maxabs")
+    p.add_argument("--per-layer-global-scale", dest="fused_global_scale", action="store_false",
+                   default=None,
+                   help="nvfp4: one global scale per layer, as before (default: q/k/v and "
+                        "gate/up share one, which vLLM needs to serve the export)")
     p.add_argument("--no-incoherence", dest="incoherence", action="store_false",
                    help="skip the random Hadamard transforms (on by default)")
     p.add_argument("--shrinkage", type=_shrinkage, default="auto",
@@ -289,7 +293,8 @@ def recipe_from_args(args, method: str, quantizer: int | str):
     return get_recipe(method, power_iters=args.power_iters, quantizer=qname,
                       group_size=args.group_size, symmetric=args.symmetric,
                       scale_search=args.scale_search, incoherence=args.incoherence,
-                      seed=args.seed, shrinkage=getattr(args, "shrinkage", "auto"))
+                      seed=args.seed, shrinkage=getattr(args, "shrinkage", "auto"),
+                      fused_global_scale=getattr(args, "fused_global_scale", None))
 
 
 def cmd_quantize(args) -> int:
@@ -365,6 +370,7 @@ def cmd_run(args) -> int:
                     quantizers=tuple(args.quantizer) if args.quantizer else None,
                     group_size=args.group_size, symmetric=args.symmetric,
                     scale_search=args.scale_search, incoherence=args.incoherence,
+                    fused_global_scale=args.fused_global_scale,
                     calib=args.calib, n_calib=args.n_calib, calib_ctx=args.ctx,
                     power_iters=args.power_iters, eval_data=args.eval_data,
                     eval_ctx=args.eval_ctx, n_eval=args.n_eval or None,

@@ -67,6 +67,8 @@ class RunConfig:
     symmetric: bool = False
     scale_search: str = "maxabs"
     incoherence: bool | str = DEFAULT_INCOHERENCE  # or "per-layer", "shared", "block", "none"
+    # nvfp4: one global scale per group that vLLM fuses (None: on; False: per layer)
+    fused_global_scale: bool | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
     sigma: float = DEFAULT_SIGMA
     shrinkage: str | float = "auto"  # YAQA factors towards the LDLQ pair, see hessians/shrinkage.py
@@ -112,7 +114,8 @@ class RunConfig:
         return get_recipe(method, power_iters=iters, quantizer=qname, group_size=self.group_size,
                           symmetric=self.symmetric, scale_search=self.scale_search,
                           incoherence=self.incoherence, block_size=block, sigma=self.sigma,
-                          seed=self.seed, shrinkage=str(self.shrinkage))
+                          seed=self.seed, shrinkage=str(self.shrinkage),
+                          fused_global_scale=self.fused_global_scale)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .incoherence import block_hadamard_size, incoherence_mode, plan_transforms
 from .models import get_adapter
 from .nn import QuantizedLinear
 from .quantizers import Quantizer, quantizer_name
+from .quantizers.fused import fused_quantizers, uses_fused_global_scale
 from .recipe import DEFAULT_BLOCK_SIZE, DEFAULT_GROUP_SIZE, DEFAULT_INCOHERENCE, DEFAULT_SIGMA
 from .recipe import Recipe, get_recipe
 from .rounding.threads import small_cpu_problem_threads
@@ -83,16 +84,19 @@ def _factors(rounding: str, hessians: Mapping | None, name: str, shrinkage: str 
 def recipe_from_args(method: str, quantizer: str | Quantizer, group_size: int | None, *,
                      symmetric: bool, scale_search: str, incoherence: bool | str, seed: int,
                      block_size: int, sigma: float,
-                     shrinkage: str | float = "auto") -> tuple[Recipe, Quantizer | None]:
+                     shrinkage: str | float = "auto",
+                     fused_global_scale: bool | None = None) -> tuple[Recipe, Quantizer | None]:
     """The library's keyword arguments as a :class:`Recipe` (plus a quantizer object, when one
     was passed instead of a name)."""
     if isinstance(quantizer, Quantizer):
         qobj, qname = quantizer, quantizer_name(quantizer.config())
+        fused_global_scale = uses_fused_global_scale(quantizer)  # the object decides
     else:
         qobj, qname = None, str(quantizer).lower()
     recipe = get_recipe(method, quantizer=qname, group_size=group_size, symmetric=symmetric,
                         scale_search=scale_search, incoherence=incoherence, seed=seed,
-                        block_size=block_size, sigma=sigma, shrinkage=str(shrinkage))
+                        block_size=block_size, sigma=sigma, shrinkage=str(shrinkage),
+                        fused_global_scale=fused_global_scale)
     return recipe, qobj
 
 
@@ -125,7 +129,8 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
              include_head: bool = False, device: str | torch.device | None = None,
              work_dir: str | os.PathLike | None = None, fingerprint: dict | None = None,
              overwrite: bool = False, recipe: Recipe | None = None,
-             shrinkage: str | float = "auto", progress: bool = True) -> QuantizeReport:
+             shrinkage: str | float = "auto", fused_global_scale: bool | None = None,
+             progress: bool = True) -> QuantizeReport:
     """Replace every decoder-block linear of ``model`` by its quantized version, in place.
 
     ``method``: a recipe name (``"rtn"``; ``"ldlq"``/``"gptq"``: the plain input Hessian ``H_x``
@@ -139,7 +144,10 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
     (see :mod:`yaqa.hessians.shrinkage`).  ``incoherence``: False, True
     (= ``"per-layer"`` random Hadamard signs), ``"shared"`` (one random Hadamard per size, what
     compressed-tensors/vLLM can serve) or ``"block"`` (Sylvester blocks, vLLM's fast kernel); see
-    :mod:`yaqa.incoherence`.  ``hessians`` maps full linear names to
+    :mod:`yaqa.incoherence`.  ``fused_global_scale`` (NVFP4; None: on for ``"nvfp4"``): the
+    linears that vLLM fuses (q/k/v, gate/up) share one global scale, computed from their
+    weights as the quantizer sees them, so the export serves in vLLM (see
+    :mod:`yaqa.quantizers.fused`).  ``hessians`` maps full linear names to
     objects with those attributes.  ``work_dir`` enables resume: finished blocks are stored there
     and reused only when the recipe, the weights, the Hessians and ``fingerprint`` all match;
     otherwise :class:`~yaqa.store.StaleWorkError` names what differs (``overwrite=True`` starts
@@ -150,7 +158,8 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
         recipe, qobj = recipe_from_args(method, quantizer, group_size, symmetric=symmetric,
                                         scale_search=scale_search, incoherence=incoherence,
                                         seed=seed, block_size=block_size, sigma=sigma,
-                                        shrinkage=shrinkage)
+                                        shrinkage=shrinkage,
+                                        fused_global_scale=fused_global_scale)
     q = qobj or recipe.make_quantizer()
     rounding, incoherence, seed = recipe.rounding, recipe.incoherence, recipe.seed
     adapter = get_adapter(model)
@@ -204,11 +213,13 @@ def _quantize_blocks(adapter, blocks, hessians: Mapping | None, recipe: Recipe, 
             continue
         done = []
         tfs = plan.for_layers({prefix + rel: lin for rel, lin in linears.items()})
+        pinned = _fused_group_quantizers(adapter, linears, prefix, tfs, q, device)
         for rel, lin in linears.items():
             name = prefix + rel
             H_in, H_out, a_in, a_out = _factors(rounding, hessians, name, recipe.shrinkage)
             lr = _quantize_linear(block, rel, lin, name, rounding, q, H_in, H_out, tfs[name],
-                                  recipe.block_size, recipe.sigma, device)
+                                  recipe.block_size, recipe.sigma, device,
+                                  fit_quantizer=pinned.get(rel))
             lr.shrink_in, lr.shrink_out = a_in, a_out
             done.append(lr)
         report.layers += done
@@ -218,9 +229,28 @@ def _quantize_blocks(adapter, blocks, hessians: Mapping | None, recipe: Recipe, 
     bar.close()
 
 
+def _fused_group_quantizers(adapter, linears: dict[str, nn.Linear], prefix: str, tfs: dict,
+                            q: Quantizer, device) -> dict[str, Quantizer]:
+    """Quantizers with the shared NVFP4 global scale of each fused group of this block (empty
+    unless ``q`` asks for one), from the weights exactly as ``round_weight`` will fit them."""
+    if not uses_fused_global_scale(q):
+        return {}
+    groups = adapter.fused_groups(linears)
+    weights = {}
+    for rel in {n for g in groups for n in g}:
+        lin = linears[rel]
+        dev = torch.device(device) if device is not None else lin.weight.device
+        W = lin.weight.detach().to(dev, torch.float32)
+        tf = tfs[prefix + rel]
+        weights[rel] = tf.weight(W) if tf is not None else W
+    return fused_quantizers(q, weights, groups)
+
+
 def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, method: str,
                      q: Quantizer, H_in, H_out, transform, block_size: int,
-                     sigma: float, device) -> LayerReport:
+                     sigma: float, device, fit_quantizer: Quantizer | None = None) -> LayerReport:
+    """``fit_quantizer``: the quantizer to fit with when it differs from ``q`` (a pinned NVFP4
+    global scale); the module records ``q``."""
     from .rounding import round_weight
 
     t = time.perf_counter()
@@ -228,7 +258,8 @@ def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, met
     W = lin.weight.detach().to(dev, torch.float32)
     inc = transform if transform is not None else False
     res = round_weight(W, None if H_in is None else H_in.to(dev),
-                       None if H_out is None else H_out.to(dev), q, method=method,
+                       None if H_out is None else H_out.to(dev), fit_quantizer or q,
+                       method=method,
                        incoherence=inc, block_size=block_size, sigma=sigma, return_details=True)
     bias = lin.bias.detach() if lin.bias is not None else None
     new = QuantizedLinear.from_codes(res.codes.cpu(), res.grid, q, transform=res.transform,

@@ -53,6 +53,9 @@ class Recipe:
     seed: int = 0                    # incoherence signs and sampled labels
     # YAQA only: shrink the Sketch-B factors towards LDLQ's (auto | auto-out | off | an amount)
     shrinkage: str = "auto"
+    # NVFP4: one global scale per group of linears that vLLM fuses (q/k/v, gate/up), so the
+    # export serves in vLLM.  None: the quantizer's default (on for nvfp4, off for the others).
+    fused_global_scale: bool | None = None
 
     def __post_init__(self) -> None:
         if self.rounding not in ROUNDINGS:
@@ -79,6 +82,11 @@ class Recipe:
             raise RecipeError(str(e)) from None
         # Stored as before for the two original settings, so their identities do not change.
         object.__setattr__(self, "incoherence", {None: False, "per-layer": True}.get(mode, mode))
+        # None stands for the quantizer's default (on for nvfp4 only), so a recipe whose
+        # quantizer is replaced gets the new quantizer's default, and equal settings compare equal.
+        if self.fused_global_scale is not None and \
+                bool(self.fused_global_scale) == (str(self.quantizer).lower() == "nvfp4"):
+            object.__setattr__(self, "fused_global_scale", None)
         if self.power_iters < 1:
             raise RecipeError(f"power_iters must be >= 1, got {self.power_iters}")
         if self.block_size < 1:
@@ -97,6 +105,13 @@ class Recipe:
         """The YAQA sketch to collect ("A"/"B"), or None."""
         return self.hessian if self.hessian in ("A", "B") else None
 
+    @property
+    def fused_scale(self) -> bool:
+        """Whether the linears that vLLM fuses share one NVFP4 global scale."""
+        if self.fused_global_scale is None:
+            return str(self.quantizer).lower() == "nvfp4"
+        return bool(self.fused_global_scale)
+
     def replace(self, **changes: Any) -> Recipe:
         return dataclasses.replace(self, **changes)
 
@@ -107,6 +122,11 @@ class Recipe:
         """The fields that decide the result (the display name does not)."""
         d = self.to_dict()
         d.pop("name")
+        # Only where it is on: recipes without a fused global scale (every one before the
+        # option existed) keep their identities.
+        d.pop("fused_global_scale")
+        if self.fused_scale:
+            d["fused_global_scale"] = True
         return d
 
     def identity_hash(self) -> str:
@@ -116,7 +136,8 @@ class Recipe:
         from .quantizers import make_quantizer
 
         return make_quantizer(self.quantizer, group_size=self.group_size,
-                              symmetric=self.symmetric, scale_search=self.scale_search)
+                              symmetric=self.symmetric, scale_search=self.scale_search,
+                              fused_global_scale=self.fused_global_scale)
 
 
 # name -> recipe; aliases map to the same recipe under the canonical name

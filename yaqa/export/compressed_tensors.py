@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..incoherence import IncoherenceTransform, expand_kv_signs, sign_partner
+from ..models.adapters import VLLM_FUSED
 from ..nn import QuantizedLinear
 from ..nn.int8 import Int8Embedding, Int8Linear
 from ..quantizers import FP4Grid, IntGrid
@@ -291,8 +292,6 @@ _FP4_ARGS = {
 }
 _FORMATS = {"int": "pack-quantized", "nvfp4": "nvfp4-pack-quantized",
             "mxfp4": "mxfp4-pack-quantized"}
-# Linears that vLLM loads into one fused layer (packed_modules_mapping of its Llama-style models).
-_VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _weights_args(lc: LayerCodes, n: int) -> dict:
@@ -316,6 +315,8 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *,
     ``source_dir``: a yaqa checkpoint whose tokenizer and generation files are copied along.
     ``allow_unfused_nvfp4``: write NVFP4 layers that vLLM fuses (q/k/v, gate/up) even when
     their global scales differ (vLLM keeps one per fused layer and would serve them wrongly).
+    Only checkpoints quantized with ``fused_global_scale=False`` (or before yaqa shared the
+    scale by default) need it.
     """
     out = Path(out_dir)
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
@@ -442,14 +443,15 @@ def _check_fused_global_scales(layers: dict[str, LayerCodes]) -> None:
     scales: vLLM's W4A16 NVFP4 scheme keeps only one (``1 / max(G)``) for the fused layer."""
     for name, lc in layers.items():
         parent, _, leaf = name.rpartition(".")
-        group = next((grp for grp in _VLLM_FUSED if leaf in grp), ())
+        group = next((grp for grp in VLLM_FUSED if leaf in grp), ())
         for other in group:
             sib = layers.get(f"{parent}.{other}" if parent else other)
             if sib is not None and not torch.equal(sib.global_scale, lc.global_scale):
                 raise ExportError(
                     f"{name} and {other} have different NVFP4 global scales, but vLLM fuses "
-                    f"{'/'.join(group)} and keeps one, so it would serve wrong weights; "
-                    "pass allow_unfused_nvfp4=True (--allow-unfused-nvfp4) to write them "
+                    f"{'/'.join(group)} and keeps one, so it would serve wrong weights. "
+                    "Re-quantize without --per-layer-global-scale (fused_global_scale=False), "
+                    "or pass allow_unfused_nvfp4=True (--allow-unfused-nvfp4) to write them "
                     "anyway (transformers and compressed-tensors load them correctly)")
 
 
@@ -459,7 +461,8 @@ def _vllm_notes(layers: dict[str, LayerCodes], schemes: dict[str, _Scheme]) -> l
     fmt = next(iter(layers.values())).fmt
     if fmt == "nvfp4":
         notes.append("NVFP4 weight-only (W4A16) runs on vLLM's FP4 Marlin kernel (vLLM PR 18000, "
-                     "merged 2025-05); fused q/k/v and gate/up layers need equal global scales")
+                     "merged 2025-05); fused q/k/v and gate/up layers need equal global scales "
+                     "(yaqa's default for nvfp4)")
     elif fmt == "mxfp4":
         notes.append("MXFP4 weight-only (W4A16) on dense layers runs on vLLM's FP4 Marlin kernel "
                      "since vLLM PR 31926 (merged 2026-01)")

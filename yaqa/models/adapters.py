@@ -17,6 +17,11 @@ log = logging.getLogger(__name__)
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Linears that read the same input and that vLLM loads as one fused layer (the
+# packed_modules_mapping of its Llama-style models), by leaf name.
+VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          ("mlp.gate_proj", "mlp.up_proj"))
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class Family:
     model_types: tuple[str, ...]
     blocks_path: str
     linears: tuple[str, ...]
+    # groups of linears (names relative to the block) that serving engines fuse into one layer
+    fused: tuple[tuple[str, ...], ...] = _FUSED
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -34,8 +41,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3", ("qwen3",), "model.layers", _ATTN + _MLP),
     Family("gemma2", ("gemma2",), "model.layers", _ATTN + _MLP),
     Family("gemma3", ("gemma3_text", "gemma3"), "model.layers", _ATTN + _MLP),
+    # already fused in the checkpoint: nothing left to group
     Family("phi3", ("phi3",), "model.layers",
-           ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")),
+           ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+           fused=()),
 )
 
 
@@ -58,6 +67,20 @@ class ModelAdapter:
     family: str
     blocks_path: str
     linears: tuple[str, ...] | None  # None: discover nn.Linear modules in each block
+    fused: tuple[tuple[str, ...], ...] | None = None  # None: group by vLLM's leaf names
+
+    def fused_groups(self, names) -> list[tuple[str, ...]]:
+        """The groups (two or more of ``names``, block-relative) that vLLM fuses into one layer."""
+        names = list(names)
+        if self.fused is not None:
+            return [g for g in self.fused if all(n in names for n in g)]
+        groups: dict[tuple[str, int], list[str]] = {}
+        for n in names:
+            parent, _, leaf = n.rpartition(".")
+            for i, grp in enumerate(VLLM_FUSED):
+                if leaf in grp:
+                    groups.setdefault((parent, i), []).append(n)
+        return [tuple(g) for g in groups.values() if len(g) > 1]
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.blocks_path)
@@ -110,7 +133,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for fam in FAMILIES:
         if model_type in fam.model_types:
-            adapter = ModelAdapter(fam.name, fam.blocks_path, fam.linears)
+            adapter = ModelAdapter(fam.name, fam.blocks_path, fam.linears, fam.fused)
             adapter.block_linears(adapter.blocks(model)[0])  # fail early on a changed layout
             return adapter
     path = _find_block_list(model)

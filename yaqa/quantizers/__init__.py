@@ -17,17 +17,23 @@ _TRELLIS = re.compile(r"trellis(\d)(?:-(hyb|1mad|3inst))?$")
 
 
 def make_quantizer(spec: "str | Quantizer", group_size: int | None = 128,
-                   symmetric: bool = False, scale_search: str = "maxabs") -> Quantizer:
+                   symmetric: bool = False, scale_search: str = "maxabs",
+                   fused_global_scale: bool | None = None) -> Quantizer:
     """A quantizer from a name plus options, or an existing quantizer passed through.
 
     ``"int4"`` / ``"int3"`` / ... (``group_size``, ``symmetric``, ``scale_search`` apply),
     ``"trellis2"`` / ``"trellis3"`` / ``"trellis4"`` (HYB code, 2 weights per step; append
     ``-1mad`` or ``-3inst`` for the computed codes with 1 weight per step), ``"mxfp4"`` and
     ``"nvfp4"`` (``scale_search`` applies; block sizes are fixed by the formats).
+    ``fused_global_scale``: NVFP4 only, one global scale per group of linears that vLLM fuses
+    (None: on for NVFP4, off elsewhere; True for another format is an error).
     """
     if isinstance(spec, Quantizer):
         return spec
     s = str(spec).lower()
+    if fused_global_scale and s != "nvfp4":
+        raise ValueError(f"fused_global_scale applies to nvfp4 only (the one format with a "
+                         f"global scale), not {spec!r}")
     if s.startswith("int") and s[3:].isdigit():
         return IntQuantizer(bits=int(s[3:]), group_size=group_size, symmetric=symmetric,
                             scale_search=scale_search)
@@ -36,7 +42,8 @@ def make_quantizer(spec: "str | Quantizer", group_size: int | None = 128,
         code = t.group(2) or "hyb"
         return TrellisQuantizer(bits=int(t.group(1)), code=code, V=2 if code == "hyb" else 1)
     if s in ("mxfp4", "nvfp4"):
-        return FP4Quantizer(fmt=s, scale_search=scale_search)
+        return FP4Quantizer(fmt=s, scale_search=scale_search,
+                            fused_global_scale=fused_global_scale if s == "nvfp4" else None)
     raise ValueError(f"unknown quantizer {spec!r}; expected one of {', '.join(QUANTIZER_NAMES)}")
 
 
@@ -59,6 +66,7 @@ def quantizer_from_config(cfg: dict) -> Quantizer:
     if fmt == "trellis":
         return TrellisQuantizer(**cfg)
     if fmt == "fp4":
+        cfg.setdefault("fused_global_scale", False)  # configs without it: per-layer scales
         return FP4Quantizer(**cfg)
     raise ValueError(f"unknown quantizer format {fmt!r} in checkpoint config")
 

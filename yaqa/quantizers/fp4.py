@@ -10,6 +10,13 @@ Both store E2M1 elements (1 sign, 2 exponent, 1 mantissa bit; magnitudes 0, 0.5,
   the tensor maximum at 6 * 448 (the largest E2M1 times the largest E4M3): ``g = amax / 2688``,
   block scale ``e4m3(amax_block / (6 g))``, effective scale ``block * g``.
 
+NVFP4 models served by vLLM need one global scale per *fused* layer: vLLM loads q/k/v_proj and
+gate/up_proj as one linear each and keeps a single global scale for it.  ``fused_global_scale``
+(on by default for NVFP4) asks :func:`yaqa.quantize` to give each such group the scale the
+standard rule gives their concatenated (rotated) weights, ``max_amax / 2688``; it reaches
+:meth:`FP4Quantizer.fit` as a fixed ``global_scale``, under which the block scales are then chosen
+as usual.  A quantizer fitted on one matrix alone (``round_weight``) has a group of one.
+
 ``scale_search="mse"`` tries a few scales per block around the standard one (the neighbouring
 exponents for MXFP4, shrink factors for NVFP4) and keeps the one with the least squared error.
 Element codes are the 4-bit E2M1 encodings ``sign << 3 | magnitude index``; elements round to
@@ -18,7 +25,8 @@ nearest with ties to even (the code with an even magnitude index), saturating at
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -62,10 +70,27 @@ class FP4Quantizer(Quantizer):
     mse_grid: int = 8
     mse_max_shrink: float = 0.3
     bits: int = 4
+    # NVFP4: one global scale per group of linears that vLLM fuses (q/k/v, gate/up), set by
+    # yaqa.quantize.  None: the format's default (on for NVFP4; MXFP4 has no global scale).
+    fused_global_scale: bool | None = None
+    # NVFP4: this fixed global scale (a float32 value) instead of the standard rule; what
+    # yaqa.quantize passes per layer for a fused group.  Not part of the config: the fitted grid
+    # stores the scale it used.
+    global_scale: float | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise ValueError(f"FP4 format must be one of {tuple(FORMATS)}, got {self.fmt!r}")
+        if self.fused_global_scale is None:
+            self.fused_global_scale = self.fmt == "nvfp4"
+        if self.fmt != "nvfp4" and (self.fused_global_scale or self.global_scale is not None):
+            raise ValueError(f"{self.fmt} has no global scale (only nvfp4 has one)")
+        if self.global_scale is not None:
+            g = float(torch.tensor(float(self.global_scale), dtype=torch.float32))
+            if not (math.isfinite(g) and g > 0):
+                raise ValueError(f"NVFP4 global_scale must be a positive finite float32, got "
+                                 f"{self.global_scale!r}")
+            self.global_scale = g
         if self.scale_search not in ("maxabs", "mse"):
             raise ValueError(f"scale_search must be 'maxabs' or 'mse', got {self.scale_search!r}")
         if self.bits != 4:
@@ -108,9 +133,8 @@ class FP4Quantizer(Quantizer):
         amax = Wb.abs().amax(-1)
         g = torch.zeros((), dtype=torch.float32)
         if self.fmt == "nvfp4":
-            top = amax.max()
-            g = (top / (E2M1_MAX * E4M3_MAX)).float() if top > 0 else torch.ones(())
-            g = g.to(torch.float32)
+            g = (nvfp4_global_scale(amax.max()) if self.global_scale is None
+                 else torch.tensor(self.global_scale, dtype=torch.float32))
         best, best_err = None, None
         for cand in self._candidates(amax, g):
             s = self._effective(cand, g)
@@ -127,6 +151,11 @@ class FP4Quantizer(Quantizer):
     def config(self) -> dict:
         cfg = asdict(self)
         cfg["format"] = "fp4"
+        cfg.pop("global_scale")
+        # Absent means per-layer global scales, as in every config written before the option,
+        # so those (and MXFP4's) configs and identities stay what they were.
+        if not cfg["fused_global_scale"]:
+            cfg.pop("fused_global_scale")
         return cfg
 
     def placeholder_state(self, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -145,6 +174,14 @@ class FP4Quantizer(Quantizer):
             stored = raw.view(torch.float8_e4m3fn).to(torch.float32)
             g = state["global_scale"].float().cpu().reshape(1)
         return FP4Grid(tuple(shape), self.fmt, self.block, stored, g)
+
+
+def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The standard NVFP4 global scale (float32 scalar) of a tensor whose largest magnitude is
+    ``amax``: ``amax / (6 · 448)``, or 1 for an all-zero tensor.  For a group of tensors pass the
+    largest of their maxima (the rule is monotone, so that is the concatenation's scale)."""
+    top = torch.as_tensor(amax).detach().float().max()
+    return (top / (E2M1_MAX * E4M3_MAX)).float() if top > 0 else torch.ones((), dtype=torch.float32)
 
 
 def _safe_div(Wb: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
