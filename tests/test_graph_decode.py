@@ -71,3 +71,23 @@ def test_decoding_past_the_cache_is_refused_on_the_host():
     dec.decode(3)
     with pytest.raises(ValueError, match="past max_len"):
         dec.decode(1)
+
+
+def test_the_warm_up_before_a_capture_does_not_change_the_tokens():
+    # On CUDA the first step() runs two throw-away steps before capturing the graph; each feeds its
+    # argmax back into the input token.  Emulated here on CPU: the first step warms up first.
+    model = tiny_model("llama", layers=2)
+    prompt = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    ref = GraphDecoder(model, max_len=32).generate(prompt, 8)
+    dec = GraphDecoder(model, max_len=32)
+    plain_step, warmed = dec._step, []
+
+    def step_after_warm_up():
+        if not warmed:
+            warmed.append(True)
+            dec._warm_up(2)
+        plain_step()
+
+    dec._step = step_after_warm_up
+    assert torch.equal(dec.generate(prompt, 8), ref)
+    assert warmed

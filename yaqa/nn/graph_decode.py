@@ -108,14 +108,23 @@ class GraphDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
+            self._warm_up(2)
         torch.cuda.current_stream().wait_stream(stream)
-        self.pos.zero_()
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._step()
         self.pos.zero_()
+
+    def _warm_up(self, steps: int) -> None:
+        """Run ``steps`` throw-away steps and put back the token and position they consumed.
+
+        Each step feeds its argmax back into ``tok``, so without the restore the first real step
+        after a capture would read a warm-up token instead of the prompt's."""
+        tok, pos = self.tok.clone(), self.pos.clone()
+        for _ in range(steps):
+            self._step()
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
 
     def step(self) -> None:
         if self._pos >= self.max_len:
