@@ -26,6 +26,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .kernels import row_block_matmul
+
 # The values of ``embeddings=`` (save_quantized, quantize_one) and ``--embeddings``.
 EMBEDDING_FORMATS = ("auto", "int8")
 # Elements of the head dequantized at once: CPU keeps the temporary small (cache-sized work);
@@ -181,17 +183,13 @@ class Int8Linear(_Int8Rows):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, n = self.out_features, self.in_features
-        block = max(1, (CUDA_BLOCK if x.is_cuda else CPU_BLOCK) // n)
-        x2 = x.reshape(-1, n)
         scales = self.scales()
-        out = torch.empty(x2.shape[0], m, dtype=x.dtype, device=x.device)
-        for r0 in range(0, m, block):
-            r1 = min(m, r0 + block)
-            W = dequantize_rows(self.weight[r0:r1], scales[r0:r1]).to(x.dtype)
-            torch.matmul(x2, W.T, out=out[:, r0:r1])
+        out = row_block_matmul(x, m, n,
+                               lambda r0, r1: dequantize_rows(self.weight[r0:r1], scales[r0:r1]),
+                               max(1, (CUDA_BLOCK if x.is_cuda else CPU_BLOCK) // n))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
-        return out.reshape(*x.shape[:-1], m)
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -77,17 +78,24 @@ def dequantize_rows(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return ((q - z) * s).reshape(r1 - r0, n)
 
 
+def row_block_matmul(x: torch.Tensor, m: int, n: int,
+                     rows: Callable[[int, int], torch.Tensor], block_rows: int) -> torch.Tensor:
+    """``x @ W^T`` for an ``m x n`` weight that ``rows(r0, r1)`` dequantizes one block of rows at
+    a time, so no more than ``block_rows`` dense rows exist at once."""
+    x2 = x.reshape(-1, n)
+    out = torch.empty(x2.shape[0], m, dtype=x.dtype, device=x.device)
+    for r0 in range(0, m, block_rows):
+        r1 = min(m, r0 + block_rows)
+        torch.matmul(x2, rows(r0, r1).to(x.dtype).T, out=out[:, r0:r1])
+    return out.reshape(*x.shape[:-1], m)
+
+
 def cpu_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                bits: int, group: int, m: int, n: int, block_rows: int | None = None) -> torch.Tensor:
     """``x @ W^T`` dequantizing ``W`` in row blocks (any device; the CPU path)."""
-    rb = block_rows or max(1, (1 << 20) // n)
-    x2 = x.reshape(-1, n)
-    out = torch.empty(x2.shape[0], m, dtype=x.dtype, device=x.device)
-    for r0 in range(0, m, rb):
-        r1 = min(m, r0 + rb)
-        W = dequantize_rows(qweight, scale, zero, bits, group, n, r0, r1).to(x.dtype)
-        torch.matmul(x2, W.T, out=out[:, r0:r1])
-    return out.reshape(*x.shape[:-1], m)
+    return row_block_matmul(
+        x, m, n, lambda r0, r1: dequantize_rows(qweight, scale, zero, bits, group, n, r0, r1),
+        block_rows or max(1, (1 << 20) // n))
 
 
 # ---------------------------------------------------------------------------------------------
