@@ -10,7 +10,7 @@ bench/results/trellis_speed<tag>.{json,md} (and copies them to --out-dir when gi
 On CUDA with triton installed, ``--check-tiles N`` first runs the Triton and the torch Viterbi on
 N random tiles and exits with status 3 unless every path is the same (or, where a path differs,
 its squared error equals the torch path's to 1e-6: an exact tie, both optimal); ``--tune`` picks
-the Triton kernel's block / tiles-per-program / warps on the bare Viterbi; ``--budget-s`` skips a
+the Triton kernel's states per chunk / tiles per program / warps on the bare Viterbi; ``--budget-s`` skips a
 shape whose predicted time would overrun the budget.
 
     python bench/trellis_speed.py --device cuda                       # H100: a few minutes
@@ -105,23 +105,23 @@ def tune_triton(q: TrellisQuantizer, tiles: int, dev: torch.device) -> dict:
     is timed on a full batch and on 16 tiles, and scored by that sum over K = 1..N.
     """
     best, rows = None, []
-    for block, nt, warps in ((128, 1, 4), (256, 1, 4), (256, 1, 8), (512, 1, 8), (1024, 1, 16),
-                             (256, 2, 8), (512, 2, 8)):
-        trellis_triton.TUNING.update(block=block, tiles_per_program=nt, num_warps=warps)
+    for states, nt, warps in ((2048, 1, 4), (4096, 1, 4), (4096, 1, 8), (8192, 1, 8),
+                              (16384, 1, 16), (4096, 2, 8), (8192, 2, 8)):
+        trellis_triton.TUNING.update(states=states, tiles_per_program=nt, num_warps=warps)
         full = time_viterbi(q, tiles, dev, "triton", repeat=2)
         small = time_viterbi(q, 16, dev, "triton", repeat=2)
         score = sum(2 * max(small["seconds"], full["seconds"] * k / tiles)
                     for k in range(1, tiles + 1))
-        r = {"block": block, "tiles_per_program": nt, "num_warps": warps,
+        r = {"states": states, "tiles_per_program": nt, "num_warps": warps,
              "ms_per_tile": full["ms_per_tile"], "ms_16_tiles": 1e3 * small["seconds"],
              "wavefront_score_s": score}
         rows.append(r)
-        print(f"tune: block {block}, {nt} tiles/program, {warps} warps: {tiles} tiles "
+        print(f"tune: {states} states per chunk, {nt} tiles/program, {warps} warps: {tiles} tiles "
               f"{r['ms_per_tile']:.4f} ms/tile, 16 tiles {r['ms_16_tiles']:.2f} ms, "
               f"wavefront score {score:.2f} s", flush=True)
         if best is None or score < best["wavefront_score_s"]:
             best = r
-    trellis_triton.TUNING.update(block=best["block"], tiles_per_program=best["tiles_per_program"],
+    trellis_triton.TUNING.update(states=best["states"], tiles_per_program=best["tiles_per_program"],
                                  num_warps=best["num_warps"])
     return {"best": dict(trellis_triton.TUNING), "trials": rows}
 

@@ -57,6 +57,20 @@ def test_triton_tailbiting_equals_torch_on_real_codes(L, k, V, code):
                            viterbi(x, cb, L, kv))
 
 
+@pytest.mark.parametrize("states", [8, 128, 256])  # 1, 2 and 4 (all) groups per chunk
+def test_default_chunk_counts_states_so_wide_steps_keep_the_torch_path(monkeypatch, states):
+    # kv = 6 gives 64 predecessors per group: a chunk of `states` states holds states // 64 groups
+    # (at least one), never the kv = 4 default of 256 groups, which spilled registers on the H100.
+    from yaqa.quantizers import trellis_triton
+
+    monkeypatch.setitem(trellis_triton.TUNING, "states", states)
+    L, k, V = 8, 3, 2
+    g = torch.Generator().manual_seed(states)
+    cb = codebook("hyb", L, V, hyb_table(L - 2, V))
+    x = torch.randn(2, 12, V, generator=g)
+    assert torch.equal(viterbi_triton(x, cb, L, k * V), viterbi(x, cb, L, k * V))
+
+
 def test_trellis_grid_rounds_the_same_with_either_viterbi():
     g = torch.Generator().manual_seed(3)
     W = torch.randn(16, 16, generator=g)

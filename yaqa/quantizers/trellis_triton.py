@@ -29,9 +29,13 @@ except ImportError:  # the torch Viterbi serves every device without it
     triton = None
 
 
-# Speed knobs of the forward kernel (never the result): groups per chunk, tiles per program (they
-# share each codeword load), warps.  bench/trellis_speed.py --tune picks them on a GPU.
-TUNING = {"block": 256, "tiles_per_program": 1, "num_warps": 8}
+# Speed knobs of the forward kernel (never the result): states per chunk (a chunk is P x groups:
+# the P = 2^kV predecessors of each of its groups), tiles per program (they share each codeword
+# load), warps.  The chunk is counted in states, not groups, because the kernel holds a whole
+# chunk in registers: 256 groups x P = 16 suits kV = 4, but at kV = 8 (trellis4) the same 256
+# groups are 65536 states, and the spills made trellis4 ~10x slower than trellis2 on the H100.
+# bench/trellis_speed.py --tune picks the knobs on a GPU.
+TUNING = {"states": 4096, "tiles_per_program": 1, "num_warps": 8}
 
 
 def available() -> bool:
@@ -104,13 +108,13 @@ def viterbi_triton(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
                    num_warps: int | None = None, n_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract and result as :func:`yaqa.quantizers.trellis.viterbi` with float32 costs.
 
-    ``block`` groups per chunk and ``tiles_per_program`` (tiles sharing each codeword load) are
+    ``block`` groups per chunk (default: :data:`TUNING`'s states per chunk over the ``2^kv``
+    predecessors of a group) and ``tiles_per_program`` (tiles sharing each codeword load) are
     tuning knobs (default :data:`TUNING`); they change the speed, never the result.
     ``n_valid`` (a one-element int32 tensor on the device), when given, says that only the first
     ``n_valid`` sequences matter: the kernels skip the rest (a CUDA graph's padding), whose output
     rows are then left unset.
     """
-    block = TUNING["block"] if block is None else block
     tiles_per_program = TUNING["tiles_per_program"] if tiles_per_program is None else tiles_per_program
     num_warps = TUNING["num_warps"] if num_warps is None else num_warps
     if triton is None:
@@ -139,6 +143,8 @@ def viterbi_triton(x: torch.Tensor, cb: torch.Tensor, L: int, kv: int,
         m[B:, 0].zero_()
     back = torch.empty(T, Bp, R, device=dev, dtype=torch.uint8)
     nv = torch.full((1,), B, device=dev, dtype=torch.int32) if n_valid is None else n_valid
+    if block is None:
+        block = max(1, TUNING["states"] // P)
     blk = min(int(block), R)
     _viterbi_steps[(Bp // nt,)](xs, cbt, cn, xn, m, back, nv, Bp, T, V=V, L=L, KV=kv, BLOCK=blk,
                                 NT=nt, num_warps=num_warps)
