@@ -61,6 +61,8 @@ def test_every_autotuner_tile_computes_the_same_gemv(bits):
     qw, scale, zero, W = _layer(bits, group, m, n, seed=bits)
     x = torch.randn(2, n, generator=torch.Generator().manual_seed(0))
     for tile in kernels._GEMV_CONFIGS:
+        if not kernels.config_fits(tile, bits, group, n):
+            continue
         y = kernels.gemv(x, qw, scale, zero, bits, group, m, n, tile=tile)
         torch.testing.assert_close(y, x @ W.T, rtol=1e-4, atol=1e-4, msg=f"tile {tile}")
 
@@ -172,3 +174,52 @@ def test_quantized_linear_on_the_triton_path_equals_the_dense_weight(m, n, monke
         assert bool(fused) == (rows == 1)
         with torch.no_grad():
             torch.testing.assert_close(ql(x), x @ Wd.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_split_k_gemv_equals_the_dense_weight_and_leaves_its_counters_at_zero(bits, group,
+                                                                              monkeypatch):
+    # 13 rows: odd, so the last output block is partly masked; 4 K slices of 128 codes each.
+    m, n = 13, 512
+    qw, scale, zero, W = _layer(bits, group, m, n, seed=bits + group)
+    x = torch.randn(2, n, generator=torch.Generator().manual_seed(group))
+    monkeypatch.setenv("YAQA_GEMV_CONFIG", "8,128,4,4,1,0")  # what the 3-bit byte kernel takes
+    y = kernels.gemv(x, qw, scale, zero, bits, group, m, n)
+    torch.testing.assert_close(y, x @ W.T, rtol=1e-4, atol=1e-4)
+    counters = kernels.gemv_workspace(x.device)[1]
+    assert not counters.any()  # the last program of each block reset its counter
+    assert torch.equal(kernels.gemv(x, qw, scale, zero, bits, group, m, n), y)  # deterministic
+
+
+def test_split_k_gemv_unpacking_a_3d_tile_agrees():
+    m, n, bits, group = 9, 1024, 4, 64
+    qw, scale, zero, W = _layer(bits, group, m, n)
+    x = torch.randn(1, n, generator=torch.Generator().manual_seed(3))
+    for tile in ((16, 256, 2, 4, 1, True), (4, 128, 8, 4, 1, False)):
+        torch.testing.assert_close(kernels.gemv(x, qw, scale, zero, bits, group, m, n, tile=tile),
+                                   x @ W.T, rtol=1e-4, atol=1e-4, msg=str(tile))
+
+
+def test_gemv_config_from_the_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("YAQA_GEMV_CONFIG", "8,512,3,4,1,0")
+    with pytest.raises(ValueError, match="SPLIT_K must be a power of two"):
+        kernels.forced_config()
+    monkeypatch.setenv("YAQA_GEMV_CONFIG", "8,512")
+    with pytest.raises(ValueError, match="6 integers"):
+        kernels.forced_config()
+    # A config that does not tile this K is ignored from the environment, refused as an argument.
+    m, n, bits, group = 4, 256, 4, 128
+    qw, scale, zero, W = _layer(bits, group, m, n)
+    x = torch.randn(1, n)
+    monkeypatch.setenv("YAQA_GEMV_CONFIG", "4,512,1,4,1,0")
+    torch.testing.assert_close(kernels.gemv(x, qw, scale, zero, bits, group, m, n), x @ W.T,
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="does not tile"):
+        kernels.gemv(x, qw, scale, zero, bits, group, m, n, tile=(4, 512, 1, 4, 1, False))
+
+
+def test_default_gemv_config_splits_k_for_short_layers():
+    assert kernels._default_tile(1024, 4096, 128)[2] > 1   # k/v_proj: 256 blocks alone
+    for m, n in ((1024, 4096), (14336, 4096), (4096, 14336), (22, 256)):
+        assert kernels.config_fits(kernels._default_tile(m, n, 128), 4, 128, n)

@@ -8,11 +8,12 @@ starts on a chunk boundary whenever ``n`` is a multiple of 8.  Value of a code `
 
 - Decode (few activation rows): a fused GEMV.  2/4/8-bit codes are read as int32 words (a row's
   codes are whole words whenever ``n`` is a multiple of 128), so each program streams contiguous
-  vector loads; 3-bit chunks are assembled from bytes.  Each program owns a few output features
-  and the whole reduction, and accumulates ``Σ_G s·(Σ q·x − z·Σ x)``, so the zero point costs one
-  multiply per group rather than one per weight.  No split-K, no atomics: the output is written
-  once, in the activation dtype.  Tiles come from a small autotune on large layers, a shape rule
-  otherwise.
+  vector loads; 3-bit chunks are assembled from bytes.  Codes become floats by their bits (no
+  int-to-float conversions), and each program accumulates ``Σ_G s·(Σ q·x − z·Σ x)``, so the zero
+  point costs one multiply per group rather than one per weight.  Split-K: a program covers a
+  slice of K, so even a 1024-row layer has enough loads in flight; the last program of an output
+  block to finish adds the partial sums (fp32 workspace, atomic counter) and writes the output.
+  Configs come from an autotune on large layers at their first call, a shape rule otherwise.
 - Prefill (many rows): the weight is memory-cheap next to the matmul's arithmetic, so one kernel
   dequantizes it to a temporary bf16/fp16 matrix (from the caching allocator, so the same block
   is reused layer after layer) and cuBLAS does the GEMM.
@@ -141,20 +142,64 @@ def _word_layout(bits: int, qweight: torch.Tensor) -> bool:
     return 32 % bits == 0 and qweight.storage_offset() % 4 == 0
 
 
-# GEMV tiles tried by the autotuner on large layers: (rows per program, K per step, warps,
-# unpack as a 3-D tile or code by code); smaller layers get :func:`_default_tile`.
-# No split-K: even the 1024-row projections give 128+ programs of a few rows each, which keeps
-# every SM busy without the fp32 atomics, the zero-fill and the cast back that split-K needs.
-_GEMV_CONFIGS = ((8, 512, 4, False), (4, 512, 4, False), (16, 256, 4, False), (8, 1024, 8, False),
-                 (8, 512, 4, True), (16, 256, 4, True))
+# GEMV configs: (rows per program, K per step, split-K, warps, stages, unpack as a 3-D tile).
+# The autotuner tries them on large layers at the first call; smaller layers, the interpreter
+# and captures of untuned shapes get :func:`_default_tile`.  YAQA_GEMV_CONFIG="8,512,2,4,1,0"
+# forces one everywhere (a quick experiment without editing this list).
+#
+# Split-K (several programs per output block, each over a slice of K) multiplies the number of
+# loads in flight, which a batch-1 GEMV needs to approach the memory bandwidth: a 1024 x 4096
+# int4 layer is only 2 MB, 16 KB per SM.  The partial sums go to an fp32 workspace and the last
+# program of a block to arrive (an atomic counter) adds them in a fixed order, writes the output
+# and resets the counter: one launch, no zero-fill, no cast kernel, deterministic.
+_GEMV_CONFIGS = (
+    (8, 512, 1, 4, 1, False), (8, 512, 2, 4, 1, False), (8, 512, 4, 4, 1, False),
+    (4, 512, 4, 4, 1, False), (16, 256, 2, 4, 1, False), (16, 512, 4, 8, 1, False),
+    (8, 1024, 2, 8, 1, False), (4, 1024, 4, 4, 1, False), (4, 2048, 2, 4, 1, False),
+    (8, 512, 2, 4, 3, False), (16, 256, 4, 4, 3, False),
+    (8, 512, 2, 4, 1, True), (16, 256, 4, 4, 1, True),
+)
 # Layers smaller than this (codes) use the default tile: autotuning costs more than it saves.
 AUTOTUNE_MIN_CODES = 1 << 22
+_TARGET_PROGRAMS = 528  # 4 per SM of an H100: enough loads in flight, little reduction work
 
 
-def _default_tile(m: int, n: int, group: int) -> tuple[int, int, int, bool]:
+def _parse_config(text: str) -> tuple:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 6 or not all(p.lstrip("-").isdigit() for p in parts):
+        raise ValueError(f"YAQA_GEMV_CONFIG must be 6 integers 'BLOCK_N,BLOCK_K,SPLIT_K,warps,"
+                         f"stages,unpack3d', got {text!r}")
+    bn, bk, sk, w, st, u = map(int, parts)
+    for name, v in (("BLOCK_N", bn), ("BLOCK_K", bk), ("SPLIT_K", sk), ("warps", w)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"YAQA_GEMV_CONFIG: {name} must be a power of two, got {v}")
+    return bn, bk, sk, w, max(1, st), bool(u)
+
+
+def forced_config() -> tuple | None:
+    """The GEMV config from ``YAQA_GEMV_CONFIG``, or None (autotune / shape rule)."""
+    import os
+
+    text = os.environ.get("YAQA_GEMV_CONFIG", "").strip()
+    return _parse_config(text) if text else None
+
+
+def config_fits(cfg: tuple, bits: int, group: int, n: int) -> bool:
+    """Whether a GEMV config tiles a K of ``n`` exactly (no masks along K in the kernel)."""
+    bn, bk, sk = cfg[:3]
+    cpw = 32 // bits if 32 % bits == 0 else 8
+    return bk >= group and bk % group == 0 and bk % cpw == 0 and n % (bk * sk) == 0
+
+
+def _default_tile(m: int, n: int, group: int, bits: int = 4) -> tuple:
     bn = 16 if m >= 8192 else 8 if m >= 2048 else 4
     bk = max(group, next(b for b in (512, 256, 128) if n % b == 0))
-    return bn, bk, 4, False
+    sk = 1
+    # Split K while the grid is short of ~4 programs per SM and each slice keeps 2+ steps.
+    while (-(-m // bn) * sk * 2 <= _TARGET_PROGRAMS and n % (bk * sk * 2) == 0
+           and n // (bk * sk * 2) >= 2):
+        sk *= 2
+    return bn, bk, sk, 4, 1, False
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,86 +207,7 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, stride_x, stride_y, K: tl.constexpr,
-                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, UNPACK_3D: tl.constexpr):
-        # One program: BLOCK_N output features of one activation row, the whole K.  The packed
-        # weight is read as int32 words (8 int4 codes each), so each row of the tile is one
-        # contiguous, vectorizable load of BLOCK_K·BITS/8 bytes.
-        pid_n = tl.program_id(0)
-        row = tl.program_id(1)
-        CPW: tl.constexpr = 32 // BITS
-        BW: tl.constexpr = BLOCK_K // CPW
-        NG: tl.constexpr = BLOCK_K // GROUP
-        MASK: tl.constexpr = (1 << BITS) - 1
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        n_groups = K // GROUP
-        shifts = tl.arange(0, CPW) * BITS
-        wrow = qw_ptr + rows[:, None].to(tl.int64) * (K // CPW)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for t in range(0, K // BLOCK_K):
-            w = tl.load(wrow + t * BW + tl.arange(0, BW)[None, :], mask=rmask[:, None], other=0)
-            if UNPACK_3D:
-                # Codes as a (rows, words, codes-per-word) tile against x as (words, codes).
-                xt = tl.load(x_ptr + row * stride_x + t * BLOCK_K
-                             + tl.arange(0, BLOCK_K)).to(tl.float32)
-                q = ((w[:, :, None] >> shifts[None, None, :]) & MASK).to(tl.float32)
-                p = tl.sum(q * tl.reshape(xt, (BW, CPW))[None, :, :], axis=2)   # per word
-                xg = tl.sum(tl.reshape(xt, (NG, GROUP)), axis=1)
-            else:
-                # Code j of every word against a strided slice of x (L1-resident): 2-D tiles only.
-                p = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
-                xs = tl.zeros((BW,), dtype=tl.float32)
-                for j in tl.static_range(CPW):
-                    xj = tl.load(x_ptr + row * stride_x + t * BLOCK_K + tl.arange(0, BW) * CPW
-                                 + j).to(tl.float32)
-                    p += ((w >> (BITS * j)) & MASK).to(tl.float32) * xj[None, :]
-                    xs += xj
-                xg = tl.sum(tl.reshape(xs, (NG, BW // NG)), axis=1)
-            pg = tl.sum(tl.reshape(p, (BLOCK_N, NG, BW // NG)), axis=2)            # per group
-            sz = rows[:, None] * n_groups + (t * NG + tl.arange(0, NG))[None, :]
-            s = tl.load(s_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
-            z = tl.load(z_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
-            # Σ_G s·(Σ q·x − z·Σ x): the zero point costs one multiply per group, not per weight.
-            acc += tl.sum(s * (pg - z * xg[None, :]), axis=1)
-        tl.store(y_ptr + row * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
-
-    @triton.jit
-    def gemv_bytes(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, stride_x, stride_y, K: tl.constexpr,
-                   BITS: tl.constexpr, CPC: tl.constexpr, NB: tl.constexpr,
-                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # Any chunk layout (3 bits: 8 codes in 3 bytes), assembled from byte loads.
-        pid_n = tl.program_id(0)
-        row = tl.program_id(1)
-        BC: tl.constexpr = BLOCK_K // CPC
-        NG: tl.constexpr = BLOCK_K // GROUP
-        MASK: tl.constexpr = (1 << BITS) - 1
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        row_bytes = (K // CPC) * NB
-        n_groups = K // GROUP
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for t in range(0, K // BLOCK_K):
-            chunks = t * BC + tl.arange(0, BC)
-            base = qw_ptr + rows[:, None].to(tl.int64) * row_bytes + chunks[None, :] * NB
-            word = tl.load(base, mask=rmask[:, None], other=0).to(tl.int32)
-            for b in tl.static_range(1, NB):
-                word |= tl.load(base + b, mask=rmask[:, None], other=0).to(tl.int32) << (8 * b)
-            p = tl.zeros((BLOCK_N, BC), dtype=tl.float32)
-            xs = tl.zeros((BC,), dtype=tl.float32)
-            for j in tl.static_range(CPC):
-                xj = tl.load(x_ptr + row * stride_x + chunks * CPC + j).to(tl.float32)
-                p += ((word >> (BITS * j)) & MASK).to(tl.float32) * xj[None, :]
-                xs += xj
-            pg = tl.sum(tl.reshape(p, (BLOCK_N, NG, BC // NG)), axis=2)
-            xg = tl.sum(tl.reshape(xs, (NG, BC // NG)), axis=1)
-            sz = rows[:, None] * n_groups + (t * NG + tl.arange(0, NG))[None, :]
-            s = tl.load(s_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
-            z = tl.load(z_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
-            acc += tl.sum(s * (pg - z * xg[None, :]), axis=1)
-        tl.store(y_ptr + row * stride_y + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
+    from .kernels_gemv import gemv_bytes, gemv_words
 
     @triton.jit
     def dequant_words(qw_ptr, s_ptr, z_ptr, w_ptr, N, K: tl.constexpr, BITS: tl.constexpr,
@@ -350,16 +316,25 @@ def _kernels():
             Y = Y * S.to(tl.float32)
         tl.store(y_ptr + row * stride_y + offs, Y.to(y_ptr.dtype.element_ty), mask=amask)
 
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "UNPACK_3D": u}, num_warps=w)
-               for bn, bk, w, u in _GEMV_CONFIGS]
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "UNPACK_3D": u},
+                             num_warps=w, num_stages=st)
+               for bn, bk, sk, w, st, u in _GEMV_CONFIGS]
 
     def prune(configs, named_args, **kwargs):
-        K, group = named_args["K"], kwargs.get("GROUP", named_args.get("GROUP"))
-        return [c for c in configs if K % c.kwargs["BLOCK_K"] == 0
-                and c.kwargs["BLOCK_K"] >= group]
+        args = {**named_args, **kwargs}
+        K, bits, group = args["K"], args["BITS"], args["GROUP"]
+        keep = [c for c in configs if config_fits(
+            (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]), bits, group, K)]
+        return keep or [configs[0]]
 
-    gemv_tuned = triton.autotune(configs=configs, key=["N", "K", "BITS", "GROUP"],
-                                 prune_configs_by={"early_config_prune": prune})(gemv_words)
+    def bench(fn, quantiles):
+        # Short: each config runs a few microseconds; the default 25 + 100 ms per config would
+        # add seconds per layer shape to the first decode step.
+        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+    gemv_tuned = triton.autotune(configs=configs, key=["N", "M", "K", "BITS", "GROUP"],
+                                 prune_configs_by={"early_config_prune": prune},
+                                 do_bench=bench)(gemv_words)
     return (triton, gemv_words, gemv_tuned, gemv_bytes, dequant_words, dequant_bytes,
             rotate2_kernel, rotate3_kernel)
 
@@ -406,51 +381,109 @@ def _use_tuned(x: torch.Tensor, bits: int, group: int, m: int, n: int) -> bool:
     if m * n < AUTOTUNE_MIN_CODES or not x.is_cuda or _interpreting():
         return False
     return (not torch.cuda.is_current_stream_capturing()
-            or (m, n, bits, group, x.dtype) in _TUNED)
+            or (m, n, x.shape[0], bits, group, x.dtype) in _TUNED)
+
+
+# Split-K workspaces per device: (fp32 partial sums, int32 arrival counters, all zero between
+# launches).  Never freed or replaced while in use: a captured CUDA graph keeps their addresses,
+# so a larger one is added next to the old ones, never in place of them.
+_WORKSPACES: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _capturing(dev: torch.device) -> bool:
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def gemv_workspace(dev: torch.device, partials: int = 0,
+                   counters: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A split-K workspace of at least ``partials`` floats and ``counters`` counters on ``dev``,
+    or None when only a new allocation would do and a CUDA graph is being captured."""
+    spaces = _WORKSPACES.setdefault(dev, [])
+    if spaces and spaces[-1][0].numel() >= partials and spaces[-1][1].numel() >= counters:
+        return spaces[-1]
+    if _capturing(dev):
+        return None
+    ws = torch.empty(max(partials, 1 << 18), dtype=torch.float32, device=dev)
+    cnt = torch.zeros(max(counters, 1 << 14), dtype=torch.int32, device=dev)
+    spaces.append((ws, cnt))
+    return spaces[-1]
 
 
 def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
          bits: int, group: int, m: int, n: int, tile: tuple | None = None) -> torch.Tensor:
     """``x2 @ W^T`` for a contiguous ``(rows, n)`` activation by the fused GEMV, in ``x2.dtype``.
 
-    ``tile``: force one ``(rows per program, K per step, warps, unpack 3-D)`` (tests).
+    ``tile``: force one ``(BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, unpack 3-D)`` config, as
+    ``YAQA_GEMV_CONFIG`` does for every call; otherwise large layers on CUDA are autotuned.
     """
     triton, gemv_words, gemv_tuned, gemv_bytes = _kernels()[:4]
-    y = torch.empty(x2.shape[0], m, dtype=x2.dtype, device=x2.device)
-    key = (bits, group, m, n, x2.dtype)
+    rows = x2.shape[0]
+    y = torch.empty(rows, m, dtype=x2.dtype, device=x2.device)
+    key = (bits, group, m, n, rows, x2.dtype)
+    forced = tile or forced_config()
+    if forced is not None and not config_fits(forced, bits, group, n):
+        if tile is not None:
+            raise ValueError(f"GEMV config {tile} does not tile K={n} (group {group}, {bits} bits)")
+        forced = None  # the env config does not fit this layer: its usual config
+    # The most any config needs, so the autotuner never outgrows the workspace mid-tuning.
+    max_split = max([8] + ([forced[2]] if forced else []))
+    ws = gemv_workspace(x2.device, rows * max_split * m, rows * m)
+    if ws is None:
+        # First GEMV on this device inside a CUDA-graph capture: no workspace can be made now.
+        log.warning("packed GEMV first called inside a CUDA graph capture: dequantize + matmul "
+                    "for this call (run one eager step before capturing)")
+        return x2 @ dequantize_cuda(qweight, scale, zero, bits, group, m, n, x2.dtype).T
+    partials, counters = ws
 
     def words_default():
-        bn, bk, w, u = tile or _default_tile(m, n, group)
-        gemv_words[(triton.cdiv(m, bn), x2.shape[0])](
-            x2, qweight.view(torch.int32), scale, zero, y, m, x2.stride(0), y.stride(0), n,
-            BITS=bits, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, UNPACK_3D=u, num_warps=w)
+        bn, bk, sk, w, st, u = forced or _default_tile(m, n, group, bits)
+        gemv_words[(triton.cdiv(m, bn), sk, rows)](
+            x2, qweight.view(torch.int32), scale, zero, y, partials, counters, m, rows,
+            x2.stride(0), y.stride(0), n, BITS=bits, GROUP=group, BLOCK_N=bn, BLOCK_K=bk,
+            SPLIT_K=sk, UNPACK_3D=u, num_warps=w, num_stages=st)
 
     def words_tuned():
         def grid(meta):
-            return triton.cdiv(m, meta["BLOCK_N"]), x2.shape[0]
+            return triton.cdiv(m, meta["BLOCK_N"]), meta["SPLIT_K"], rows
 
-        gemv_tuned[grid](x2, qweight.view(torch.int32), scale, zero, y, m, x2.stride(0),
-                         y.stride(0), n, BITS=bits, GROUP=group)
-        _TUNED.add((m, n, bits, group, x2.dtype))
+        gemv_tuned[grid](x2, qweight.view(torch.int32), scale, zero, y, partials, counters, m,
+                         rows, x2.stride(0), y.stride(0), n, BITS=bits, GROUP=group)
+        _TUNED.add((m, n, rows, bits, group, x2.dtype))
 
     def words():
-        if tile is None and _use_tuned(x2, bits, group, m, n):
+        if forced is None and _use_tuned(x2, bits, group, m, n):
             _guarded("gemv_tuned", key, words_tuned, words_default)
         else:
             words_default()
 
     def chunks():
         cpc, nb = chunk(bits)
-        bn, bk = (8 if m >= 2048 else 4), 256 if n % 256 == 0 else 128
-        gemv_bytes[(triton.cdiv(m, bn), x2.shape[0])](
-            x2, qweight, scale, zero, y, m, x2.stride(0), y.stride(0), n, BITS=bits, CPC=cpc,
-            NB=nb, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+        bn, bk, sk = (8 if m >= 2048 else 4), 256 if n % 256 == 0 else 128, 1
+        if forced is not None and forced[1] % cpc == 0:
+            bn, bk, sk = forced[:3]
+        while (triton.cdiv(m, bn) * sk * 2 <= _TARGET_PROGRAMS and n % (bk * sk * 2) == 0
+               and forced is None):
+            sk *= 2
+        gemv_bytes[(triton.cdiv(m, bn), sk, rows)](
+            x2, qweight, scale, zero, y, partials, counters, m, rows, x2.stride(0), y.stride(0),
+            n, BITS=bits, CPC=cpc, NB=nb, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
+            num_warps=4)
 
     if _word_layout(bits, qweight):
         _guarded("gemv_words", key, words, chunks)
     else:
         chunks()
     return y
+
+
+def gemv_config(bits: int, group: int, m: int, n: int, rows: int = 1,
+                dtype: torch.dtype = torch.bfloat16) -> dict | None:
+    """The config the autotuner picked for a layer shape (after its first call), for reports."""
+    gemv_tuned = _kernels()[2]
+    for k, cfg in getattr(gemv_tuned, "cache", {}).items():
+        if tuple(k[:5]) == (m, rows, n, bits, group):
+            return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return None
 
 
 def dequantize_cuda(qweight, scale, zero, bits: int, group: int, m: int, n: int,

@@ -1,0 +1,133 @@
+"""Triton GEMV kernels for packed int-k weights (batch-1 decode); called by :mod:`.kernels`.
+
+Module-level ``@triton.jit`` functions, so the kernels can call the shared helpers (Triton's
+interpreter does not see closure variables).  Imported only once Triton is known to be present.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def codes_to_float(c):
+    # c in [0, 256) as float32 through its bits: 2^23 + c minus 2^23, exact.  An OR and a
+    # float add instead of an int-to-float conversion, which runs at a quarter of the rate
+    # on H100 and would cap a 4-bit GEMV below the memory bandwidth.
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+@triton.jit
+def group_epilogue(pg, xg, s_ptr, z_ptr, rows, rmask, n_groups, g0, NG: tl.constexpr):
+    # Σ_G s·(Σ q·x − z·Σ x) over NG groups from g0, for BLOCK_N rows: the zero point costs
+    # one multiply per group rather than one per weight, and each scale and zero point is
+    # loaded once.
+    sz = rows[:, None] * n_groups + (g0 + tl.arange(0, NG))[None, :]
+    s = tl.load(s_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
+    z = tl.load(z_ptr + sz, mask=rmask[:, None], other=0).to(tl.float32)
+    return tl.sum(s * (pg - z * xg[None, :]), axis=1)
+
+@triton.jit
+def store_or_reduce(acc, y_ptr, ws_ptr, cnt_ptr, rows, rmask, N, stride_y,
+                    SPLIT_K: tl.constexpr):
+    # SPLIT_K == 1: write the output.  Else: this program's partial sums go to the fp32
+    # workspace [row, split, N]; the last program of the block to arrive adds the SPLIT_K
+    # partials in a fixed order (deterministic), writes the output, and resets the counter
+    # for the next launch (so CUDA-graph replays need no zero-fill).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    out = y_ptr + row * stride_y + rows
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=rmask)
+    else:
+        part = ws_ptr + row * (SPLIT_K * N)
+        tl.store(part + pid_k * N + rows, acc, mask=rmask)
+        tl.debug_barrier()  # every thread's partials are written before the release
+        count = cnt_ptr + row * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            ks = tl.arange(0, SPLIT_K)
+            p = tl.load(part + ks[:, None] * N + rows[None, :], mask=rmask[None, :],
+                        other=0.0, cache_modifier=".cg")  # from L2: other SMs wrote them
+            tl.store(out, tl.sum(p, axis=0).to(y_ptr.dtype.element_ty), mask=rmask)
+            tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
+
+@triton.jit
+def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride_x,
+               stride_y, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+               UNPACK_3D: tl.constexpr):
+    # Program (n, k, row): BLOCK_N output features of activation row `row`, over the k-th
+    # of SPLIT_K slices of K.  The packed weight is read as int32 words (8 int4 codes each),
+    # so each row of the tile is one contiguous load of BLOCK_K·BITS/8 bytes.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    CPW: tl.constexpr = 32 // BITS
+    BW: tl.constexpr = BLOCK_K // CPW
+    NG: tl.constexpr = BLOCK_K // GROUP
+    MASK: tl.constexpr = (1 << BITS) - 1
+    KS: tl.constexpr = K // SPLIT_K
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    k0 = pid_k * KS
+    shifts = tl.arange(0, CPW) * BITS
+    wrow = qw_ptr + rows[:, None].to(tl.int64) * (K // CPW) + k0 // CPW
+    xrow = x_ptr + row * stride_x + k0
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t in range(0, KS // BLOCK_K):
+        w = tl.load(wrow + t * BW + tl.arange(0, BW)[None, :], mask=rmask[:, None], other=0)
+        if UNPACK_3D:
+            # Codes as a (rows, words, codes-per-word) tile against x as (words, codes).
+            xt = tl.load(xrow + t * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.float32)
+            q = codes_to_float((w[:, :, None] >> shifts[None, None, :]) & MASK)
+            p = tl.sum(q * tl.reshape(xt, (BW, CPW))[None, :, :], axis=2)   # per word
+            xg = tl.sum(tl.reshape(xt, (NG, GROUP)), axis=1)
+        else:
+            # Code j of every word against a strided slice of x (L1-resident): 2-D tiles only.
+            p = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+            xs = tl.zeros((BW,), dtype=tl.float32)
+            for j in tl.static_range(CPW):
+                xj = tl.load(xrow + t * BLOCK_K + tl.arange(0, BW) * CPW + j).to(tl.float32)
+                p += codes_to_float((w >> (BITS * j)) & MASK) * xj[None, :]
+                xs += xj
+            xg = tl.sum(tl.reshape(xs, (NG, BW // NG)), axis=1)
+        pg = tl.sum(tl.reshape(p, (BLOCK_N, NG, BW // NG)), axis=2)            # per group
+        acc += group_epilogue(pg, xg, s_ptr, z_ptr, rows, rmask, K // GROUP,
+                              (k0 + t * BLOCK_K) // GROUP, NG)
+    store_or_reduce(acc, y_ptr, ws_ptr, cnt_ptr, rows, rmask, N, stride_y, SPLIT_K)
+
+@triton.jit
+def gemv_bytes(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride_x,
+               stride_y, K: tl.constexpr, BITS: tl.constexpr, CPC: tl.constexpr,
+               NB: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # Any chunk layout (3 bits: 8 codes in 3 bytes), assembled from byte loads.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2)
+    BC: tl.constexpr = BLOCK_K // CPC
+    NG: tl.constexpr = BLOCK_K // GROUP
+    MASK: tl.constexpr = (1 << BITS) - 1
+    KS: tl.constexpr = K // SPLIT_K
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    k0 = pid_k * KS
+    row_bytes = (K // CPC) * NB
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t in range(0, KS // BLOCK_K):
+        chunks = (k0 + t * BLOCK_K) // CPC + tl.arange(0, BC)
+        base = qw_ptr + rows[:, None].to(tl.int64) * row_bytes + chunks[None, :] * NB
+        word = tl.load(base, mask=rmask[:, None], other=0).to(tl.int32)
+        for b in tl.static_range(1, NB):
+            word |= tl.load(base + b, mask=rmask[:, None], other=0).to(tl.int32) << (8 * b)
+        p = tl.zeros((BLOCK_N, BC), dtype=tl.float32)
+        xs = tl.zeros((BC,), dtype=tl.float32)
+        for j in tl.static_range(CPC):
+            xj = tl.load(x_ptr + row * stride_x + chunks * CPC + j).to(tl.float32)
+            p += codes_to_float((word >> (BITS * j)) & MASK) * xj[None, :]
+            xs += xj
+        pg = tl.sum(tl.reshape(p, (BLOCK_N, NG, BC // NG)), axis=2)
+        xg = tl.sum(tl.reshape(xs, (NG, BC // NG)), axis=1)
+        acc += group_epilogue(pg, xg, s_ptr, z_ptr, rows, rmask, K // GROUP,
+                              (k0 + t * BLOCK_K) // GROUP, NG)
+    store_or_reduce(acc, y_ptr, ws_ptr, cnt_ptr, rows, rmask, N, stride_y, SPLIT_K)
