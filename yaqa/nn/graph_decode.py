@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+# Norms computing w · (x / rms(x)) with x rounded to the input dtype first (not Gemma's 1 + w).
+_PLAIN_RMSNORM = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +39,8 @@ class GraphDecoder:
     same tokens as ``model.generate(do_sample=False)`` up to float rounding.
     """
 
-    def __init__(self, model: torch.nn.Module, max_len: int, graph: bool | None = None):
+    def __init__(self, model: torch.nn.Module, max_len: int, graph: bool | None = None,
+                 fused: bool | None = None):
         cfg = model.config
         body = getattr(model, "model", None)
         layers = getattr(body, "layers", None)
@@ -71,10 +74,41 @@ class GraphDecoder:
         self._pos = 0  # host mirror of `pos`: a write past the cache must fail here, not on device
         self._graph: torch.cuda.CUDAGraph | None = None
         self.next_token = torch.zeros(1, dtype=torch.long, device=dev)
+        # The fused small-op kernels (one launch each for norm, rotary + cache write, attention,
+        # gated activation) where Triton runs and the model is plain Llama-shaped; else torch ops.
+        self.fused = fused if fused is not None else self._can_fuse(cfg)
+
+    def _can_fuse(self, cfg) -> bool:
+        from . import kernels
+
+        if not kernels.use_triton(self.tok.new_empty(0, dtype=torch.float32)):
+            return False
+        from . import decode_kernels
+
+        norms = [self.model.model.norm] + [m for layer in self.layers for m in
+                                           (layer.input_layernorm, layer.post_attention_layernorm)]
+        return (decode_kernels.supported(self.heads, self.kv_heads, self.head_dim)
+                and getattr(cfg, "hidden_act", None) == "silu"
+                and all(type(n).__name__ in _PLAIN_RMSNORM and hasattr(n, "variance_epsilon")
+                        for n in norms))
 
     @torch.no_grad()
     def _step(self) -> None:
         """One token: reads ``tok``/``pos``, writes the greedy ``next_token``, advances ``pos``."""
+        if self.fused:
+            try:
+                return self._fused_step()
+            except Exception as e:  # a Triton build error: this machine runs the torch ops
+                from . import kernels
+
+                if kernels._interpreting() or torch.cuda.is_current_stream_capturing():
+                    raise
+                line = str(e).strip().splitlines()
+                kernels.FALLBACKS.append(f"fused decode step: {type(e).__name__}: "
+                                         f"{line[-1][:300] if line else ''}")
+                log.warning("fused decode kernels failed, using torch ops: %s",
+                            kernels.FALLBACKS[-1])
+                self.fused = False  # the failed step wrote at most this position's cache
         body, H, K, D = self.model.model, self.heads, self.kv_heads, self.head_dim
         h = body.embed_tokens(self.tok)
         freqs = self.pos.float()[:, None] * self.inv_freq[None, :]
@@ -97,6 +131,32 @@ class GraphDecoder:
             h = h + a.o_proj(o.transpose(1, 2).reshape(1, 1, H * D))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = self.model.lm_head(body.norm(h))
+        self.next_token.copy_(logits[0, -1].argmax(-1, keepdim=True))
+        self.tok.copy_(self.next_token.view(1, 1))
+        self.pos.add_(1)
+
+    @torch.no_grad()
+    def _fused_step(self) -> None:
+        """:meth:`_step` with the small ops fused (:mod:`.decode_kernels`): per layer two
+        norm launches, one rotary + cache write, one attention, one activation, and the linears."""
+        from .decode_kernels import add_rmsnorm, decode_attention, rope_cache, silu_mul
+
+        body, H, D = self.model.model, self.heads, self.head_dim
+        h = body.embed_tokens(self.tok)
+        first = self.layers[0].input_layernorm
+        h, x = add_rmsnorm(h, None, first.weight, first.variance_epsilon)
+        for i, layer in enumerate(self.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            q = rope_cache(a.q_proj(x), a.k_proj(x), a.v_proj(x), self.k[i], self.v[i], self.pos,
+                           self.inv_freq, self.rope_scale)
+            o = decode_attention(q, self.k[i], self.v[i], self.pos)
+            norm = layer.post_attention_layernorm
+            h, x = add_rmsnorm(h, a.o_proj(o.view(1, 1, H * D)), norm.weight,
+                               norm.variance_epsilon)
+            d = mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else body.norm
+            h, x = add_rmsnorm(h, d, norm.weight, norm.variance_epsilon)
+        logits = self.model.lm_head(x)
         self.next_token.copy_(logits[0, -1].argmax(-1, keepdim=True))
         self.tok.copy_(self.next_token.view(1, 1))
         self.pos.add_(1)

@@ -1,0 +1,98 @@
+"""The fused decode-step kernels, run by Triton's CPU interpreter against the torch ops they replace.
+
+Skipped where Triton is not installed or a GPU is present (bench/check_kernels.py covers the GPU).
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton was imported before the interpreter could be selected, or a GPU is "
+                "present (bench/check_kernels.py covers the GPU)", allow_module_level=True)
+
+import yaqa  # noqa: E402
+from yaqa.nn import decode_kernels as dk  # noqa: E402
+from yaqa.nn import kernels  # noqa: E402
+from yaqa.nn.graph_decode import GraphDecoder, _rotate_half  # noqa: E402
+
+from tiny_models import tiny_model  # noqa: E402
+
+
+def test_add_rmsnorm_equals_the_residual_add_and_the_transformers_norm():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(96, eps=1e-5)  # 96: not a power of two, the tile is masked
+    norm.weight.data = torch.randn(96, generator=g)
+    h, d = torch.randn(1, 1, 96, generator=g), torch.randn(1, 1, 96, generator=g)
+    h2, x = dk.add_rmsnorm(h, d, norm.weight, norm.variance_epsilon)
+    torch.testing.assert_close(h2, h + d)
+    torch.testing.assert_close(x, norm(h + d), rtol=1e-5, atol=1e-5)
+    same, x0 = dk.add_rmsnorm(h, None, norm.weight, norm.variance_epsilon)
+    assert same is h
+    torch.testing.assert_close(x0, norm(h), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_cache_and_attention_equal_rotate_half_and_sdpa_with_grouped_heads():
+    g = torch.Generator().manual_seed(1)
+    H, KV, D, L, pos = 8, 2, 32, 80, 70  # 71 positions: two blocks of 64, the second masked
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    kc, vc = torch.randn(1, KV, L, D, generator=g), torch.randn(1, KV, L, D, generator=g)
+    q, k, v = (torch.randn(n * D, generator=g) for n in (H, KV, KV))
+    p = torch.tensor([pos])
+    ref_k, ref_v = kc.clone(), vc.clone()
+    qr = dk.rope_cache(q, k, v, kc, vc, p, inv_freq, 1.0)
+    f = pos * inv_freq
+    cos, sin = torch.cat((f, f)).cos(), torch.cat((f, f)).sin()
+
+    def rot(t, n):
+        t = t.view(n, D)
+        return t * cos + _rotate_half(t) * sin
+
+    torch.testing.assert_close(qr, rot(q, H), rtol=1e-5, atol=1e-5)
+    ref_k[0, :, pos], ref_v[0, :, pos] = rot(k, KV), v.view(KV, D)
+    torch.testing.assert_close(kc, ref_k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(vc, ref_v)  # only this position's rows written
+    o = dk.decode_attention(qr, kc, vc, p)
+    mask = (torch.arange(L) <= pos).view(1, 1, 1, L)
+    ref = F.scaled_dot_product_attention(qr.view(1, H, 1, D), kc, vc, attn_mask=mask,
+                                         enable_gqa=True)
+    torch.testing.assert_close(o, ref.view(H, D), rtol=1e-5, atol=1e-5)
+
+
+def test_silu_mul_equals_the_gated_activation():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(1, 1, 1500, generator=g), torch.randn(1, 1, 1500, generator=g)
+    torch.testing.assert_close(dk.silu_mul(a, b), F.silu(a) * b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_decode_step_gives_the_tokens_of_the_torch_step(family, monkeypatch):
+    monkeypatch.setattr(kernels, "FORCE_TRITON", True)
+    model = tiny_model(family, layers=2)
+    prompt = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    fused = GraphDecoder(model, max_len=32)
+    assert fused.fused
+    assert torch.equal(fused.generate(prompt, 10),
+                       GraphDecoder(model, max_len=32, fused=False).generate(prompt, 10))
+
+
+def test_fused_decode_step_on_a_packed_model_with_incoherence(monkeypatch):
+    # GEMV, fused Hadamard rotations and fused small ops together, against generate's tokens.
+    model = tiny_model("llama", hidden=128, intermediate=256, layers=2)
+    yaqa.quantize(model, method="rtn", quantizer="int4", group_size=32, incoherence=True,
+                  progress=False)
+    prompt = torch.randint(1, 128, (1, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             pad_token_id=0)
+    monkeypatch.setattr(kernels, "FORCE_TRITON", True)
+    monkeypatch.setenv("YAQA_GEMV_CONFIG", "64,128,1,4,1,0")  # few programs: the interpreter is slow
+    assert torch.equal(GraphDecoder(model, max_len=16).generate(prompt, 6), ref)
