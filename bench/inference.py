@@ -154,9 +154,20 @@ def measure_model(model, dev, args, left) -> dict:
     dec.prefill(prompt)  # captures the graph
     res["capture_s"] = time.perf_counter() - t
     res["decode_tok_s"] = n / timed(lambda: dec.decode(n), dev, reps)
+    res["fused_small_ops"] = dec.fused
+    res["step_ms_graph"] = 1e3 / res["decode_tok_s"]
+    if args.profile and left() > 0:
+        res["profile"] = profile_step(dec, dev)
     dec.use_graph = False
     res["decode_eager_tok_s"] = eager_n / timed(lambda: dec.decode(eager_n), dev, 1)
     del dec
+    if dev.type == "cuda" and args.compare_unfused and left() > 0:
+        # The same graph with transformers' norm / rotary / SDPA / activation ops: what the
+        # fused small-op kernels save.
+        plain = GraphDecoder(model, max_len=args.prompt + (reps + 1) * n + 8, fused=False)
+        plain.prefill(prompt)
+        res["decode_tok_s_torch_small_ops"] = n / timed(lambda: plain.decode(n), dev, reps)
+        del plain
     long = torch.randint(0, vocab, (1, args.prefill), generator=g).to(dev)
 
     def prefill():
@@ -167,6 +178,73 @@ def measure_model(model, dev, args, left) -> dict:
     if args.generate and left() > 0:
         res.update(measure_generate(model, prompt, dev, args))
     return res
+
+
+# Kernel name fragments -> what they are (first match wins), for the per-step breakdown.
+CATEGORIES = (("gemv_words", "packed GEMV"), ("gemv_bytes", "packed GEMV"),
+              ("dequant", "dequantize"), ("rotate", "Hadamard rotation"),
+              ("_add_rmsnorm", "add + RMSNorm (fused)"), ("_rope_cache", "rotary + cache (fused)"),
+              ("_decode_attention", "attention (fused)"), ("_silu_mul", "SiLU-mul (fused)"),
+              ("attention", "attention (torch)"), ("fmha", "attention (torch)"),
+              ("softmax", "attention (torch)"), ("gemm", "cuBLAS GEMM/GEMV (bf16 linears, head)"),
+              ("gemv", "cuBLAS GEMM/GEMV (bf16 linears, head)"), ("nvjet", "cuBLAS GEMM/GEMV (bf16 linears, head)"),
+              ("xmma", "cuBLAS GEMM/GEMV (bf16 linears, head)"), ("cutlass", "cuBLAS GEMM/GEMV (bf16 linears, head)"),
+              ("reduce", "reductions (norm, argmax)"), ("index", "indexing / cache writes"),
+              ("copy", "copies / casts"), ("elementwise", "elementwise"),
+              ("memset", "memset"), ("embedding", "embedding"))
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((c for frag, c in CATEGORIES if frag.lower() in low), "other")
+
+
+def profile_step(dec, dev, steps: int = 3, top: int = 20) -> dict:
+    """Per decode step: GPU kernels (count, time, top kernels, categories) from torch.profiler.
+
+    The step runs eagerly here (every launch visible to the profiler); its kernels are the ones
+    the CUDA graph replays, so kernel time per step vs the graph's step time shows how much is
+    launch gaps.  On CPU: the top ops by self CPU time (a smoke test of the script).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    use_graph = dec.use_graph
+    dec.use_graph = False
+    dec.step()  # warm
+    sync(dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            dec.step()
+        sync(dev)
+    dec.use_graph = use_graph
+    kernels_ = {}
+    for e in prof.events():
+        if dev.type == "cuda" and e.device_type != DeviceType.CUDA:
+            continue
+        if dev.type != "cuda" and (e.device_type != DeviceType.CPU or e.cpu_parent is not None):
+            continue
+        dur = (e.time_range.end - e.time_range.start) if dev.type == "cuda" else e.self_cpu_time_total
+        k = kernels_.setdefault(e.name, [0, 0.0])
+        k[0] += 1
+        k[1] += dur
+    total = sum(v[1] for v in kernels_.values()) / steps
+    rows = sorted(kernels_.items(), key=lambda kv: -kv[1][1])
+    cats: dict[str, list] = {}
+    for name, (n, us) in rows:
+        c = cats.setdefault(category(name) if dev.type == "cuda" else "cpu op", [0, 0.0])
+        c[0] += n
+        c[1] += us
+    return {
+        "unit": "GPU kernels" if dev.type == "cuda" else "top-level CPU ops",
+        "launches_per_step": sum(v[0] for v in kernels_.values()) / steps,
+        "busy_us_per_step": total,
+        "categories": {c: {"per_step": n / steps, "us_per_step": us / steps}
+                       for c, (n, us) in sorted(cats.items(), key=lambda kv: -kv[1][1])},
+        "top": [{"name": name[:90], "per_step": n / steps, "us_per_step": us / steps,
+                 "share": us / steps / total if total else 0.0} for name, (n, us) in rows[:top]],
+    }
 
 
 def measure_generate(model, prompt, dev, args) -> dict:
@@ -230,6 +308,20 @@ def kernel_bandwidth(dev, args) -> list[dict]:
     return rows
 
 
+def gemv_configs(dev, args) -> dict:
+    if dev.type != "cuda":
+        return {}
+    from yaqa.nn import kernels
+
+    out = {}
+    for name, (m, n) in SHAPES.items():
+        for bits in args.kernel_bits:
+            cfg = kernels.gemv_config(bits, 128, m, n)
+            if cfg:
+                out[f"{name} int{bits}"] = cfg
+    return out
+
+
 def _bench(fn, dev) -> float:
     """GPU time of ``fn``: replays of a CUDA graph, so Python launch overhead is not counted
     (decode runs under CUDA graphs too)."""
@@ -275,15 +367,18 @@ def render(report: dict) -> str:
     lines = ["| variant | memory GiB | linears GiB | linears vs bf16 | decode tok/s (graph) | vs bf16"
              " | decode tok/s (eager) | generate tok/s | prefill ms | vs bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines[0] = lines[0].replace(" | decode tok/s (eager) |", " | graph, torch small ops | decode tok/s (eager) |")
+    lines[1] += "---|"
     for name, r in report["variants"].items():
         if "skipped" in r or "error" in r:
-            lines.append(f"| {name} | {r.get('skipped') or r.get('error')} |" + " |" * 8)
+            lines.append(f"| {name} | {r.get('skipped') or r.get('error')} |" + " |" * 9)
             continue
         mem = f"{r['memory_bytes'] / 2**30:.2f}" if r["memory_bytes"] else "-"
         lines.append(
             f"| {name} | {mem} | {r['linear_bytes'] / 2**30:.2f} | "
             f"{rel(r['linear_bytes'], base and base.get('linear_bytes'))} | "
             f"{r['decode_tok_s']:.1f} | {rel(r['decode_tok_s'], base and base.get('decode_tok_s'))}"
+            f" | {fmt(r.get('decode_tok_s_torch_small_ops'), '.1f')}"
             f" | {r['decode_eager_tok_s']:.1f} | {fmt(r.get('generate_tok_s'), '.1f')} | "
             f"{r['prefill_s'] * 1e3:.1f} | {rel(base and base.get('prefill_s'), r['prefill_s'])} |")
     lines += ["", "| layer | shape | bits | packed us | packed GB/s | +Hadamard us | dequant us | "
@@ -293,6 +388,26 @@ def render(report: dict) -> str:
                      f"{r['us_packed']:.1f} | {r['GBs_packed']:.0f} | {r['us_packed_inc']:.1f} | "
                      f"{r['us_dequant']:.1f} | {r['us_bf16']:.1f} | {r['GBs_bf16']:.0f} | "
                      f"{r['speedup']:.2f} | {r['rel_err']:.1e} |")
+    configs = report.get("gemv_configs")
+    if configs:
+        lines += ["", "GEMV configs the autotuner picked (BLOCK_N, BLOCK_K, SPLIT_K, UNPACK_3D, "
+                  "warps, stages):", ""]
+        lines += [f"- {k}: {v}" for k, v in configs.items()]
+    for name, r in report["variants"].items():
+        prof = r.get("profile") if isinstance(r, dict) else None
+        if not prof:
+            continue
+        graph_us = r.get("step_ms_graph", 0) * 1e3
+        lines += ["", f"### {name}: one decode step, {prof['unit']}: "
+                  f"{prof['launches_per_step']:.0f} per step, {prof['busy_us_per_step']:.0f} us busy"
+                  + (f" (graph step {graph_us:.0f} us: {graph_us - prof['busy_us_per_step']:.0f} us "
+                     "of gaps)" if graph_us and prof["unit"] == "GPU kernels" else ""),
+                  "", "| category | per step | us per step |", "|---|---|---|"]
+        lines += [f"| {c} | {v['per_step']:.0f} | {v['us_per_step']:.1f} |"
+                  for c, v in prof["categories"].items()]
+        lines += ["", "| top kernel | per step | us per step | share |", "|---|---|---|---|"]
+        lines += [f"| `{t['name']}` | {t['per_step']:.0f} | {t['us_per_step']:.1f} | "
+                  f"{t['share']:.0%} |" for t in prof["top"]]
     return "\n".join(lines)
 
 
@@ -328,6 +443,11 @@ def main() -> None:
                     default=[4], help="bit widths for the per-layer kernel table ('' for none)")
     ap.add_argument("--budget", type=float, default=0,
                     help="seconds: later stages are skipped, the process ends 20 s after")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler breakdown of one decode step per variant (kernels, "
+                         "categories) into the report")
+    ap.add_argument("--no-compare-unfused", dest="compare_unfused", action="store_false",
+                    help="skip timing the graph with transformers' small ops (CUDA)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--copy-to", default=None, help="a directory that gets the results too")
     args = ap.parse_args()
@@ -365,6 +485,7 @@ def main() -> None:
               f"{r['GBs_packed']:7.0f} GB/s, +Hadamard {r['us_packed_inc']:7.1f} us, dequant "
               f"{r['us_dequant']:7.1f} us (bf16 {r['us_bf16']:7.1f} us {r['GBs_bf16']:6.0f} GB/s)"
               f"  x{r['speedup']:.2f}  err {r['rel_err']:.1e}", flush=True)
+    report["gemv_configs"] = gemv_configs(dev, args)
     save()
     for variant in args.variants.split(","):
         if left() <= 0:
