@@ -5,7 +5,8 @@
 
 Checks, each against the dense weight: the fused GEMV (1 and 3 activation rows) and the
 dequantize + cuBLAS path (40 rows), with and without Hadamard incoherence; the autotuned GEMV on a
-Llama-8B shape; the layer replayed from a CUDA graph; the layer under ``torch.compile`` with
+Llama-8B shape and every autotuner config (split-K) forced in turn; the layer replayed from a
+CUDA graph; the layer under ``torch.compile`` with
 ``fullgraph=True`` (no graph break); and :class:`GraphDecoder` greedy tokens, replayed from a CUDA
 graph, against the same step run eagerly and against transformers ``generate``.
 """
@@ -87,6 +88,10 @@ def check_big_and_graphs(c: Checker, dev) -> None:
             c.check(f"int4 g128 {m}x{n} inc={inc} autotuned GEMV", y, x.double() @ Wd.T, 1e-2,
                     show=True)
             if dev.type == "cuda":
+                from yaqa.nn import kernels
+
+                print(f"  autotuned config: {kernels.gemv_config(4, 128, m, n)}", flush=True)
+            if dev.type == "cuda":
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     yg = ql(x)
@@ -97,6 +102,31 @@ def check_big_and_graphs(c: Checker, dev) -> None:
             compiled = torch.compile(ql, backend="eager", fullgraph=True)
             c.check(f"  same, torch.compile fullgraph inc={inc}", compiled(x), x.double() @ Wd.T,
                     1e-2, show=True)
+
+
+def check_gemv_configs(c: Checker, dev, quick: bool) -> None:
+    """Every autotuner config (split-K included) on Llama-8B shapes, forced one at a time, and
+    the split-K counters left at zero (else the next launch would reduce too early)."""
+    from yaqa.nn import kernels
+
+    shapes = [(1024, 4096, 4), (4096, 14336, 4)] + ([] if quick else [(4096, 4096, 8),
+                                                                      (14336, 4096, 2)])
+    if dev.type != "cuda":
+        shapes = [(64, 1024, 4)]
+    for m, n, bits in shapes:
+        ql = layer(bits, 128, m, n, False, dev)
+        Wd = ql.dequantized_weight().double()
+        x = torch.randn(1, n, device=dev, dtype=torch.bfloat16)
+        ref = x.double() @ Wd.T
+        for tile in kernels._GEMV_CONFIGS:
+            if not kernels.config_fits(tile, bits, 128, n):
+                continue
+            y = kernels.gemv(x, ql.qweight, ql.grid_scale, ql.grid_zero, bits, 128, m, n,
+                             tile=tile)
+            c.check(f"int{bits} {m}x{n} GEMV config {tile}", y, ref, 1e-2)
+        counters = kernels.gemv_workspace(x.device)[1]
+        c.expect(f"int{bits} {m}x{n}: every config ran, split-K counters back at zero",
+                 not bool(counters.any()))
 
 
 def check_decoder(c: Checker, dev) -> None:
@@ -117,10 +147,18 @@ def check_decoder(c: Checker, dev) -> None:
     prompt = torch.randint(1, 512, (1, 6), device=dev)
     for dtype in (torch.float32, torch.bfloat16):
         model.to(device=dev, dtype=dtype)
-        graph = GraphDecoder(model, max_len=40, graph=dev.type == "cuda").generate(prompt, 16)
+        dec = GraphDecoder(model, max_len=40, graph=dev.type == "cuda")
+        graph = dec.generate(prompt, 16)
         eager = GraphDecoder(model, max_len=40, graph=False).generate(prompt, 16)
-        c.expect(f"GraphDecoder {dtype}: CUDA graph tokens == eager step tokens",
-                 torch.equal(graph, eager))
+        c.expect(f"GraphDecoder {dtype} (fused small ops: {dec.fused}): CUDA graph tokens == "
+                 "eager step tokens", torch.equal(graph, eager))
+        plain = GraphDecoder(model, max_len=40, graph=False, fused=False).generate(prompt, 16)
+        same = int((plain == graph).sum()) - prompt.shape[1]
+        print(f"GraphDecoder {dtype}: fused small ops vs torch ops: {same}/16 tokens equal",
+              flush=True)
+        if dtype == torch.float32:  # bf16 rounding may flip a near-tie on a random model
+            c.expect("GraphDecoder float32: fused small ops tokens == torch ops tokens",
+                     torch.equal(plain, graph))
         if dtype == torch.float32:
             with torch.no_grad():
                 ref = model.generate(prompt, max_new_tokens=16, min_new_tokens=16,
@@ -146,6 +184,7 @@ def main() -> int:
           flush=True)
     c = Checker()
     check_layers(c, dev, args.quick)
+    check_gemv_configs(c, dev, args.quick)
     check_big_and_graphs(c, dev)
     check_decoder(c, dev)
     from yaqa.nn import kernels
