@@ -223,3 +223,44 @@ def test_default_gemv_config_splits_k_for_short_layers():
     assert kernels._default_tile(1024, 4096, 128)[2] > 1   # k/v_proj: 256 blocks alone
     for m, n in ((1024, 4096), (14336, 4096), (4096, 14336), (22, 256)):
         assert kernels.config_fits(kernels._default_tile(m, n, 128), 4, 128, n)
+
+
+@pytest.mark.parametrize("n", [256, 6144])
+def test_several_sign_vectors_rotate_one_row_in_one_launch(n):
+    # 256 = 16·16 (two factors), 6144 = 12·32·16 (three): r rotations of the same activations.
+    from yaqa.nn.hadamard import factors, kron_factors
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(1, 1, n, generator=g)
+    signs = (torch.randint(0, 2, (3, n), generator=g) * 2 - 1).float()
+    Hs = factors(n)
+    op = kernels.hadamard_rotate2 if len(kron_factors(n)) == 2 else kernels.hadamard_rotate3
+    y = op(x, signs, *Hs, True, 0.5)
+    assert y.shape == (3, n)
+    for i in range(3):
+        torch.testing.assert_close(y[i], op(x, signs[i], *Hs, True, 0.5).reshape(n))
+    with pytest.raises(ValueError, match="one activation row"):
+        op(torch.randn(2, n), signs, *Hs, True)
+
+
+def test_layers_sharing_an_input_rotate_it_once_and_give_their_own_outputs(monkeypatch):
+    from yaqa.nn import QuantizedLinear
+    from yaqa.nn.quantized_linear import rotate_shared_input, shared_input_signs
+    from yaqa.quantizers import IntQuantizer
+    from yaqa.rounding import round_weight
+
+    monkeypatch.setattr(kernels, "FORCE_TRITON", True)
+    q = IntQuantizer(bits=4, group_size=64)
+    mods = []
+    for seed, m in ((0, 256), (1, 64), (2, 64)):  # q/k/v-like: one input size, own signs
+        torch.manual_seed(seed)
+        res = round_weight(torch.randn(m, 256) * 0.05, None, None, q, method="rtn",
+                           incoherence=seed + 3, return_details=True)
+        mods.append(QuantizedLinear.from_codes(res.codes, res.grid, q, transform=res.transform))
+    signs = shared_input_signs(mods)
+    assert signs.shape == (3, 256)
+    assert shared_input_signs([mods[0], torch.nn.Linear(256, 8)]) is None
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        for y, m in zip(rotate_shared_input(mods, signs, x), mods):
+            torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-5)

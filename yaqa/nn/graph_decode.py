@@ -77,6 +77,13 @@ class GraphDecoder:
         # The fused small-op kernels (one launch each for norm, rotary + cache write, attention,
         # gated activation) where Triton runs and the model is plain Llama-shaped; else torch ops.
         self.fused = fused if fused is not None else self._can_fuse(cfg)
+        # Packed incoherent q/k/v (and gate/up) read the same input: their three (two) input
+        # rotations run as one launch, with the sign vectors stacked here once.
+        from .quantized_linear import shared_input_signs
+
+        self._signs = [(shared_input_signs([getattr(layer.self_attn, n) for n in _ATTN[:3]]),
+                        shared_input_signs([layer.mlp.gate_proj, layer.mlp.up_proj]))
+                       for layer in layers]
 
     def _can_fuse(self, cfg) -> bool:
         from . import kernels
@@ -138,8 +145,13 @@ class GraphDecoder:
     @torch.no_grad()
     def _fused_step(self) -> None:
         """:meth:`_step` with the small ops fused (:mod:`.decode_kernels`): per layer two
-        norm launches, one rotary + cache write, one attention, one activation, and the linears."""
+        norm launches, one rotary + cache write, one attention, one activation, and the linears
+        (with incoherence: one input rotation for q/k/v, one for gate/up)."""
         from .decode_kernels import add_rmsnorm, decode_attention, rope_cache, silu_mul
+        from .quantized_linear import rotate_shared_input
+
+        def linears(mods, signs, x):
+            return rotate_shared_input(mods, signs, x) if signs is not None else [m(x) for m in mods]
 
         body, H, D = self.model.model, self.heads, self.head_dim
         h = body.embed_tokens(self.tok)
@@ -147,13 +159,14 @@ class GraphDecoder:
         h, x = add_rmsnorm(h, None, first.weight, first.variance_epsilon)
         for i, layer in enumerate(self.layers):
             a, mlp = layer.self_attn, layer.mlp
-            q = rope_cache(a.q_proj(x), a.k_proj(x), a.v_proj(x), self.k[i], self.v[i], self.pos,
-                           self.inv_freq, self.rope_scale)
+            qkv_signs, mlp_signs = self._signs[i]
+            q = rope_cache(*linears([a.q_proj, a.k_proj, a.v_proj], qkv_signs, x), self.k[i],
+                           self.v[i], self.pos, self.inv_freq, self.rope_scale)
             o = decode_attention(q, self.k[i], self.v[i], self.pos)
             norm = layer.post_attention_layernorm
             h, x = add_rmsnorm(h, a.o_proj(o.view(1, 1, H * D)), norm.weight,
                                norm.variance_epsilon)
-            d = mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            d = mlp.down_proj(silu_mul(*linears([mlp.gate_proj, mlp.up_proj], mlp_signs, x)))
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else body.norm
             h, x = add_rmsnorm(h, d, norm.weight, norm.variance_epsilon)
         logits = self.model.lm_head(x)

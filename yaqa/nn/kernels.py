@@ -257,7 +257,7 @@ def _kernels():
                  ((q - z) * s).to(w_ptr.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
-    def rotate2_kernel(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, scale,
+    def rotate2_kernel(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, stride_s, scale,
                        D1: tl.constexpr, D2: tl.constexpr, SIGN_FIRST: tl.constexpr,
                        IEEE: tl.constexpr):
         # One activation row as a D1 x D2 tile X: (H1 ⊗ H2) vec(X) = H1 X H2^T, two tensor-core
@@ -268,7 +268,7 @@ def _kernels():
         j = tl.arange(0, D2)
         offs = i[:, None] * D2 + j[None, :]
         X = tl.load(x_ptr + row * stride_x + offs)
-        S = tl.load(s_ptr + offs)
+        S = tl.load(s_ptr + row * stride_s + offs)
         if SIGN_FIRST:
             X = X * S
         H1 = tl.load(h1_ptr + i[:, None] * D1 + i[None, :]).to(X.dtype)
@@ -285,7 +285,8 @@ def _kernels():
         tl.store(y_ptr + row * stride_y + offs, Y.to(y_ptr.dtype.element_ty))
 
     @triton.jit
-    def rotate3_kernel(x_ptr, s_ptr, ha_ptr, hb_ptr, hc_ptr, y_ptr, stride_x, stride_y, scale,
+    def rotate3_kernel(x_ptr, s_ptr, ha_ptr, hb_ptr, hc_ptr, y_ptr, stride_x, stride_y, stride_s,
+                       scale,
                        A: tl.constexpr, AP: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
                        SIGN_FIRST: tl.constexpr, PREC: tl.constexpr):
         # (HA ⊗ HB ⊗ HC) on a row viewed as an A x B x C tensor, A (e.g. a Paley 28) padded to
@@ -297,7 +298,7 @@ def _kernels():
         offs = a[:, None] * (B * C) + bc[None, :]
         amask = (a < A)[:, None]
         X = tl.load(x_ptr + row * stride_x + offs, mask=amask, other=0)
-        S = tl.load(s_ptr + offs, mask=amask, other=0)
+        S = tl.load(s_ptr + row * stride_s + offs, mask=amask, other=0)
         if SIGN_FIRST:
             X = X * S
         dt = X.dtype
@@ -550,36 +551,54 @@ def rotate2_supports(sizes: tuple[int, ...]) -> bool:
     return len(sizes) == 2 and all(16 <= d <= 128 and d & (d - 1) == 0 for d in sizes)
 
 
-def rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor,
-            sign_first: bool, scale: float = 1.0) -> torch.Tensor:
-    """Rows of ``x`` times ``scale·(H1 ⊗ H2)^T``, with ``sign`` (a ±1 vector, possibly with an
-    exact power-of-two scale folded in) applied before (``sign_first``) or after; by the fused
-    Triton kernel."""
-    rotate2_kernel = _kernels()[6]
+def _rotation_rows(x: torch.Tensor, sign: torch.Tensor):
+    """Rows to rotate and their strides: ``x`` (..., n) and ``sign`` (n,) rotate each row of x;
+    one row of x and ``sign`` (r, n) give r rotations of that row, one per sign vector (the
+    inputs of several layers reading the same activations, in one launch)."""
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y = torch.empty_like(x2)
+    if sign.dim() == 2 and sign.shape[0] > 1:
+        if x2.shape[0] != 1:
+            raise ValueError(f"several sign vectors rotate one activation row, got "
+                             f"{x2.shape[0]} rows")
+        return x2, sign.shape[0], 0, n, (sign.shape[0], n)
+    return x2, x2.shape[0], x2.stride(0), 0, x.shape
+
+
+def _unfused_rotation(x2, s, Hs, sign_first, scale, rows):
+    from .hadamard import apply_factors
+
+    if x2.shape[0] != rows:
+        x2 = x2.expand(rows, -1)
+    y = (apply_factors(x2 * s, Hs, normalize=False) if sign_first
+         else apply_factors(x2, Hs, normalize=False) * s)
+    return y * scale if scale != 1.0 else y
+
+
+def rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor,
+            sign_first: bool, scale: float = 1.0) -> torch.Tensor:
+    """Rows of ``x`` times ``scale·(H1 ⊗ H2)^T``, with ``sign`` (a ±1 vector, possibly with an
+    exact power-of-two scale folded in) applied before (``sign_first``) or after; by the fused
+    Triton kernel.  A ``(r, n)`` ``sign`` with one row of ``x`` gives the r rotations ``(r, n)``."""
+    rotate2_kernel = _kernels()[6]
+    x2, rows, stride_x, stride_s, shape = _rotation_rows(x, sign)
+    n = x2.shape[-1]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     d1, d2 = h1.shape[0], h2.shape[0]
-    s = sign.to(x.dtype)
+    s = sign.to(x.dtype).contiguous()
 
     def fused():
-        rotate2_kernel[(x2.shape[0],)](x2, s, h1, h2, y, x2.stride(0), y.stride(0), scale,
-                                       D1=d1, D2=d2,
-                                       SIGN_FIRST=sign_first, IEEE=x.dtype == torch.float32,
-                                       num_warps=4)
+        rotate2_kernel[(rows,)](x2, s, h1, h2, y, stride_x, y.stride(0), stride_s, scale,
+                                D1=d1, D2=d2, SIGN_FIRST=sign_first,
+                                IEEE=x.dtype == torch.float32, num_warps=4)
         return y
 
     def unfused():
-        from .hadamard import apply_factors
+        return _unfused_rotation(x2, s, [h1, h2], sign_first, scale, rows)
 
-        Hs = [h1, h2]
-        y = (apply_factors(x2 * s, Hs, normalize=False) if sign_first
-             else apply_factors(x2, Hs, normalize=False) * s)
-        return y * scale if scale != 1.0 else y
-
-    return _guarded("rotate2", (d1, d2, sign_first, x.dtype), fused, unfused).reshape(x.shape)
+    return _guarded("rotate2", (d1, d2, sign_first, x.dtype), fused, unfused).reshape(shape)
 
 
 @torch.library.custom_op("yaqa::hadamard_rotate2", mutates_args=())
@@ -589,9 +608,15 @@ def hadamard_rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: 
     return rotate2(x, sign, h1, h2, sign_first, scale)
 
 
+def _rotation_shape(x, sign):
+    if sign.dim() == 2 and sign.shape[0] > 1:
+        return (sign.shape[0], x.shape[-1])
+    return x.shape
+
+
 @hadamard_rotate2.register_fake
 def _(x, sign, h1, h2, sign_first, scale=1.0):
-    return torch.empty_like(x)
+    return x.new_empty(_rotation_shape(x, sign))
 
 
 def rotate3_supports(sizes: tuple[int, ...]) -> bool:
@@ -607,31 +632,23 @@ def rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Ten
             hc: torch.Tensor, sign_first: bool, scale: float = 1.0) -> torch.Tensor:
     """:func:`rotate2` for three Kronecker factors."""
     rotate3_kernel = _kernels()[7]
-    n = x.shape[-1]
-    x2 = x.reshape(-1, n)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    y = torch.empty_like(x2)
+    x2, rows, stride_x, stride_s, shape = _rotation_rows(x, sign)
+    n = x2.shape[-1]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     A, B, C = ha.shape[0], hb.shape[0], hc.shape[0]
     AP = max(16, 1 << (A - 1).bit_length())
-    s = sign.to(x.dtype)
+    s = sign.to(x.dtype).contiguous()
 
     def fused():
-        rotate3_kernel[(x2.shape[0],)](x2, s, ha, hb, hc, y, x2.stride(0), y.stride(0), scale, A=A,
-                                       AP=AP, B=B, C=C, SIGN_FIRST=sign_first,
-                                       PREC="ieee" if x.dtype == torch.float32 else None,
-                                       num_warps=8)
+        rotate3_kernel[(rows,)](x2, s, ha, hb, hc, y, stride_x, y.stride(0), stride_s, scale,
+                                A=A, AP=AP, B=B, C=C, SIGN_FIRST=sign_first,
+                                PREC="ieee" if x.dtype == torch.float32 else None, num_warps=8)
         return y
 
     def unfused():
-        from .hadamard import apply_factors
+        return _unfused_rotation(x2, s, [ha, hb, hc], sign_first, scale, rows)
 
-        Hs = [ha, hb, hc]
-        y = (apply_factors(x2 * s, Hs, normalize=False) if sign_first
-             else apply_factors(x2, Hs, normalize=False) * s)
-        return y * scale if scale != 1.0 else y
-
-    return _guarded("rotate3", (A, B, C, sign_first, x.dtype), fused, unfused).reshape(x.shape)
+    return _guarded("rotate3", (A, B, C, sign_first, x.dtype), fused, unfused).reshape(shape)
 
 
 @torch.library.custom_op("yaqa::hadamard_rotate3", mutates_args=())
@@ -643,4 +660,4 @@ def hadamard_rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: 
 
 @hadamard_rotate3.register_fake
 def _(x, sign, ha, hb, hc, sign_first, scale=1.0):
-    return torch.empty_like(x)
+    return x.new_empty(_rotation_shape(x, sign))

@@ -239,9 +239,10 @@ class QuantizedLinear(nn.Module):
         ok = kernels.rotate2_supports(sizes) if count == 2 else kernels.rotate3_supports(sizes)
         return count if ok else 0
 
-    def _fused_rotate(self, x: torch.Tensor, side: str, count: int) -> torch.Tensor:
+    def _fused_rotate(self, x: torch.Tensor, side: str, count: int,
+                      sign: torch.Tensor | None = None) -> torch.Tensor:
         Hs = [getattr(self, f"had_{side}_{i}") for i in range(count)]
-        sign = getattr(self, f"had_{side}_sign")
+        sign = getattr(self, f"had_{side}_sign") if sign is None else sign
         scale = getattr(self, f"_had_{side}_scale")
         op = kernels.hadamard_rotate2 if count == 2 else kernels.hadamard_rotate3
         return op(x, sign, *Hs, side == "in", scale)
@@ -276,6 +277,16 @@ class QuantizedLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def forward_rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for an input already rotated by this layer's input transform
+        (``x·U^T``, e.g. by :func:`rotate_shared_input`)."""
+        y = self._packed_matmul(x)
+        if self.incoherence:
+            y = self._rotate_out(y)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, quantizer={self.quantizer.config()}, "
@@ -301,3 +312,26 @@ def set_dense_cache(model: nn.Module, enabled: bool = True) -> int:
             count += 1
     return count
 
+
+
+def shared_input_signs(mods: list[nn.Module]) -> torch.Tensor | None:
+    """The input sign vectors of layers that read the same activations, stacked ``(r, n)`` for
+    :func:`rotate_shared_input`; None unless all are packed incoherent layers of one input size
+    with the Kronecker (not block) Hadamard."""
+    if len(mods) < 2 or not all(
+            isinstance(m, QuantizedLinear) and m.incoherence and not m.dense_cache
+            and not m._had_block and m.in_features == mods[0].in_features for m in mods):
+        return None
+    return torch.stack([m.had_in_sign for m in mods]).contiguous()
+
+
+def rotate_shared_input(mods: list["QuantizedLinear"], signs: torch.Tensor,
+                        x: torch.Tensor) -> list[torch.Tensor]:
+    """``[m(x) for m in mods]`` with the input rotations in one fused launch where it applies
+    (decode-sized ``x`` on the Triton path): q/k/v, or gate/up, share their input."""
+    first = mods[0]
+    count = first._fused_rotation(x, "in")
+    if not count or x.numel() != x.shape[-1]:
+        return [m(x) for m in mods]
+    xr = first._fused_rotate(x, "in", count, signs)
+    return [m.forward_rotated(xr[i].view_as(x)) for i, m in enumerate(mods)]
