@@ -229,6 +229,13 @@ def profile_step(dec, dev, steps: int = 3, top: int = 20) -> dict:
         k = kernels_.setdefault(e.name, [0, 0.0])
         k[0] += 1
         k[1] += dur
+    if not kernels_ and dev.type == "cuda":
+        # This torch's profiler did not list kernels as device events: fall back to the ops
+        # with the device time of the kernels each launched.
+        for e in prof.key_averages():
+            us = getattr(e, "self_device_time_total", 0) or 0
+            if us > 0:
+                kernels_[e.key] = [e.count, us]
     total = sum(v[1] for v in kernels_.values()) / steps
     rows = sorted(kernels_.items(), key=lambda kv: -kv[1][1])
     cats: dict[str, list] = {}
