@@ -153,11 +153,15 @@ def _word_layout(bits: int, qweight: torch.Tensor) -> bool:
 # program of a block to arrive (an atomic counter) adds them in a fixed order, writes the output
 # and resets the counter: one launch, no zero-fill, no cast kernel, deterministic.
 _GEMV_CONFIGS = (
-    (8, 512, 1, 4, 1, False), (8, 512, 2, 4, 1, False), (8, 512, 4, 4, 1, False),
-    (4, 512, 4, 4, 1, False), (16, 256, 2, 4, 1, False), (16, 512, 4, 8, 1, False),
-    (8, 1024, 2, 8, 1, False), (4, 1024, 4, 4, 1, False), (4, 2048, 2, 4, 1, False),
-    (8, 512, 2, 4, 3, False), (16, 256, 4, 4, 3, False),
-    (8, 512, 2, 4, 1, True), (16, 256, 4, 4, 1, True),
+    # 2-D tiles: each thread loads its words' activations as strided scalars, so many rows per
+    # program (large BLOCK_N) amortize them.
+    (8, 512, 2, 4, 1, False), (16, 512, 4, 8, 1, False), (32, 256, 1, 4, 1, False),
+    (32, 256, 2, 4, 1, False), (32, 256, 4, 4, 1, False), (32, 512, 4, 8, 1, False),
+    (64, 128, 4, 4, 1, False), (64, 256, 4, 8, 1, False), (32, 256, 4, 4, 3, False),
+    # 3-D tiles: activations as 16-byte vectors, the weight words moved into their layout.
+    (8, 512, 2, 4, 1, True), (16, 256, 4, 4, 1, True), (16, 512, 2, 4, 1, True),
+    (32, 256, 1, 4, 1, True), (32, 256, 4, 8, 1, True),
+    (64, 128, 4, 8, 1, True),
 )
 # Layers smaller than this (codes) use the default tile: autotuning costs more than it saves.
 AUTOTUNE_MIN_CODES = 1 << 22
@@ -192,8 +196,8 @@ def config_fits(cfg: tuple, bits: int, group: int, n: int) -> bool:
 
 
 def _default_tile(m: int, n: int, group: int, bits: int = 4) -> tuple:
-    bn = 16 if m >= 8192 else 8 if m >= 2048 else 4
-    bk = max(group, next(b for b in (512, 256, 128) if n % b == 0))
+    bn = 32 if m >= 4096 else 16 if m >= 1024 else 8 if m >= 256 else 4
+    bk = max(group, next(b for b in (256, 128) if n % b == 0))
     sk = 1
     # Split K while the grid is short of ~4 programs per SM and each slice keeps 2+ steps.
     while (-(-m // bn) * sk * 2 <= _TARGET_PROGRAMS and n % (bk * sk * 2) == 0

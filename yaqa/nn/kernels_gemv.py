@@ -78,10 +78,15 @@ def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride
         w = tl.load(wrow + t * BW + tl.arange(0, BW)[None, :], mask=rmask[:, None], other=0)
         if UNPACK_3D:
             # Codes as a (rows, words, codes-per-word) tile against x as (words, codes).
-            xt = tl.load(xrow + t * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.float32)
+            # x is loaded as a (1, words, codes) tile of 16-byte vectors, so a thread holds a
+            # word's codes and their activations together and the per-word sum stays in
+            # registers (the weight tile is moved into that layout once per step).
+            x3 = tl.load(xrow + t * BLOCK_K + tl.arange(0, BW)[None, :, None] * CPW
+                         + tl.arange(0, CPW)[None, None, :]).to(tl.float32)
             q = codes_to_float((w[:, :, None] >> shifts[None, None, :]) & MASK)
-            p = tl.sum(q * tl.reshape(xt, (BW, CPW))[None, :, :], axis=2)   # per word
-            xg = tl.sum(tl.reshape(xt, (NG, GROUP)), axis=1)
+            p = tl.sum(q * x3, axis=2)                                      # per word
+            xw = tl.sum(x3, axis=2)                                         # (1, words)
+            xg = tl.sum(tl.reshape(xw, (NG, BW // NG)), axis=1)
         else:
             # Code j of every word against a strided slice of x (L1-resident): 2-D tiles only.
             p = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
