@@ -158,6 +158,7 @@ _GEMV_CONFIGS = (
     (8, 512, 2, 4, 1, False), (16, 512, 4, 8, 1, False), (32, 256, 1, 4, 1, False),
     (32, 256, 2, 4, 1, False), (32, 256, 4, 4, 1, False), (32, 512, 4, 8, 1, False),
     (64, 128, 4, 4, 1, False), (64, 256, 4, 8, 1, False), (32, 256, 4, 4, 3, False),
+    (64, 512, 4, 4, 1, False), (128, 256, 4, 4, 1, False), (64, 256, 8, 4, 1, False),
     # 3-D tiles: activations as 16-byte vectors, the weight words moved into their layout.
     (8, 512, 2, 4, 1, True), (16, 256, 4, 4, 1, True), (16, 512, 2, 4, 1, True),
     (32, 256, 1, 4, 1, True), (32, 256, 4, 8, 1, True),

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 10, batch-1 decode: one bounded GPU run (about 3-5 min on an H100, at most ~6).
+#
+#   OUT=/some/dir bash bench/gpu_decode.sh
+#
+# 1. bench/check_kernels.py --quick: every kernel against the dense weight, every GEMV config
+#    (split-K) forced in turn, the autotuned picks, CUDA graphs, GraphDecoder tokens (fused small
+#    ops vs torch ops vs generate).  Prints FAIL lines and "N FAILED" on a mismatch.
+# 2. bench/inference.py --profile: Llama-3.1-8B shape, bf16 / int4 / int4 + incoherence: memory,
+#    decode tok/s (CUDA graph, fused small ops; and with transformers' small ops), prefill,
+#    per-layer GEMV GB/s, the autotuned configs, and a torch.profiler breakdown of one decode
+#    step per variant.  Results are written after every stage, so a kill keeps what finished.
+# Everything lands in $OUT (default bench/results/gpu_decode).
+set -u
+OUT=${OUT:-bench/results/gpu_decode}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv; } \
+    > "$OUT/machine.txt" 2>&1
+timeout 130 python bench/check_kernels.py --quick --timeout 120 2>&1 \
+    | tee "$OUT/check_kernels-cuda.log"
+echo "check_kernels exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/check_kernels-cuda.log"
+timeout 225 python bench/inference.py --device cuda --new-tokens 32 --profile --budget 170 \
+    --copy-to "$OUT" 2>&1 | tee "$OUT/inference-cuda.log"
+echo "inference exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/inference-cuda.log"
+cp bench/results/inference-cuda.json bench/results/inference-cuda.md "$OUT"/ 2>/dev/null
+ls -l "$OUT"
