@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .hessians.accumulators import choose_route, sym_blocks
+from .hessians.boundary import (BoundaryChoice, boundary_bytes, choose_boundary_cache,
+                                host_available_bytes)
 from .hessians.collect import pass_kinds
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,10 @@ class MemoryPlan:
     tokens: int
     seconds_estimate: float | None = None
     notes: list[str] = field(default_factory=list)
+    # hidden states entering each later group's first block: {"mode", "bytes", "reason",
+    # "starts"}; with it, later passes start their forward there (see hessians/boundary.py)
+    boundary_cache: dict[str, Any] = field(default_factory=dict)
+    forward_blocks: int = 0               # decoder-block forwards per micro-batch, all passes
 
     def fits(self) -> bool:
         return max(self.collection_peak_bytes, self.rounding_peak_bytes) <= self.limit_bytes
@@ -150,6 +156,15 @@ class MemoryPlan:
                  f"over {self.tokens} tokens ({self.passes_over_data} data passes), "
                  f"peak {g(self.collection_peak_bytes)}"]
         lines += [f"    {k:<24}{g(v):>12}" for k, v in self.collection_terms.items()]
+        bc = self.boundary_cache
+        if bc and bc["mode"] != "off":
+            where = "in host memory" if bc["mode"] == "memory" else "on disk"
+            lines.append(f"  boundary cache: {g(bc['bytes'])} {where}, the hidden states entering "
+                         f"blocks {bc['starts']} ({bc['reason']}); {self.forward_blocks} block "
+                         "forwards per micro-batch over all passes")
+        elif bc and bc["bytes"]:
+            lines.append(f"  boundary cache: off ({bc['reason']}); {self.forward_blocks} block "
+                         "forwards per micro-batch over all passes")
         lines.append(f"  rounding: one linear at a time, peak {g(self.rounding_peak_bytes)}")
         lines += [f"    {k:<24}{g(v):>12}" for k, v in self.rounding_terms.items()]
         lines.append(f"  factors: {g(self.factor_bytes_per_block)} per block in fp32, "
@@ -300,8 +315,15 @@ def _groups(blocks: list[int], size: int) -> list[list[int]]:
 
 def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
               device: str = "cuda", margin: float = 0.1, blocks: list[int] | None = None,
-              blocks_per_pass: int | None = None, method: str = "yaqa") -> MemoryPlan:
+              blocks_per_pass: int | None = None, method: str = "yaqa",
+              boundary_cache: str = "auto", host_bytes: int | None = None,
+              disk_bytes: int | None = None) -> MemoryPlan:
     """Choose ``blocks_per_pass`` (the largest that fits, unless given) and report the peaks.
+
+    The boundary cache (hidden states entering each later group, see
+    :mod:`yaqa.hessians.boundary`) goes where ``boundary_cache`` asks and it fits: host memory
+    (``host_bytes`` available, default: read now), disk (``disk_bytes`` free in the output
+    directory; None: no directory) or nowhere. On a CPU device it counts in the peak.
 
     Raises :class:`PlanError` when even one block per pass (or the rounding) does not fit, naming
     the setting to lower.
@@ -310,11 +332,24 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
         raise ValueError(f"margin must be in [0, 1), got {margin}")
     blocks = sorted(set(range(shape.n_blocks) if blocks is None else blocks))
     limit = int(budget_bytes * (1 - margin))
+    if host_bytes is None:
+        host_bytes = host_available_bytes()
+    on_host = torch.device(device).type == "cpu"
+
+    def cache_choice(size: int) -> BoundaryChoice:
+        starts = [g[0] for g in _groups(blocks, size) if g[0] > 0]
+        nbytes = boundary_bytes(req.n_seqs * req.ctx, shape.hidden, shape.dtype_bytes,
+                                len(starts))
+        return choose_boundary_cache(boundary_cache, nbytes, host_bytes=host_bytes,
+                                     disk_bytes=disk_bytes, world=req.world)
 
     def peak(size: int) -> tuple[int, dict[str, int]]:
         worst = (0, {})
+        bc = cache_choice(size)
         for g in _groups(blocks, size):
             t = collection_terms(shape, req, g)
+            if on_host and bc.mode == "memory":
+                t["boundary cache"] = bc.bytes  # host memory is the device's here
             worst = max(worst, (sum(t.values()), t), key=lambda x: x[0])
         return worst
 
@@ -337,6 +372,13 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
         stored_bytes=stored_bytes(shape, req.collect_hx),
         passes_over_data=len(groups) * len(pass_kinds(req.sketch, req.power_iters)),
         tokens=tokens)
+    bc = cache_choice(size)
+    plan.boundary_cache = {"mode": bc.mode, "bytes": bc.bytes, "reason": bc.reason,
+                           "starts": [g[0] for g in groups if g[0] > 0]}
+    n_kinds = len(pass_kinds(req.sketch, req.power_iters))
+    # a cached group starts its forward at its first block; otherwise at block 0
+    plan.forward_blocks = n_kinds * sum(
+        shape.n_blocks - (g[0] if bc.mode != "off" else 0) for g in groups)
     if coll > limit:
         biggest = max(terms, key=terms.get)
         advice = {"activations": "lower --batch-size or --ctx, or add --gradient-checkpointing",
@@ -344,6 +386,7 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
                   "accumulators": "collect fewer --blocks at once (no smaller group exists), or "
                                   "skip the plain Hessian",
                   "weights": "use a smaller model dtype or a larger device",
+                  "boundary cache": "use boundary_cache='disk' or 'off'",
                   "statistic workspace": "lower --batch-size or --ctx"}[biggest]
         raise PlanError(f"collection needs about {coll / GiB:.1f} GiB even at {size} block(s) per "
                         f"pass, over the {limit / GiB:.1f} GiB limit; the largest part is "

@@ -25,7 +25,9 @@ from .accumulators import resolve_precision
 from .config import CollectConfig
 from .hooks import HessianCollector
 from .passes import run_group
-from .schedule import Batches, _count_tokens, pass_kinds
+from .boundary import (CACHE_DIR, BoundaryCache, boundary_bytes, choose_boundary_cache,
+                       disk_free_bytes, host_available_bytes)
+from .schedule import Batches, _count_tokens, _micro_batches, pass_kinds
 from .stream import BackgroundWriter, storage_dtype as _storage_dtype
 from .storage import (FORMAT_VERSION, LayerHessian, block_filename, check_run_identity, dtype_name,
                       load_hessians, model_fingerprint, read_meta, run_identity, write_meta)
@@ -129,6 +131,8 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
     if cfg.dtype == torch.float64 and store_dtype == torch.float32:
         store_dtype = torch.float64  # fp64 sums were asked for exactness: packing is lossless
     writer = BackgroundWriter()  # finished groups are written while the next one collects
+    boundary = _boundary_cache(model, batches, cfg, todo, out_path, identity)
+    finished = False
     try:
         for g in groups:
             if g not in todo:
@@ -139,16 +143,50 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
             collector = HessianCollector(model, g, seed=cfg.seed, dtype=cfg.dtype,
                                          precision=cfg.precision, route=cfg.route,
                                          collect_hx=cfg.collect_hx,
-                                         gradient_checkpointing=cfg.gradient_checkpointing)
+                                         gradient_checkpointing=cfg.gradient_checkpointing,
+                                         boundary=boundary)
             summary = run_group(collector, batches, cfg, kinds, out_path, identity, bar,
                                 writer, store_dtype)
+            if boundary is not None:
+                log.info("blocks %d-%d: %d micro-batch passes started from cached hidden "
+                         "states", g[0], g[-1], boundary.hits)
+                boundary.hits = 0
+                boundary.drop(g[0])  # no later group starts here
             if keep:
                 results.update(collector.results(sketch, power_iters,
                                                  identity_hash(run_identity(identity))))
             del collector
             log.info("blocks %d-%d: %d sequences, %d tokens per pass", g[0], g[-1],
                      summary["n_seqs"], summary["n_tokens"])
+        finished = True
     finally:
         bar.close()
         writer.close()
+        if boundary is not None:  # an interrupted run keeps a disk cache for its resume
+            boundary.close(remove=finished)
     return results
+
+
+def _boundary_cache(model: nn.Module, batches: Batches, cfg: CollectConfig, todo: list[list[int]],
+                    out_path: Path | None, identity: dict[str, Any]) -> BoundaryCache | None:
+    """The cache of hidden states entering the later groups, where it fits (None: recompute)."""
+    starts = [g[0] for g in todo if g[0] > 0]
+    if not starts or cfg.boundary_cache == "off" or not isinstance(batches, (Tensor, list, tuple)):
+        return None
+    rank, world = D.rank_and_world()
+    mb_tokens = [int(ids.numel()) for ids in _micro_batches(batches, cfg.batch_size)]
+    emb = input_embeddings(model).weight
+    hidden, dtype = int(emb.shape[1]), emb.dtype
+    size = boundary_bytes(sum(mb_tokens), hidden, emb.element_size(), len(starts))
+    cache_dir = out_path / CACHE_DIR if out_path is not None else None
+    choice = choose_boundary_cache(cfg.boundary_cache, size, host_bytes=host_available_bytes(),
+                                   disk_bytes=disk_free_bytes(out_path), world=world)
+    log.info("boundary cache: %s, %s", choice.mode, choice.reason)
+    if choice.mode == "off":
+        if cfg.boundary_cache in ("memory", "disk"):
+            log.warning("boundary cache %s asked for but %s", cfg.boundary_cache, choice.reason)
+        return None
+    key = identity_hash({"identity": identity, "batch_size": cfg.batch_size,
+                         "mb_tokens": mb_tokens, "world": world})
+    return BoundaryCache(starts, mb_tokens, hidden, dtype, choice.mode, directory=cache_dir,
+                         key=key, rank=rank, world=world, device=emb.device)

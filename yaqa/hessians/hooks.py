@@ -10,6 +10,7 @@ down to the blocks that need them.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ..models.adapters import get_adapter, input_embeddings
 from . import distributed as D
 from .accumulators import LayerAccumulator, ProductCache, resolve_precision
+from .boundary import BoundaryCache
 from .labels import sampled_label_grad
 from .shrinkage import layer_estimate
 from .storage import HessianMetadataError, LayerHessian
@@ -54,8 +56,10 @@ class HessianCollector:
     def __init__(self, model: nn.Module, blocks: Sequence[int], *, seed: int = 0,
                  dtype: torch.dtype = torch.float32, precision: str = "auto",
                  route: str = "auto", collect_hx: bool = True,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, boundary: BoundaryCache | None = None):
         self.model = model
+        # hidden states at pass boundaries: start the forward at this group's first block
+        self.boundary = boundary
         self.adapter = get_adapter(model)
         self.block_list = self.adapter.blocks(model)
         self.blocks = sorted(blocks)
@@ -84,6 +88,10 @@ class HessianCollector:
         self._was_training = False
         self._batch = 0
         self._generator: torch.Generator | None = None
+        self._skip_below: int | None = None      # blocks before this one are skipped this step
+        self._skip_tuple = False                 # ... and return (hidden,) rather than hidden
+        self._inject: tuple[int, Tensor] | None = None  # (block, cached hidden state entering it)
+        self._record: tuple[int, list[int]] | None = None  # (micro-batch, boundaries to keep)
 
     # -- hooks ------------------------------------------------------------------------------
     def __enter__(self) -> HessianCollector:
@@ -96,6 +104,17 @@ class HessianCollector:
             self._handles.append(mod.register_forward_hook(functools.partial(self._on_forward,
                                                                              name)))
         lo, hi = self.blocks[0], self.blocks[-1]
+        if self.boundary is not None:
+            for s in self.boundary.starts:
+                if s <= lo:  # before the leaf hook: the injected state becomes the leaf
+                    self._handles.append(self.block_list[s].register_forward_pre_hook(
+                        functools.partial(self._inject_state, s), with_kwargs=True))
+                # before the stop hook: a forward-only pass keeps the state after its last block
+                self._handles.append(self.block_list[s - 1].register_forward_hook(
+                    functools.partial(self._record_state, s)))
+            for i, block in enumerate(self.block_list[:lo]):
+                block.forward = functools.partial(self._skippable, block.forward, i)
+                self._patched.append(block)
         self._handles.append(self.block_list[lo].register_forward_pre_hook(
             self._make_leaf, with_kwargs=True))
         self._handles.append(self.block_list[hi].register_forward_hook(self._maybe_stop))
@@ -127,7 +146,37 @@ class HessianCollector:
         kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_()
         return args, kwargs
 
+    # -- pass boundaries -------------------------------------------------------------------------
+    def _skippable(self, forward, index: int, *args: Any, **kwargs: Any):
+        if self._skip_below is not None and index < self._skip_below:
+            # its output is replaced at the boundary: pass the hidden state through unchanged
+            h = args[0] if args else kwargs["hidden_states"]
+            return (h,) if self._skip_tuple else h
+        return forward(*args, **kwargs)
+
+    def _inject_state(self, block: int, module: nn.Module, args: tuple, kwargs: dict):
+        if self._inject is None or self._inject[0] != block:
+            return None
+        h = self._inject[1]
+        if args:
+            return (h,) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = h
+        return args, kwargs
+
+    def _record_state(self, block: int, module: nn.Module, args: tuple, out: Any) -> None:
+        if self._record is None or block not in self._record[1] or self.boundary is None:
+            return
+        h = out[0] if isinstance(out, tuple) else out
+        try:
+            self.boundary.put(block, self._record[0], h)
+        except ValueError as e:
+            logging.getLogger(__name__).warning("boundary cache off: %s", e)
+            self.boundary = None
+
     def _maybe_stop(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if self.boundary is not None:  # a block's output form, for the blocks that are skipped
+            self.boundary.returns_tuple = isinstance(out, tuple)
         if self.kind == "hx":
             raise _StopForward
 
@@ -152,10 +201,22 @@ class HessianCollector:
         for acc in self.acc.values():
             acc.begin_pass(kind)
 
-    def step(self, ids: Tensor, seq_indices: Sequence[int]) -> None:
-        """One micro-batch ``ids`` [b, T] whose rows are the global sequences ``seq_indices``."""
+    def step(self, ids: Tensor, seq_indices: Sequence[int], index: int | None = None) -> None:
+        """One micro-batch ``ids`` [b, T] whose rows are the global sequences ``seq_indices``;
+        ``index``: its position in the data (the key of the boundary cache)."""
         ids = ids.to(self.device)
         self._batch = ids.shape[0]
+        bc = self.boundary if index is not None else None
+        if bc is not None:
+            start = bc.best_start(self.blocks[0], index)
+            # skipping needs the blocks' output form, learnt on the first real forward
+            if start is not None and bc.returns_tuple is not None:
+                h = bc.get(start, index, self.device)
+                self._inject = (start, h.view(ids.shape[0], ids.shape[1], -1))
+                self._skip_below, self._skip_tuple = start, bc.returns_tuple
+            else:
+                start = 0
+            self._record = (index, bc.wanted(index, after=start))
         try:
             if self.kind == "hx":
                 with torch.no_grad():
@@ -173,6 +234,9 @@ class HessianCollector:
                 logits.backward(grad)
         finally:
             self.cache.clear()
+            self._inject, self._skip_below, self._record = None, None, None
+            if bc is not None and self.boundary is not None:
+                bc.commit()
 
     def _sum_tensors(self) -> list[Tensor]:
         out = []
