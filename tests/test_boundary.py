@@ -21,12 +21,12 @@ def ids():
     return torch.randint(0, 128, (6, 12), generator=torch.Generator().manual_seed(1))
 
 
-class BlockZeroCalls:
-    """Counts forwards that really run block 0 (its MLP), skipped ones excluded."""
+class BlockCalls:
+    """Counts forwards that really run a block (its MLP), skipped ones excluded."""
 
-    def __init__(self, model):
+    def __init__(self, model, block=0):
         self.n = 0
-        self._h = model.model.layers[0].mlp.register_forward_hook(self._count)
+        self._h = model.model.layers[block].mlp.register_forward_hook(self._count)
 
     def _count(self, *a):
         self.n += 1
@@ -35,8 +35,8 @@ class BlockZeroCalls:
         self._h.remove()
 
 
-def _collect(model, ids, **kw):
-    calls = BlockZeroCalls(model)
+def _collect(model, ids, block=0, **kw):
+    calls = BlockCalls(model, block)
     try:
         out = yaqa.collect_hessians(model, ids, seed=SEED, batch_size=2, progress=False, **kw)
     finally:
@@ -66,7 +66,9 @@ def test_cached_boundaries_give_the_one_pass_factors_bit_for_bit(ids, sketch, it
     n_mb, groups = 3, -(-4 // bpp)
     passes = len(yaqa.hessians.pass_kinds(sketch, iters))
     assert calls_off == groups * passes * n_mb
-    assert calls_cached == passes * n_mb  # only the first group's passes run block 0
+    # block 0 runs in the top group's first pass (which records the states) and in its own
+    # group's passes; every other pass runs its own group's blocks only
+    assert calls_cached == n_mb + passes * n_mb
 
 
 @pytest.mark.parametrize("family", ["gemma2", "phi3"])
@@ -76,7 +78,7 @@ def test_other_families_and_bf16_models_match_with_the_cache(ids, family):
     one, _ = _collect(model, ids, sketch="B")
     cached, calls = _collect(model, ids, sketch="B", blocks_per_pass=1, boundary_cache="memory")
     _assert_same(one, cached)
-    assert calls == 3
+    assert calls == 6
 
 
 def test_disk_cache_survives_an_interrupted_group_and_is_removed_when_done(ids, tmp_path,
@@ -98,9 +100,9 @@ def test_disk_cache_survives_an_interrupted_group_and_is_removed_when_done(ids, 
         _collect(model, ids, out_dir=tmp_path, boundary_cache="disk", **kw)
     monkeypatch.setattr(HessianCollector, "step", real_step)
     cache = tmp_path / CACHE_DIR
-    assert (cache / "block0001-rank0.bin").exists() and (cache / "block0002-rank0.bin").exists()
-    got, calls = _collect(model, ids, out_dir=tmp_path, boundary_cache="disk", **kw)
-    assert calls == 0  # the resumed command starts every later pass from the files
+    assert (cache / "state0001-rank0.bin").exists() and (cache / "grad0002-rank0.bin").exists()
+    got, calls = _collect(model, ids, block=2, out_dir=tmp_path, boundary_cache="disk", **kw)
+    assert calls == 0  # the resumed group 1 starts from the files: state 1 and gradient 2
     _assert_same(ref, got)
     assert not cache.exists()
 
@@ -114,21 +116,22 @@ def test_a_stale_disk_cache_is_discarded(ids, tmp_path):
     cache = tmp_path / CACHE_DIR
     cache.mkdir()
     (cache / "meta-rank0.json").write_text('{"key": "another run", "tokens": 1}')
-    (cache / "block0001-rank0.flags").write_bytes(b"\x01\x01\x01")  # claims complete entries
-    (cache / "block0001-rank0.bin").write_bytes(b"\x00" * 8)
+    (cache / "state0001-rank0.flags").write_bytes(b"\x01\x01\x01")  # claims complete entries
+    (cache / "state0001-rank0.bin").write_bytes(b"\x00" * 8)
     got, calls = _collect(model, ids, out_dir=tmp_path, **kw)
     _assert_same(ref, got)
-    assert calls == 3  # group 1 from the embeddings (recording block 2's input), group 2 cached
+    # group 2 runs from the embeddings (recording state 1 and gradient 2); group 1 from those
+    assert calls == 3
 
 
 def test_cache_placement_falls_back_from_memory_to_disk_to_off():
     c = choose_boundary_cache("auto", 10 * GiB, host_bytes=100 * GiB, disk_bytes=None)
     assert c.mode == "memory" and "host memory" in c.reason
-    c = choose_boundary_cache("auto", 60 * GiB, host_bytes=100 * GiB, disk_bytes=500 * GiB)
-    assert c.mode == "disk" and "over half the host memory" in c.reason
-    c = choose_boundary_cache("auto", 60 * GiB, host_bytes=100 * GiB, disk_bytes=None)
+    c = choose_boundary_cache("auto", 70 * GiB, host_bytes=100 * GiB, disk_bytes=500 * GiB)
+    assert c.mode == "disk" and "over 60% of the host memory" in c.reason
+    c = choose_boundary_cache("auto", 70 * GiB, host_bytes=100 * GiB, disk_bytes=None)
     assert c.mode == "off" and "recompute" in c.reason
-    c = choose_boundary_cache("disk", 60 * GiB, host_bytes=100 * GiB, disk_bytes=50 * GiB)
+    c = choose_boundary_cache("disk", 70 * GiB, host_bytes=100 * GiB, disk_bytes=50 * GiB)
     assert c.mode == "off" and "50.0 GiB free" in c.reason
     assert choose_boundary_cache("auto", 0, host_bytes=1, disk_bytes=1).mode == "off"
     with pytest.raises(ValueError, match="boundary_cache must be one of"):
@@ -147,14 +150,15 @@ def test_plan_prints_the_cache_size_and_where_it_goes():
     req = CollectionRequest(n_seqs=1024, ctx=2048, batch_size=2, collect_hx=False)
     kw = dict(budget_bytes=80 * GiB, device="cuda", blocks_per_pass=8)
     plan = make_plan(shape, req, host_bytes=128 * GiB, disk_bytes=None, **kw)
-    # 3 boundaries (blocks 8, 16, 24) x 1024 x 2048 tokens x 4096 x bf16
-    assert plan.boundary_cache["bytes"] == 3 * 16 * GiB
+    # states entering blocks 8, 16, 24 + one gradient, each 1024 x 2048 tokens x 4096 x bf16
+    assert plan.boundary_cache["bytes"] == 4 * 16 * GiB
     assert plan.boundary_cache["mode"] == "memory"
-    assert "boundary cache: 48.00 GiB in host memory" in plan.summary()
-    small = make_plan(shape, req, host_bytes=64 * GiB, disk_bytes=200 * GiB, **kw)
+    assert "boundary cache: 64.00 GiB in host memory" in plan.summary()
+    small = make_plan(shape, req, host_bytes=100 * GiB, disk_bytes=200 * GiB, **kw)
     assert small.boundary_cache["mode"] == "disk" and "on disk" in small.summary()
-    none = make_plan(shape, req, host_bytes=64 * GiB, disk_bytes=None, **kw)
+    none = make_plan(shape, req, host_bytes=100 * GiB, disk_bytes=None, **kw)
     assert none.boundary_cache["mode"] == "off"
     assert "recompute" in none.summary()
-    # the data passes shrink: later groups start at their boundary
-    assert plan.forward_blocks < none.forward_blocks
+    # the model's work: 1 + 3/4 forward+backward, against 4/3 + 2/3 (1 + 3/4 + 1/2 + 1/4)
+    assert plan.model_work == pytest.approx(1.75)
+    assert none.model_work == pytest.approx(4 / 3 + 2 / 3 * 2.5)

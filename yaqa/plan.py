@@ -138,7 +138,8 @@ class MemoryPlan:
     # hidden states entering each later group's first block: {"mode", "bytes", "reason",
     # "starts"}; with it, later passes start their forward there (see hessians/boundary.py)
     boundary_cache: dict[str, Any] = field(default_factory=dict)
-    forward_blocks: int = 0               # decoder-block forwards per micro-batch, all passes
+    model_work: float = 0.0               # the model's own work over all passes, in plain
+                                          # forward+backward passes over the data
 
     def fits(self) -> bool:
         return max(self.collection_peak_bytes, self.rounding_peak_bytes) <= self.limit_bytes
@@ -160,11 +161,11 @@ class MemoryPlan:
         if bc and bc["mode"] != "off":
             where = "in host memory" if bc["mode"] == "memory" else "on disk"
             lines.append(f"  boundary cache: {g(bc['bytes'])} {where}, the hidden states entering "
-                         f"blocks {bc['starts']} ({bc['reason']}); {self.forward_blocks} block "
-                         "forwards per micro-batch over all passes")
+                         f"blocks {bc['starts']} and their gradients ({bc['reason']}); model "
+                         f"work {self.model_work:.2f}x one forward+backward over the data")
         elif bc and bc["bytes"]:
-            lines.append(f"  boundary cache: off ({bc['reason']}); {self.forward_blocks} block "
-                         "forwards per micro-batch over all passes")
+            lines.append(f"  boundary cache: off ({bc['reason']}); model work "
+                         f"{self.model_work:.2f}x one forward+backward over the data")
         lines.append(f"  rounding: one linear at a time, peak {g(self.rounding_peak_bytes)}")
         lines += [f"    {k:<24}{g(v):>12}" for k, v in self.rounding_terms.items()]
         lines.append(f"  factors: {g(self.factor_bytes_per_block)} per block in fp32, "
@@ -338,8 +339,9 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
 
     def cache_choice(size: int) -> BoundaryChoice:
         starts = [g[0] for g in _groups(blocks, size) if g[0] > 0]
+        # at its peak: every later group's state + the top group's gradient
         nbytes = boundary_bytes(req.n_seqs * req.ctx, shape.hidden, shape.dtype_bytes,
-                                len(starts))
+                                len(starts) + 1 if starts else 0)
         return choose_boundary_cache(boundary_cache, nbytes, host_bytes=host_bytes,
                                      disk_bytes=disk_bytes, world=req.world)
 
@@ -377,8 +379,12 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
                            "starts": [g[0] for g in groups if g[0] > 0]}
     n_kinds = len(pass_kinds(req.sketch, req.power_iters))
     # a cached group starts its forward at its first block; otherwise at block 0
-    plan.forward_blocks = n_kinds * sum(
-        shape.n_blocks - (g[0] if bc.mode != "off" else 0) for g in groups)
+    L = shape.n_blocks
+    if bc.mode != "off":  # the top group runs the whole model; the others their own blocks
+        work = 1 + sum(len(g) / L for g in groups[:-1])
+    else:  # each group: the whole forward (1/3), the backward down to its first block (2/3)
+        work = sum(1 / 3 + 2 / 3 * (L - g[0]) / L for g in groups)
+    plan.model_work = n_kinds * work
     if coll > limit:
         biggest = max(terms, key=terms.get)
         advice = {"activations": "lower --batch-size or --ctx, or add --gradient-checkpointing",

@@ -131,10 +131,13 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
     if cfg.dtype == torch.float64 and store_dtype == torch.float32:
         store_dtype = torch.float64  # fp64 sums were asked for exactness: packing is lossless
     writer = BackgroundWriter()  # finished groups are written while the next one collects
-    boundary = _boundary_cache(model, batches, cfg, todo, out_path, identity)
+    boundary = _boundary_cache(model, batches, cfg, groups, todo, out_path, identity)
     finished = False
+    # with the cache, the top group goes first: its full backward leaves the gradient at its
+    # first block for the group below, which then runs only its own blocks
+    order = groups[::-1] if boundary is not None else groups
     try:
-        for g in groups:
+        for g in order:
             if g not in todo:
                 log.info("blocks %d-%d already collected in %s", g[0], g[-1], out_path)
                 if keep:
@@ -148,10 +151,12 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
             summary = run_group(collector, batches, cfg, kinds, out_path, identity, bar,
                                 writer, store_dtype)
             if boundary is not None:
-                log.info("blocks %d-%d: %d micro-batch passes started from cached hidden "
-                         "states", g[0], g[-1], boundary.hits)
-                boundary.hits = 0
-                boundary.drop(g[0])  # no later group starts here
+                log.info("blocks %d-%d: %d micro-batch passes started from a cached state, %d "
+                         "from a cached gradient", g[0], g[-1], boundary.hits,
+                         boundary.grad_hits)
+                boundary.hits = boundary.grad_hits = 0
+                boundary.drop(g[0])  # no group left starts its forward here
+                boundary.drop(g[-1] + 1, "g")  # nor its backward
             if keep:
                 results.update(collector.results(sketch, power_iters,
                                                  identity_hash(run_identity(identity))))
@@ -167,17 +172,23 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
     return results
 
 
-def _boundary_cache(model: nn.Module, batches: Batches, cfg: CollectConfig, todo: list[list[int]],
-                    out_path: Path | None, identity: dict[str, Any]) -> BoundaryCache | None:
+def _boundary_cache(model: nn.Module, batches: Batches, cfg: CollectConfig,
+                    groups: list[list[int]], todo: list[list[int]], out_path: Path | None,
+                    identity: dict[str, Any]) -> BoundaryCache | None:
     """The cache of hidden states entering the later groups, where it fits (None: recompute)."""
     starts = [g[0] for g in todo if g[0] > 0]
+    # a group's backward starts from the gradient the group above left (kept on disk when that
+    # group finished in an earlier command)
+    grads = sorted({g[0] for g in groups if g[0] > 0}
+                   & ({g[-1] + 1 for g in todo} | set(starts)))
     if not starts or cfg.boundary_cache == "off" or not isinstance(batches, (Tensor, list, tuple)):
         return None
     rank, world = D.rank_and_world()
     mb_tokens = [int(ids.numel()) for ids in _micro_batches(batches, cfg.batch_size)]
     emb = input_embeddings(model).weight
     hidden, dtype = int(emb.shape[1]), emb.dtype
-    size = boundary_bytes(sum(mb_tokens), hidden, emb.element_size(), len(starts))
+    # peak: every state (the top group records them all) + the gradient it leaves behind
+    size = boundary_bytes(sum(mb_tokens), hidden, emb.element_size(), len(starts) + 1)
     cache_dir = out_path / CACHE_DIR if out_path is not None else None
     choice = choose_boundary_cache(cfg.boundary_cache, size, host_bytes=host_available_bytes(),
                                    disk_bytes=disk_free_bytes(out_path), world=world)
@@ -188,5 +199,6 @@ def _boundary_cache(model: nn.Module, batches: Batches, cfg: CollectConfig, todo
         return None
     key = identity_hash({"identity": identity, "batch_size": cfg.batch_size,
                          "mb_tokens": mb_tokens, "world": world})
-    return BoundaryCache(starts, mb_tokens, hidden, dtype, choice.mode, directory=cache_dir,
-                         key=key, rank=rank, world=world, device=emb.device)
+    return BoundaryCache(starts, mb_tokens, hidden, dtype, choice.mode, grads=grads,
+                         directory=cache_dir, key=key, rank=rank, world=world,
+                         device=emb.device)

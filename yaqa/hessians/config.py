@@ -35,7 +35,7 @@ class CollectConfig:
         (half the disk and host memory again; relative error about 2e-3).
     boundary_cache: with several block groups, keep each micro-batch's hidden state entering a
         later group's first block (from the first pass that computes it), so later passes start
-        their forward there: "auto" (host memory if it takes at most half of what is available,
+        their forward there: "auto" (host memory if it takes at most 60% of what is available,
         else files in the output directory, else off), "memory", "disk" or "off" (recompute the
         forward through the earlier blocks in every pass). Factors are the same either way.
     """

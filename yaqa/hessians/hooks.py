@@ -92,6 +92,9 @@ class HessianCollector:
         self._skip_tuple = False                 # ... and return (hidden,) rather than hidden
         self._inject: tuple[int, Tensor] | None = None  # (block, cached hidden state entering it)
         self._record: tuple[int, list[int]] | None = None  # (micro-batch, boundaries to keep)
+        self._stop_at_top = False                # stop after the last block (cached gradient)
+        self._top_out: Tensor | None = None      # the last block's output, when stopped there
+        self._leaf: Tensor | None = None         # the state entering the first block, a leaf
 
     # -- hooks ------------------------------------------------------------------------------
     def __enter__(self) -> HessianCollector:
@@ -141,9 +144,11 @@ class HessianCollector:
         if not torch.is_grad_enabled() or self.kind == "hx":
             return None
         if args:
-            return (args[0].detach().requires_grad_(),) + tuple(args[1:]), kwargs
+            self._leaf = args[0].detach().requires_grad_()
+            return (self._leaf,) + tuple(args[1:]), kwargs
         kwargs = dict(kwargs)
-        kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_()
+        self._leaf = kwargs["hidden_states"].detach().requires_grad_()
+        kwargs["hidden_states"] = self._leaf
         return args, kwargs
 
     # -- pass boundaries -------------------------------------------------------------------------
@@ -179,6 +184,9 @@ class HessianCollector:
             self.boundary.returns_tuple = isinstance(out, tuple)
         if self.kind == "hx":
             raise _StopForward
+        if self._stop_at_top:  # the backward starts here, from the cached gradient
+            self._top_out = out[0] if isinstance(out, tuple) else out
+            raise _StopForward
 
     def _on_forward(self, name: str, module: nn.Module, args: tuple, out: Tensor):
         x = args[0]
@@ -203,20 +211,32 @@ class HessianCollector:
 
     def step(self, ids: Tensor, seq_indices: Sequence[int], index: int | None = None) -> None:
         """One micro-batch ``ids`` [b, T] whose rows are the global sequences ``seq_indices``;
-        ``index``: its position in the data (the key of the boundary cache)."""
+        ``index``: its position in the data (the key of the boundary cache).
+
+        With a boundary cache, the forward starts at the deepest cached hidden state at or
+        before this group's first block; and when the loss gradient at the state entering the
+        block after this group is cached too (the group above left it), the forward stops after
+        this group's last block and the backward starts from that gradient: no logits, no labels,
+        no blocks above the group. The gradients are the ones the full backward would give.
+        """
         ids = ids.to(self.device)
         self._batch = ids.shape[0]
+        lo, hi = self.blocks[0], self.blocks[-1]
         bc = self.boundary if index is not None else None
+        top_grad = None
         if bc is not None:
-            start = bc.best_start(self.blocks[0], index)
-            # skipping needs the blocks' output form, learnt on the first real forward
-            if start is not None and bc.returns_tuple is not None:
+            start = bc.best_start(lo, index)
+            known = bc.returns_tuple is not None  # skipping needs the blocks' output form
+            if start is not None and known:
                 h = bc.get(start, index, self.device)
                 self._inject = (start, h.view(ids.shape[0], ids.shape[1], -1))
                 self._skip_below, self._skip_tuple = start, bc.returns_tuple
             else:
                 start = 0
             self._record = (index, bc.wanted(index, after=start))
+            if self.kind != "hx" and known and bc.has(hi + 1, index, "g"):
+                top_grad = bc.get(hi + 1, index, self.device, "g").view(ids.shape[0],
+                                                                        ids.shape[1], -1)
         try:
             if self.kind == "hx":
                 with torch.no_grad():
@@ -228,13 +248,28 @@ class HessianCollector:
             if self._generator is None or self._generator.device != self.device:
                 self._generator = torch.Generator(device=self.device)
             with torch.enable_grad():
-                logits = self.model(input_ids=ids, use_cache=False).logits
-                grad, _ = sampled_label_grad(logits.detach(), seq_indices, self.seed,
-                                             self._generator)
-                logits.backward(grad)
+                if top_grad is not None:
+                    self._stop_at_top = True
+                    try:
+                        self.model(input_ids=ids, use_cache=False)
+                    except _StopForward:
+                        pass
+                    top, self._top_out = self._top_out, None
+                    top.backward(top_grad)
+                else:
+                    logits = self.model(input_ids=ids, use_cache=False).logits
+                    grad, _ = sampled_label_grad(logits.detach(), seq_indices, self.seed,
+                                                 self._generator)
+                    logits.backward(grad)
+                leaf = self._leaf
+                if (bc is not None and self.boundary is not None and leaf is not None
+                        and leaf.grad is not None and lo in bc.grads
+                        and not bc.has(lo, index, "g")):
+                    bc.put(lo, index, leaf.grad, "g")  # the group below starts its backward here
         finally:
             self.cache.clear()
             self._inject, self._skip_below, self._record = None, None, None
+            self._stop_at_top, self._top_out, self._leaf = False, None, None
             if bc is not None and self.boundary is not None:
                 bc.commit()
 
