@@ -251,17 +251,24 @@ def workspace_bytes(shape: ModelShape, req: CollectionRequest) -> int:
     return worst
 
 
-def collection_terms(shape: ModelShape, req: CollectionRequest, group: list[int]) -> dict[str, int]:
+def collection_terms(shape: ModelShape, req: CollectionRequest, group: list[int], *,
+                     own_blocks_only: bool = False) -> dict[str, int]:
+    """The peak of one group's passes, term by term. ``own_blocks_only``: the group runs from a
+    cached state to a cached gradient (a lower group under the boundary cache): no head, and
+    only its own blocks keep activations."""
     tokens_mb = req.batch_size * req.ctx
     with_grad = shape.n_blocks - group[0]  # backward stops at the first collected block
+    if own_blocks_only:
+        with_grad = group[-1] + 1 - group[0]
     if req.sketch == "hx":  # forward only, without autograd, stopped after the last block
         with_grad = 0
+    head = req.sketch != "hx" and not own_blocks_only
     return {
         "weights": shape.param_bytes,
         "accumulators": accumulator_bytes(shape, req) * len(group),
         "activations": activation_bytes_per_token(shape, req.ctx, req.gradient_checkpointing)
                        * tokens_mb * with_grad,
-        "logits + gradient": head_bytes(shape, req) if req.sketch != "hx" else 0,
+        "logits + gradient": head_bytes(shape, req) if head else 0,
         "statistic workspace": workspace_bytes(shape, req),
     }
 
@@ -348,8 +355,12 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
     def peak(size: int) -> tuple[int, dict[str, int]]:
         worst = (0, {})
         bc = cache_choice(size)
-        for g in _groups(blocks, size):
-            t = collection_terms(shape, req, g)
+        gs = _groups(blocks, size)
+        for g in gs:
+            # with the cache, every group but the top one runs between a cached state and a
+            # cached gradient (when the group above is adjacent)
+            own = bc.mode != "off" and g is not gs[-1] and g[-1] + 1 in blocks
+            t = collection_terms(shape, req, g, own_blocks_only=own)
             if on_host and bc.mode == "memory":
                 t["boundary cache"] = bc.bytes  # host memory is the device's here
             worst = max(worst, (sum(t.values()), t), key=lambda x: x[0])
