@@ -168,6 +168,7 @@ def stage_plan(args, state: dict) -> None:
         timed_warmup(model, ids, plan, request(args), steps=2)
     state["plan"] = plan.to_dict()
     print(plan.summary())
+    _write_results(args, f"scale_plan{args.tag}.txt", plan.summary() + "\n")
     record(state, "plan", time.perf_counter() - t, True, args)
 
 
@@ -694,8 +695,12 @@ def stage_report(args, state: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     st = state["stages"]
     total = sum(st.get(k, {}).get("seconds", 0) for k in ("collect", "round", "save"))
-    lines = [f"# bench/scale.py{args.tag}", "",
-             f"Machine: {platform.node()}, torch {torch.__version__}, "
+    lines = [f"# bench/scale.py{args.tag}", ""]
+    if args.tiny:
+        lines += ["(CPU functional check of the stage sequence at a tiny size, on a loaded "
+                  "machine: the timings are noise, not measurements. The 70B projection is in "
+                  "scale_projection_70b.md, from the H100 measurements.)", ""]
+    lines += [f"Machine: {platform.node()}, torch {torch.__version__}, "
              f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
              f"Model: {'tiny' if args.tiny else 'Llama-3.1-8B'}-shaped, random bf16 weights; "
              f"Sketch B on {args.n_seqs} x {args.ctx} tokens, batch {args.batch_size}; "
@@ -714,7 +719,9 @@ def stage_report(args, state: dict) -> None:
         lines += ["", f"Plan: {p['blocks_per_pass']} blocks per pass, {len(p['groups'])} passes, "
                       f"estimated collection peak {p['collection_peak_bytes'] / GiB:.1f} GiB "
                       f"(measured: {st.get('collect', {}).get('peak_gpu_gib', float('nan')):.1f}), "
-                      f"estimated time {(p.get('seconds_estimate') or 0) / 60:.1f} min."]
+                      f"estimated time {(p.get('seconds_estimate') or 0) / 60:.1f} min; boundary "
+                      f"cache: {p.get('boundary_cache', {}).get('mode', 'off')} "
+                      f"({p.get('boundary_cache', {}).get('reason', '')})."]
     if "throughput" in state:
         lines += ["", "| layers | plain ms | Sketch B ms | x plain | x plain if one pass |",
                   "| ---: | ---: | ---: | ---: | ---: |"]
@@ -723,8 +730,8 @@ def stage_report(args, state: dict) -> None:
                          f"{v['x_plain']:.2f} | {v['x_plain_if_one_pass']:.2f} |")
     if "projection_70b" in state:
         lines += ["", "Llama-3.1-70B projection: see bench/results/scale_projection_70b.md."]
-    (RESULTS / f"scale{args.tag}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"scale{args.tag}.json").write_text(json.dumps(state, indent=1, default=str))
+    _write_results(args, f"scale{args.tag}.md", "\n".join(lines) + "\n")
+    _write_results(args, f"scale{args.tag}.json", json.dumps(state, indent=1, default=str))
     print("\n".join(lines))
 
 
@@ -788,6 +795,10 @@ def main(argv=None) -> int:
     for s in stages:
         run[s](args, state)
         save_state(args.work, state)
+        if args.copy_to:  # every stage leaves its state in $OUT, done or cut off
+            args.copy_to.mkdir(parents=True, exist_ok=True)
+            (args.copy_to / f"scale_state{args.tag}.json").write_text(
+                (args.work / "state.json").read_text())
     return 0
 
 
