@@ -11,6 +11,7 @@
 #   bash bench/gpu_scale.sh save        # then report
 #   bash bench/gpu_scale.sh report
 #   bash bench/gpu_scale.sh throughput  # Sketch B vs plain at 8 and 32 layers, < 4 min
+#   bash bench/gpu_scale.sh throughput-full-grams  # the same with whole T x T Grams (A/B)
 #   bash bench/gpu_scale.sh project     # the 70B projection from the newest throughput file
 #
 # CPU check of the same sequence: TINY=1 OUT=/tmp/out bash bench/gpu_scale.sh all
@@ -38,6 +39,10 @@ case "${1:-}" in
     timeout 240 "$PY" bench/scale.py --stage throughput --device cuda --layers-list 8,32 \
       --batch-size 2 --steps 2 --precisions bf16 --work "$WORK-throughput" \
       --tag "${TAG}_cache" --copy-to "$OUT" --quiet ;;
+  throughput-full-grams)  # the same with whole T x T Grams (the previous statistics), to compare
+    timeout 240 "$PY" bench/scale.py --stage throughput --device cuda --layers-list 8,32 \
+      --batch-size 2 --steps 2 --precisions bf16 --gram-scheme full --work "$WORK-throughput" \
+      --tag "${TAG}_cache_fullgram" --copy-to "$OUT" --quiet ;;
   project)
     "$PY" bench/scale.py --stage project --work "$WORK" --copy-to "$OUT" \
       ${THROUGHPUT_JSON:+--throughput-json "$THROUGHPUT_JSON"} ;;
@@ -49,6 +54,7 @@ case "${1:-}" in
       grep -q "$s: done" /tmp/gpu_scale_$$.log || { echo "$s did not finish"; exit 1; }
     done
     stage save; stage report; rm -f /tmp/gpu_scale_$$.log ;;
-  *) echo "usage: bash bench/gpu_scale.sh plan|collect|round|save|report|throughput|project|all"
+  *) echo "usage: bash bench/gpu_scale.sh plan|collect|round|save|report|throughput|" \
+          "throughput-full-grams|project|all"
      exit 2 ;;
 esac

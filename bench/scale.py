@@ -312,7 +312,7 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
            "plain_peak_gib_est": plain_est / GiB,
            "plain_peak_gib": (plain_peak or 0) / GiB, "groups": plan.groups,
            "plan_peak_gib_est": plan.collection_peak_bytes / GiB,
-           "boundary_cache": "memory" if cached else "off",
+           "boundary_cache": "memory" if cached else "off", "gram_scheme": args.gram_scheme,
            "hidden": shape.hidden, "intermediate": shape.intermediate,
            "heads": shape.heads, "kv_heads": shape.kv_heads, "vocab": shape.vocab,
            "plain_per_layer_token_s": t_plain / layers / ids.numel(), "modes": {}}
@@ -769,6 +769,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", type=lambda s: s.split(","), default=["auto"],
                     help="statistics precision modes timed by the throughput stage, e.g. "
                          "tf32,bf16 (the first feeds the projection)")
+    ap.add_argument("--gram-scheme", default="syrk", choices=["syrk", "full"],
+                    help="T x T Grams of the statistics: lower triangle only (syrk) or whole")
     ap.add_argument("--throughput-json", type=Path, default=None,
                     help="project from this throughput file (default: "
                          "bench/results/scale_throughput_h100_i14.json)")
@@ -786,6 +788,9 @@ def main(argv=None) -> int:
     if args.tiny and "tiny" not in args.tag:
         args.tag += "_tiny"  # a functional check never overwrites a real run's results
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from yaqa.hessians import accumulators
+
+    accumulators._GRAM_SCHEME = args.gram_scheme
     state = load_state(args.work)
     stages = (["plan", "collect", "round", "save", "throughput", "project", "report"]
               if args.stage == "all" else [args.stage])

@@ -162,3 +162,4 @@ def test_plan_prints_the_cache_size_and_where_it_goes():
     # the model's work: 1 + 3/4 forward+backward, against 4/3 + 2/3 (1 + 3/4 + 1/2 + 1/4)
     assert plan.model_work == pytest.approx(1.75)
     assert none.model_work == pytest.approx(4 / 3 + 2 / 3 * 2.5)
+
