@@ -331,7 +331,7 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
     The boundary cache (hidden states entering each later group, see
     :mod:`yaqa.hessians.boundary`) goes where ``boundary_cache`` asks and it fits: host memory
     (``host_bytes`` available, default: read now), disk (``disk_bytes`` free in the output
-    directory; None: no directory) or nowhere. On a CPU device it counts in the peak.
+    directory, less the fp32 Hessian store; None: no directory) or nowhere. On a CPU device it counts in the peak.
 
     Raises :class:`PlanError` when even one block per pass (or the rounding) does not fit, naming
     the setting to lower.
@@ -350,7 +350,9 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
         nbytes = boundary_bytes(req.n_seqs * req.ctx, shape.hidden, shape.dtype_bytes,
                                 len(starts) + 1 if starts else 0)
         return choose_boundary_cache(boundary_cache, nbytes, host_bytes=host_bytes,
-                                     disk_bytes=disk_bytes, world=req.world)
+                                     disk_bytes=None if disk_bytes is None else
+                                     max(disk_bytes - stored_bytes(shape, req.collect_hx), 0),
+                                     world=req.world)
 
     def peak(size: int) -> tuple[int, dict[str, int]]:
         worst = (0, {})

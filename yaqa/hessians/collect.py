@@ -22,11 +22,11 @@ from ..store import calibration_identity, identity_hash
 from ..validate import check_finite_weights
 from . import distributed as D
 from .accumulators import resolve_precision
+from .boundary import (CACHE_DIR, BoundaryCache, boundary_bytes, choose_boundary_cache,
+                       disk_free_bytes, host_available_bytes)
 from .config import CollectConfig
 from .hooks import HessianCollector
 from .passes import run_group
-from .boundary import (CACHE_DIR, BoundaryCache, boundary_bytes, choose_boundary_cache,
-                       disk_free_bytes, host_available_bytes)
 from .schedule import Batches, _count_tokens, _micro_batches, pass_kinds
 from .stream import BackgroundWriter, storage_dtype as _storage_dtype
 from .storage import (FORMAT_VERSION, LayerHessian, block_filename, check_run_identity, dtype_name,
@@ -172,6 +172,20 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
     return results
 
 
+def _disk_left(model: nn.Module, out_path: Path | None, todo: list[list[int]],
+               cfg: CollectConfig) -> int | None:
+    """Free disk in ``out_path`` once the factors still to collect are stored there."""
+    free = disk_free_bytes(out_path)
+    if free is None:
+        return None
+    item = 8 if cfg.dtype == torch.float64 else 2 if cfg.storage_dtype == "bfloat16" else 4
+    blocks = {b for g in todo for b in g}
+    store = sum((n * (n + 1) // 2) * (1 + int(cfg.collect_hx)) + m * (m + 1) // 2
+                for _, b, mod in get_adapter(model).named_linears(model) if b in blocks
+                for m, n in [(mod.out_features, mod.in_features)]) * item
+    return max(free - store, 0)
+
+
 def _boundary_cache(model: nn.Module, batches: Batches, cfg: CollectConfig,
                     groups: list[list[int]], todo: list[list[int]], out_path: Path | None,
                     identity: dict[str, Any]) -> BoundaryCache | None:
@@ -191,7 +205,7 @@ def _boundary_cache(model: nn.Module, batches: Batches, cfg: CollectConfig,
     size = boundary_bytes(sum(mb_tokens), hidden, emb.element_size(), len(starts) + 1)
     cache_dir = out_path / CACHE_DIR if out_path is not None else None
     choice = choose_boundary_cache(cfg.boundary_cache, size, host_bytes=host_available_bytes(),
-                                   disk_bytes=disk_free_bytes(out_path), world=world)
+                                   disk_bytes=_disk_left(model, out_path, todo, cfg), world=world)
     log.info("boundary cache: %s, %s", choice.mode, choice.reason)
     if choice.mode == "off":
         if cfg.boundary_cache in ("memory", "disk"):
