@@ -11,7 +11,7 @@
 #   bash bench/gpu_scale.sh save        # then report
 #   bash bench/gpu_scale.sh report
 #   bash bench/gpu_scale.sh throughput  # Sketch B vs plain at 8 and 32 layers, < 4 min
-#   bash bench/gpu_scale.sh throughput-full-grams  # the same with whole T x T Grams (A/B)
+#   bash bench/gpu_scale.sh throughput-full-grams  # the same with the previous statistics (A/B)
 #   bash bench/gpu_scale.sh project     # the 70B projection from the newest throughput file
 #
 # CPU check of the same sequence: TINY=1 OUT=/tmp/out bash bench/gpu_scale.sh all
@@ -39,10 +39,10 @@ case "${1:-}" in
     timeout 240 "$PY" bench/scale.py --stage throughput --device cuda --layers-list 8,32 \
       --batch-size 2 --steps 2 --precisions bf16 --work "$WORK-throughput" \
       --tag "${TAG}_cache" --copy-to "$OUT" --quiet ;;
-  throughput-full-grams)  # the same with whole T x T Grams (the previous statistics), to compare
+  throughput-full-grams)  # the previous statistics (whole T x T Grams, one GEMM per leaf)
     timeout 240 "$PY" bench/scale.py --stage throughput --device cuda --layers-list 8,32 \
-      --batch-size 2 --steps 2 --precisions bf16 --gram-scheme full --work "$WORK-throughput" \
-      --tag "${TAG}_cache_fullgram" --copy-to "$OUT" --quiet ;;
+      --batch-size 2 --steps 2 --precisions bf16 --gram-scheme full --leaf-batch off \
+      --work "$WORK-throughput" --tag "${TAG}_cache_oldstats" --copy-to "$OUT" --quiet ;;
   project)
     "$PY" bench/scale.py --stage project --work "$WORK" --copy-to "$OUT" \
       ${THROUGHPUT_JSON:+--throughput-json "$THROUGHPUT_JSON"} ;;

@@ -313,6 +313,7 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
            "plain_peak_gib": (plain_peak or 0) / GiB, "groups": plan.groups,
            "plan_peak_gib_est": plan.collection_peak_bytes / GiB,
            "boundary_cache": "memory" if cached else "off", "gram_scheme": args.gram_scheme,
+           "leaf_batch": args.leaf_batch,
            "hidden": shape.hidden, "intermediate": shape.intermediate,
            "heads": shape.heads, "kv_heads": shape.kv_heads, "vocab": shape.vocab,
            "plain_per_layer_token_s": t_plain / layers / ids.numel(), "modes": {}}
@@ -771,6 +772,9 @@ def main(argv=None) -> int:
                          "tf32,bf16 (the first feeds the projection)")
     ap.add_argument("--gram-scheme", default="syrk", choices=["syrk", "full"],
                     help="T x T Grams of the statistics: lower triangle only (syrk) or whole")
+    ap.add_argument("--leaf-batch", default="on", choices=["on", "off"],
+                    help="one batched GEMM for the diagonal leaves of every symmetric product "
+                         "(on) or one GEMM each (off, the previous statistics)")
     ap.add_argument("--throughput-json", type=Path, default=None,
                     help="project from this throughput file (default: "
                          "bench/results/scale_throughput_h100_i14.json)")
@@ -791,6 +795,7 @@ def main(argv=None) -> int:
     from yaqa.hessians import accumulators
 
     accumulators._GRAM_SCHEME = args.gram_scheme
+    accumulators._BATCH_LEAVES = args.leaf_batch == "on"
     state = load_state(args.work)
     stages = (["plan", "collect", "round", "save", "throughput", "project", "report"]
               if args.stage == "all" else [args.stage])

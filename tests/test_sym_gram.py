@@ -38,3 +38,27 @@ def test_syrk_grams_give_the_factors_of_full_grams(monkeypatch, precision, tol):
         for k in ("H_in", "H_out"):
             a, b = getattr(full[name], k), getattr(syrk[name], k)
             assert (a - b).norm() / a.norm() < tol, (name, k)
+
+
+@pytest.mark.parametrize("precision", ["full", "bf16"])
+def test_batched_diagonal_leaves_give_the_same_sums(monkeypatch, precision):
+    from yaqa.hessians import accumulators as acc_mod
+
+    g = torch.Generator().manual_seed(3)
+    n, K = 1536, 200  # three 512-wide leaves
+    assert acc_mod._uniform_leaf(n) == 512 and acc_mod._uniform_leaf(1000) == 500
+    assert acc_mod._uniform_leaf(512) is None  # one leaf: nothing to batch
+    a = torch.randn(n, K, generator=g).T  # a transposed view: the strides must be honoured
+    b = a * torch.rand(K, 1, generator=g)
+    prod = acc_mod.Products(precision, torch.float32, torch.device("cpu"))
+    sums = {}
+    for batched in (False, True):
+        monkeypatch.setattr(acc_mod, "_BATCH_LEAVES", batched)
+        acc = torch.full((n, n), 0.5)
+        acc_mod.sym_addmm(acc, a, b, prod, "final")
+        sums[batched] = acc
+    assert torch.equal(sums[True], sums[False])
+    want = torch.tril(a.double().T @ b.double() + 0.5)
+    got = torch.tril(sums[True].double())
+    tol = 1e-5 if precision == "full" else 1e-2
+    assert ((got - want).norm() / want.norm()).item() < tol
