@@ -421,14 +421,18 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
 
 def timed_warmup(model: nn.Module, ids: Tensor, plan: MemoryPlan, req: CollectionRequest, *,
                  steps: int = 2, seed: int = 0, precision: str = "auto") -> float:
-    """Time ``steps`` micro-batches of the plan's first group (after one untimed) and extrapolate
-    to the whole plan: seconds for every group and pass over ``plan.tokens`` tokens.
+    """Time ``steps`` micro-batches of the plan's costliest group (after one untimed) and
+    extrapolate to the whole plan: seconds for every group and pass over ``plan.tokens`` tokens.
 
-    The first group is the deepest backward, so the estimate errs on the long side.
+    That group runs the most blocks, so the estimate errs on the long side.
     """
     from .hessians.collect import HessianCollector
 
-    group = plan.groups[0]
+    # with the boundary cache the top group is the one that runs the whole model (and the
+    # first group's backward through every block would not fit: the plan sized it for its own
+    # blocks); without it the first group has the deepest backward
+    cached = plan.boundary_cache.get("mode", "off") != "off"
+    group = plan.groups[-1] if cached else plan.groups[0]
     ids = ids[: req.batch_size * (steps + 1)]
     mbs = list(ids.split(req.batch_size))
     dev = next(model.parameters()).device
