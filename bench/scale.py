@@ -36,6 +36,7 @@ import transformers
 
 import yaqa
 from yaqa.hessians import HessianCollector, load_hessians, run_collection
+from yaqa.hessians.boundary import BoundaryCache, disk_free_bytes
 from yaqa.hessians.labels import sampled_label_grad
 from yaqa.models import get_adapter
 from yaqa.plan import (GiB, CollectionRequest, ModelShape, collection_terms, is_oom, make_plan,
@@ -148,17 +149,26 @@ def budget(args) -> int:
     return yaqa.plan.device_budget(args.device)
 
 
+def plan_for(args, shape: ModelShape, req: CollectionRequest):
+    """The memory plan, with the boundary cache placed as the collection will place it."""
+    return make_plan(shape, req, budget_bytes=budget(args), device=args.device,
+                     margin=args.margin, blocks_per_pass=args.blocks_per_pass,
+                     boundary_cache=args.boundary_cache,
+                     host_bytes=int(args.host_gib * GiB) if args.host_gib else None,
+                     disk_bytes=disk_free_bytes(args.work))
+
+
 def stage_plan(args, state: dict) -> None:
     t = time.perf_counter()
     shape = ModelShape.from_config(config(args))
-    plan = make_plan(shape, request(args), budget_bytes=budget(args), device=args.device,
-                     margin=args.margin)
+    plan = plan_for(args, shape, request(args))
     if not args.dry_run:
         model = build_model(args)
         ids = calibration(args, model.config.vocab_size)
         timed_warmup(model, ids, plan, request(args), steps=2)
     state["plan"] = plan.to_dict()
     print(plan.summary())
+    _write_results(args, f"scale_plan{args.tag}.txt", plan.summary() + "\n")
     record(state, "plan", time.perf_counter() - t, True, args)
 
 
@@ -167,10 +177,10 @@ def stage_collect(args, state: dict) -> None:
         print("collect: done")
         return
     if "plan" not in state:  # the plan stage was skipped: plan without the warm-up
-        state["plan"] = make_plan(ModelShape.from_config(config(args)), request(args),
-                                  budget_bytes=budget(args), device=args.device,
-                                  margin=args.margin).to_dict()
+        state["plan"] = plan_for(args, ModelShape.from_config(config(args)),
+                                 request(args)).to_dict()
     bpp = state["plan"]["blocks_per_pass"]
+    cache = state["plan"].get("boundary_cache", {}).get("mode", "off")
     t = time.perf_counter()
     model = build_model(args)
     ids = calibration(args, model.config.vocab_size)
@@ -180,7 +190,8 @@ def stage_collect(args, state: dict) -> None:
         with Deadline(max(1.0, args.budget_s - t_build)):
             run_collection(model, ids, args.work / "hessians", sketch="B", batch_size=args.batch_size,
                            blocks_per_pass=bpp, collect_hx=False, storage_dtype=args.storage,
-                           checkpoint_interval_s=1e9, progress=not args.quiet)
+                           boundary_cache=cache, checkpoint_interval_s=1e9,
+                           progress=not args.quiet)
         done = True
     except KeyboardInterrupt as e:
         print(f"collect: stopped at the time budget ({e}); run the same command again")
@@ -189,7 +200,7 @@ def stage_collect(args, state: dict) -> None:
             raise SystemExit(oom_message(e, None, "collection")) from None
         raise
     record(state, "collect", time.perf_counter() - t - t_build, done, args,
-           build_seconds=t_build, blocks_per_pass=bpp)
+           build_seconds=t_build, blocks_per_pass=bpp, boundary_cache=cache)
     if done:
         print("collect: done")
 
@@ -277,8 +288,7 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
     shape = ModelShape.from_model(model)
     req = CollectionRequest(n_seqs=args.batch_size, ctx=args.ctx, batch_size=args.batch_size,
                             collect_hx=args.hx)
-    plan = make_plan(shape, req, budget_bytes=budget(args), device=args.device,
-                     margin=args.margin)
+    plan = plan_for(args, shape, req)
     # the plain baseline keeps every block's activations: the first group's peak without the
     # accumulators and the statistic workspace (never more than the plan's own peak)
     t0 = collection_terms(shape, req, [0])
@@ -297,40 +307,63 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
         plain_peak = gpu_peak_bytes(args.device)
     finally:
         h.remove()
+    cached = plan.boundary_cache.get("mode", "off") != "off" and len(plan.groups) > 1
     row = {"layers": layers, "batch": args.batch_size, "ctx": args.ctx, "plain_s": t_plain,
            "plain_peak_gib_est": plain_est / GiB,
            "plain_peak_gib": (plain_peak or 0) / GiB, "groups": plan.groups,
            "plan_peak_gib_est": plan.collection_peak_bytes / GiB,
+           "boundary_cache": "memory" if cached else "off", "gram_scheme": args.gram_scheme,
+           "leaf_batch": args.leaf_batch,
+           "hidden": shape.hidden, "intermediate": shape.intermediate,
+           "heads": shape.heads, "kv_heads": shape.kv_heads, "vocab": shape.vocab,
            "plain_per_layer_token_s": t_plain / layers / ids.numel(), "modes": {}}
     for prec in precisions:
         _free(args.device)
-        t_groups = []
-        for g in plan.groups:
-            col = HessianCollector(model, g, collect_hx=args.hx, precision=prec)
+        t_groups, work = [], []
+        starts = [g[0] for g in plan.groups if g[0] > 0]
+        bc = (BoundaryCache(starts, [ids.numel()], shape.hidden, next(model.parameters()).dtype,
+                            "memory", grads=starts, device=args.device) if cached else None)
+        # as in a real run: with the cache, the top group first, from the embeddings to the
+        # head (recording the states every step); the others between cached state and gradient
+        for g in (plan.groups[::-1] if cached else plan.groups):
+            top = g is plan.groups[-1]
+            col = HessianCollector(model, g, collect_hx=args.hx, precision=prec, boundary=bc)
+
+            def step(col=col, top=top):
+                if bc is not None and top:
+                    bc.forget(0)  # a real run's top group finds no state: it records them
+                col.step(ids, range(ids.shape[0]), 0)
             with col:
                 col.begin_pass("b")
-                t_groups.append(_timed(lambda: col.step(ids, range(ids.shape[0])), args.steps,
-                                       args.device))
+                t_groups.append(_timed(step, args.steps, args.device))
+            if cached:
+                work.append(1.0 if top else len(g) / layers)
+            else:
+                work.append(1 / 3 + 2 / 3 * (layers - g[0]) / layers)
             # how bf16 products reached the fp32 sums: one fused GEMM, or GEMM + add
             fused = {a.prod._fused_ok for a in col.acc.values()}
             del col  # its accumulators must be gone before the next group allocates its own
             gc.collect()
-        # the statistics alone: each group's time minus the model's own work (the forward is
-        # the same; its backward stops at the group's first block)
-        stat_s = max(sum(tg - t_plain * (1 - g[0] / layers)
-                         for tg, g in zip(t_groups, plan.groups)), 0.0)
+        if bc is not None:
+            bc.close(remove=True)
+        # the statistics alone: each group's time minus the model's own work in it (cache: the
+        # top group runs the whole model, the others their own blocks; no cache: the whole
+        # forward and the backward down to the group's first block)
+        stat_s = max(sum(tg - t_plain * w for tg, w in zip(t_groups, work)), 0.0)
         sb = sum(t_groups)
         row["modes"][prec] = {
             "sketch_b_s": sb, "x_plain": sb / t_plain,
             "x_plain_if_one_pass": (t_plain + stat_s) / t_plain,
             "stats_per_layer_token_s": stat_s / layers / ids.numel(),
+            "model_work": sum(work),
             "peak_gpu_gib": (gpu_peak_bytes(args.device) or 0) / GiB,
             "fused_bf16_accumulation": sorted(str(f) for f in fused)}
         m = row["modes"][prec]
         print(f"{layers} layers, batch {args.batch_size}, {prec}: plain {t_plain * 1e3:.1f} ms, "
-              f"Sketch B {sb * 1e3:.1f} ms over {len(plan.groups)} pass(es) = "
-              f"{m['x_plain']:.2f}x plain ({m['x_plain_if_one_pass']:.2f}x if every accumulator "
-              f"fit one pass); statistics {stat_s / layers * 1e3:.1f} ms per layer", flush=True)
+              f"Sketch B {sb * 1e3:.1f} ms over {len(plan.groups)} pass(es), boundary cache "
+              f"{row['boundary_cache']} = {m['x_plain']:.2f}x plain ({m['x_plain_if_one_pass']:.2f}x "
+              f"if every accumulator fit one pass); statistics {stat_s / layers * 1e3:.1f} ms per "
+              "layer", flush=True)
     if layers == args.layers_list[0]:
         _free(args.device)
         profile(model, plan.groups[-1], ids, args, precisions[0])
@@ -439,56 +472,222 @@ def profile(model, group, ids, args, precision: str = "auto") -> None:
 
 # -- projection ------------------------------------------------------------------------------------
 
-def _layer_flops(cfg: dict, T: int) -> tuple[float, float]:
-    """(model fwd+bwd, Sketch-B statistics) flops per token of one decoder layer."""
+H100_THROUGHPUT = RESULTS / "scale_throughput_h100_i14.json"
+H100_ROUNDING = RESULTS / "rounding_cuda.json"
+H100_TRELLIS = RESULTS / "trellis_speed_h100_triton.json"
+GPU_BYTES = 80 * 10 ** 9  # an 80 GB H100
+HOST_BYTES = 2 * 10 ** 12  # host memory of a typical 8 x H100 node
+
+
+def _shapes(cfg: dict) -> list[tuple[int, int]]:
+    """(out m, in n) of one decoder block's seven linears."""
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     kv = h * cfg["num_key_value_heads"] // cfg["num_attention_heads"]
-    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
-    model = 4 * sum(m * n for m, n in shapes) + 6 * T * h  # activation-only bwd, causal attn
-    stats = sum(4 * T * (m + n) + 2 * (n * n + m * m) * 0.52 for m, n in shapes)
+    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+
+def _layer_flops(cfg: dict, T: int) -> tuple[float, float]:
+    """(model fwd + activation-only bwd, Sketch-B statistics) flops per token of one layer, at
+    context T, by the route and the symmetric-product tiling the collection uses."""
+    from yaqa.hessians.accumulators import choose_route, sym_flop_fraction
+
+    h = cfg["hidden_size"]
+    model = 4 * sum(m * n for m, n in _shapes(cfg)) + 6 * T * h  # + causal attention
+    stats = 0.0
+    for m, n in _shapes(cfg):
+        sym = n * n * sym_flop_fraction(n) + m * m * sym_flop_fraction(m)
+        if choose_route(T, m, n) == "gram":  # per sequence, then per token
+            stats += (4 * T * T * (m + n) + 2 * T * sym) / T
+        else:
+            stats += (2 * T * m * n + 2 * m * n * (m + n)) / T  # sym ignored: ∇W_b products
     return model, stats
 
 
+def _measured_row(path: Path, precision: str | None) -> tuple[dict, dict, str]:
+    """The deepest row of a throughput JSON and the shape it was measured on."""
+    if not path.exists():
+        raise SystemExit(f"{path} not found: run --stage throughput on a GPU first, or pass "
+                         "--throughput-json")
+    rows = json.loads(path.read_text())
+    row = rows[max(rows, key=int)]
+    prec = precision if precision in row["modes"] else next(iter(row["modes"]))
+    if "hidden" in row:
+        cfg = dict(hidden_size=row["hidden"], intermediate_size=row["intermediate"],
+                   num_attention_heads=row["heads"], num_key_value_heads=row["kv_heads"],
+                   vocab_size=row["vocab"])
+    else:  # files written before the shape was recorded: only the Llama-3.1-8B runs exist
+        cfg = dict(LLAMA8B)
+    if cfg["hidden_size"] < 1024:
+        # a tiny model's time per token is interpreter overhead, not flops: scaling it to 70B
+        # gave the hundreds of thousands of hours this table once showed
+        raise SystemExit(f"{path} was measured on a tiny model (hidden {cfg['hidden_size']}); "
+                         "project from a GPU measurement of the 8B shape")
+    return row, cfg, prec
+
+
 def stage_project(args, state: dict) -> None:
-    """Llama-3.1-70B: GPUs, hours and disk, scaled from the measured per-layer numbers."""
-    thr = state.get("throughput")
-    if not thr:
-        raise SystemExit("run --stage throughput first (it measures the per-layer numbers)")
-    deepest = thr[max(thr, key=int)]
-    T = args.ctx
-    m8, s8 = _layer_flops(LLAMA8B, T)
+    """Llama-3.1-70B: passes, GPUs, hours and disk, scaled by flops from the measured 8B
+    per-layer numbers; writes bench/results/scale_projection_70b.{md,json}."""
+    src = args.throughput_json or H100_THROUGHPUT
+    row, mcfg, prec = _measured_row(src, "bf16")
+    m = row["modes"][prec]
+    T_meas, T = row["ctx"], 2048
+    new_split = "model_work" in m  # older rows counted repeated forwards as statistics
+    m8, s8 = _layer_flops(mcfg, T_meas)
     m70, s70 = _layer_flops(LLAMA70B, T)
-    plain70 = deepest["plain_per_layer_token_s"] * m70 / m8
-    stats70 = deepest["stats_per_layer_token_s"] * s70 / s8
-    cfg = transformers.LlamaConfig(**LLAMA70B)
-    shape = ModelShape.from_config(cfg)
-    L = shape.n_blocks
+    plain70 = row["plain_per_layer_token_s"] * m70 / m8
+    stats70 = m["stats_per_layer_token_s"] * s70 / s8
+    shape = ModelShape.from_config(transformers.LlamaConfig(**LLAMA70B))
+    acc = yaqa.plan.accumulator_bytes(shape, CollectionRequest(collect_hx=False))
     rows = []
-    for gpus, tokens in [(g, t) for t in (args.n_seqs * T, 65536 * 2048) for g in (4, 8, 16)]:
-        # layers split across the GPUs (pipeline, weights sharded); each GPU holds the
-        # accumulators of the blocks it collects; the data passes repeat per group of blocks
-        per_gpu = 80 * 10**9 * (1 - args.margin) - shape.param_bytes / gpus
-        acc = yaqa.plan.accumulator_bytes(shape, request(args))
-        act = yaqa.plan.activation_bytes_per_token(shape, T, False) * args.batch_size * T * L / gpus
-        fit = int((per_gpu - act - 4 * GiB) // acc) if per_gpu > act else 0
-        if fit < 1:
-            rows.append({"gpus": gpus, "tokens": tokens, "fits": False})
-            continue
-        blocks_per_pass = min(L, fit * gpus)
-        passes = math.ceil(L / blocks_per_pass)
-        # each pass: a full forward (1/3 of fwd+bwd) + backward down to its first block; the
-        # statistics of every layer once; pipeline stages run one after another (no overlap)
-        fwd_bwd = sum((1 / 3 + 2 / 3 * (1 - k * blocks_per_pass / L)) for k in range(passes))
-        secs = tokens * L * (plain70 * fwd_bwd + stats70)
-        rows.append({"gpus": gpus, "tokens": tokens, "fits": True,
-                     "blocks_per_pass": blocks_per_pass,
-                     "passes": passes, "collect_hours": secs / 3600,
-                     "gpu_hours": secs * gpus / 3600})
+    for batch in (1, 2):
+        rows += _project_rows(shape, T, batch, plain70, stats70, args.margin)
+    rounding = _project_rounding()
     disk = {"fp32": stored_bytes(shape, False, 4) / 1e9, "bf16": stored_bytes(shape, False, 2) / 1e9}
-    state["projection_70b"] = {"plain_per_layer_token_s": plain70,
-                               "stats_per_layer_token_s": stats70, "rows": rows,
-                               "disk_gb": disk, "from": f"{max(thr, key=int)}-layer measurement"}
-    print(json.dumps(state["projection_70b"], indent=1))
+    proj = {"source": str(src.relative_to(Path(__file__).parent.parent)
+                          if src.is_relative_to(Path(__file__).parent.parent) else src),
+            "measured": {"layers": row["layers"], "ctx": T_meas, "precision": prec,
+                         "plain_per_layer_token_s": row["plain_per_layer_token_s"],
+                         "stats_per_layer_token_s": m["stats_per_layer_token_s"],
+                         "stats_include_repeated_forwards": not new_split},
+            "flops_ratio_model": m70 / m8, "flops_ratio_stats": s70 / s8,
+            "plain_per_layer_token_s": plain70, "stats_per_layer_token_s": stats70,
+            "accumulators_gb_per_block": acc / 1e9, "rows": rows, "rounding": rounding,
+            "disk_gb": disk}
+    state["projection_70b"] = proj
+    _write_results(args, "scale_projection_70b.json", json.dumps(proj, indent=1))
+    _write_results(args, "scale_projection_70b.md", _projection_md(proj))
+    print(_projection_md(proj))
+
+
+def _project_rows(shape: ModelShape, T: int, batch: int, plain70: float, stats70: float,
+                  margin: float) -> list[dict]:
+    """Passes, cache and hours of 70B collection for each token count and GPU count."""
+    L = shape.n_blocks
+    req = CollectionRequest(n_seqs=1024, ctx=T, batch_size=batch, collect_hx=False)
+    acc = yaqa.plan.accumulator_bytes(shape, req)
+    act = yaqa.plan.activation_bytes_per_token(shape, T, False) * batch * T
+    head = yaqa.plan.head_bytes(shape, req)
+    ws = yaqa.plan.workspace_bytes(shape, req)
+    rows: list[dict] = []
+    for tokens_label, n_seqs in (("1024 x 2048", 1024), ("65536 x 2048 (paper)", 65536)):
+        tokens = n_seqs * T
+        cache_per_boundary = tokens * shape.hidden * shape.dtype_bytes
+        for gpus in (2, 4, 8):
+            # the model split by layers over the GPUs (one process, a device map: what yaqa's
+            # hooks support today); a GPU holds its L/G blocks' weights and activations, the
+            # head on the last one, and the accumulators of the group's blocks it holds
+            per_gpu = L / gpus
+            free = GPU_BYTES * (1 - margin) - shape.param_bytes / gpus - act * per_gpu \
+                - head - ws
+            fit = int(free // acc) if free > 0 else 0
+            if fit < 1:
+                rows.append({"tokens": tokens_label, "batch": batch, "gpus": gpus,
+                             "fits": False})
+                continue
+            for layout, bpp in (("contiguous (today)", min(fit, math.ceil(per_gpu))),
+                                ("spread over GPUs (not built)", min(L, fit * gpus))):
+                groups = math.ceil(L / bpp)
+                cache = cache_per_boundary * groups if groups > 1 else 0
+                # with the boundary cache: the top group runs the whole model, the others their
+                # own blocks; without: the whole forward and the backward to the group's start
+                work_cached = 1 + (groups - 1) * bpp / L
+                work_off = sum(1 / 3 + 2 / 3 * (1 - k * bpp / L) for k in range(groups))
+                secs = {w: tokens * L * (plain70 * work + stats70)
+                        for w, work in (("cached", work_cached), ("recompute", work_off))}
+                # the cache is used where it fits 60% of the host memory (as "auto" decides)
+                use = cache <= 0.6 * HOST_BYTES
+                best = secs["cached"] if use else secs["recompute"]
+                rows.append({"tokens": tokens_label, "batch": batch, "gpus": gpus, "fits": True,
+                             "layout": layout, "blocks_per_pass": bpp, "passes": groups,
+                             "boundary_cache_gb": cache / 1e9, "cache_fits_host": use,
+                             "hours_cached": secs["cached"] / 3600,
+                             "hours_recompute": secs["recompute"] / 3600,
+                             "hours": best / 3600, "gpu_hours": best * gpus / 3600})
+    return rows
+
+
+def _project_rounding() -> dict:
+    """Rounding all 560 linears of 70B, from the H100 per-shape times (int4 g128 YAQA, and the
+    trellis2 per-tile time), one GPU; blocks are independent, so G GPUs divide it by G."""
+    out: dict = {}
+    if H100_ROUNDING.exists():
+        t = {r["shape"]: r for r in json.loads(H100_ROUNDING.read_text())["timings"]}
+        # YAQA's feedback is two-sided: cost ~ m n (m + n); scale from the nearest measured shape
+        ref = [(r["m"], r["n"], r["yaqa_s"]) for r in t.values() if r["m"] >= 4096]
+
+        def yaqa_s(m: int, n: int) -> float:
+            rm, rn, rs = min(ref, key=lambda x: abs(math.log(x[0] * x[1] / (m * n))))
+            return rs * (m * n * (m + n)) / (rm * rn * (rm + rn))
+        per_block = sum(yaqa_s(m, n) for m, n in _shapes(LLAMA70B))
+        out["yaqa_int4_hours_one_gpu"] = per_block * LLAMA70B["num_hidden_layers"] / 3600
+        out["yaqa_int4_s_per_block"] = per_block
+    if H100_TRELLIS.exists():
+        runs = json.loads(H100_TRELLIS.read_text())["runs"]
+        ms = min(r["ms_per_tile"] for r in runs if "ms_per_tile" in r)
+        params = LLAMA70B["num_hidden_layers"] * sum(m * n for m, n in _shapes(LLAMA70B))
+        out["trellis2_hours_one_gpu"] = params / 256 * ms / 1e3 / 3600
+        out["trellis2_ms_per_tile"] = ms
+    return out
+
+
+def _projection_md(p: dict) -> str:
+    me = p["measured"]
+    lines = ["# Llama-3.1-70B projection (bench/scale.py --stage project)", "",
+             f"Source: `{p['source']}`, the {me['layers']}-layer Llama-3.1-8B-shaped row, "
+             f"precision {me['precision']}, ctx {me['ctx']}: plain forward+backward "
+             f"{me['plain_per_layer_token_s'] * 1e9:.0f} ns and statistics "
+             f"{me['stats_per_layer_token_s'] * 1e9:.0f} ns per layer and token"
+             + (" (that row's statistics still include the forwards its passes repeated, so "
+                "they err on the long side)" if me["stats_include_repeated_forwards"] else "")
+             + ".", "",
+             f"Scaled by flops to 70B (80 layers, hidden 8192, intermediate 28672, 8 kv heads, "
+             f"ctx 2048): model x{p['flops_ratio_model']:.2f}, statistics "
+             f"x{p['flops_ratio_stats']:.2f} -> {p['plain_per_layer_token_s'] * 1e9:.0f} ns + "
+             f"{p['stats_per_layer_token_s'] * 1e9:.0f} ns per layer and token. Accumulators: "
+             f"{p['accumulators_gb_per_block']:.1f} GB per block (fp32, no H_x).", "",
+             "Layout: the 141 GB bf16 model does not fit one 80 GB GPU, so it is split by layers "
+             "over the GPUs (one process, a device map; yaqa's hooks put each layer's "
+             "accumulators on its device). Stages run one after another (no pipelining), so "
+             "the wall time does not shrink with more GPUs; more GPUs leave more memory for "
+             "accumulators. 'contiguous' is what `blocks_per_pass` does today (a group is a "
+             "run of consecutive blocks, so it lives on about one GPU); 'spread' would collect "
+             "blocks on every GPU at once (not built). Hours use the boundary cache (the top "
+             "group runs the whole model, the others their own blocks) where it fits 60% of a "
+             "2 TB host; otherwise every pass recomputes the forward and backward outside its "
+             "group. GPU-h = hours x GPUs (stages idle in turn). Batch = sequences of 2048 per "
+             "micro-batch (the 8B measurement used 2; per-token times are taken as equal); "
+             "data parallelism over model replicas (which would divide the hours) is not "
+             "modelled.", "",
+             "| tokens | batch | H100s | layout | blocks/pass | passes | cache GB | h with cache | "
+             "h without | collection h | GPU-h |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in p["rows"]:
+        if not r["fits"]:
+            lines.append(f"| {r['tokens']} | {r['batch']} | {r['gpus']} | does not fit (weights "
+                         "+ activations of the GPU's layers) | | | | | | | |")
+            continue
+        cached = f"{r['hours_cached']:.1f}" if r["cache_fits_host"] else "(cache too big)"
+        lines.append(f"| {r['tokens']} | {r['batch']} | {r['gpus']} | {r['layout']} | "
+                     f"{r['blocks_per_pass']} | "
+                     f"{r['passes']} | {r['boundary_cache_gb']:.0f} | {cached} | "
+                     f"{r['hours_recompute']:.1f} | **{r['hours']:.1f}** | {r['gpu_hours']:.0f} |")
+    ro = p["rounding"]
+    if ro:
+        lines += ["", "Rounding all 560 linears on one H100 (blocks are independent: G GPUs "
+                      "divide it by G): "
+                  + (f"YAQA int4 g128 {ro['yaqa_int4_hours_one_gpu']:.2f} h "
+                     f"({ro['yaqa_int4_s_per_block']:.0f} s per block, scaled from "
+                     "`rounding_cuda.json` by m·n·(m+n))" if "yaqa_int4_hours_one_gpu" in ro
+                     else "")
+                  + (f"; trellis2 {ro['trellis2_hours_one_gpu']:.1f} h at "
+                     f"{ro['trellis2_ms_per_tile']:.3f} ms per 16x16 tile "
+                     "(`trellis_speed_h100_triton.json`)" if "trellis2_hours_one_gpu" in ro
+                     else "") + "."]
+    lines += ["", f"Disk: the Hessian store (packed triangles, no H_x) is "
+                  f"{p['disk_gb']['fp32']:.0f} GB in fp32 or {p['disk_gb']['bf16']:.0f} GB in "
+                  "bf16, plus the boundary cache where it goes to disk."]
+    return "\n".join(lines) + "\n"
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -497,8 +696,12 @@ def stage_report(args, state: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     st = state["stages"]
     total = sum(st.get(k, {}).get("seconds", 0) for k in ("collect", "round", "save"))
-    lines = [f"# bench/scale.py{args.tag}", "",
-             f"Machine: {platform.node()}, torch {torch.__version__}, "
+    lines = [f"# bench/scale.py{args.tag}", ""]
+    if args.tiny:
+        lines += ["(CPU functional check of the stage sequence at a tiny size, on a loaded "
+                  "machine: the timings are noise, not measurements. The 70B projection is in "
+                  "scale_projection_70b.md, from the H100 measurements.)", ""]
+    lines += [f"Machine: {platform.node()}, torch {torch.__version__}, "
              f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
              f"Model: {'tiny' if args.tiny else 'Llama-3.1-8B'}-shaped, random bf16 weights; "
              f"Sketch B on {args.n_seqs} x {args.ctx} tokens, batch {args.batch_size}; "
@@ -517,7 +720,9 @@ def stage_report(args, state: dict) -> None:
         lines += ["", f"Plan: {p['blocks_per_pass']} blocks per pass, {len(p['groups'])} passes, "
                       f"estimated collection peak {p['collection_peak_bytes'] / GiB:.1f} GiB "
                       f"(measured: {st.get('collect', {}).get('peak_gpu_gib', float('nan')):.1f}), "
-                      f"estimated time {(p.get('seconds_estimate') or 0) / 60:.1f} min."]
+                      f"estimated time {(p.get('seconds_estimate') or 0) / 60:.1f} min; boundary "
+                      f"cache: {p.get('boundary_cache', {}).get('mode', 'off')} "
+                      f"({p.get('boundary_cache', {}).get('reason', '')})."]
     if "throughput" in state:
         lines += ["", "| layers | plain ms | Sketch B ms | x plain | x plain if one pass |",
                   "| ---: | ---: | ---: | ---: | ---: |"]
@@ -525,22 +730,9 @@ def stage_report(args, state: dict) -> None:
             lines.append(f"| {k} | {v['plain_s'] * 1e3:.1f} | {v['sketch_b_s'] * 1e3:.1f} | "
                          f"{v['x_plain']:.2f} | {v['x_plain_if_one_pass']:.2f} |")
     if "projection_70b" in state:
-        pr = state["projection_70b"]
-        lines += ["", f"Llama-3.1-70B projection (per-layer times from the {pr['from']}, "
-                      "scaled by flops; layers split over the GPUs, stages not overlapped; "
-                      f"disk {pr['disk_gb']['fp32']:.0f} GB fp32 / {pr['disk_gb']['bf16']:.0f} GB "
-                      "bf16 packed, no H_x):", "",
-                  "| tokens | H100s | blocks/pass | passes | collection h | GPU-h |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in pr["rows"]:
-            if r["fits"]:
-                lines.append(f"| {r['tokens']} | {r['gpus']} | {r['blocks_per_pass']} | "
-                             f"{r['passes']} | "
-                             f"{r['collect_hours']:.2f} | {r['gpu_hours']:.1f} |")
-            else:
-                lines.append(f"| {r['tokens']} | {r['gpus']} | does not fit | | | |")
-    (RESULTS / f"scale{args.tag}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"scale{args.tag}.json").write_text(json.dumps(state, indent=1, default=str))
+        lines += ["", "Llama-3.1-70B projection: see bench/results/scale_projection_70b.md."]
+    _write_results(args, f"scale{args.tag}.md", "\n".join(lines) + "\n")
+    _write_results(args, f"scale{args.tag}.json", json.dumps(state, indent=1, default=str))
     print("\n".join(lines))
 
 
@@ -563,6 +755,14 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-gib", type=float, default=None,
                     help="device memory to plan for (default: the device's)")
     ap.add_argument("--margin", type=float, default=0.1)
+    ap.add_argument("--blocks-per-pass", type=int, default=None,
+                    help="force this many blocks per pass (default: the plan's choice)")
+    ap.add_argument("--boundary-cache", default="auto",
+                    choices=["auto", "memory", "disk", "off"],
+                    help="hidden states and gradients at pass boundaries (see the plan)")
+    ap.add_argument("--host-gib", type=float, default=None,
+                    help="host memory available to plan the boundary cache for (default: "
+                         "this machine's)")
     ap.add_argument("--layers-list", type=lambda s: [int(x) for x in s.split(",")],
                     default=None, help="throughput depths (default 8,32; tiny: 1,2)")
     ap.add_argument("--steps", type=int, default=3)
@@ -570,6 +770,14 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", type=lambda s: s.split(","), default=["auto"],
                     help="statistics precision modes timed by the throughput stage, e.g. "
                          "tf32,bf16 (the first feeds the projection)")
+    ap.add_argument("--gram-scheme", default="syrk", choices=["syrk", "full"],
+                    help="T x T Grams of the statistics: lower triangle only (syrk) or whole")
+    ap.add_argument("--leaf-batch", default="on", choices=["on", "off"],
+                    help="one batched GEMM for the diagonal leaves of every symmetric product "
+                         "(on) or one GEMM each (off, the previous statistics)")
+    ap.add_argument("--throughput-json", type=Path, default=None,
+                    help="project from this throughput file (default: "
+                         "bench/results/scale_throughput_h100_i14.json)")
     ap.add_argument("--copy-to", type=Path, default=None,
                     help="also write the throughput table and profile here (e.g. $OUT)")
     ap.add_argument("--dry-run", action="store_true", help="plan without the timed warm-up")
@@ -584,6 +792,10 @@ def main(argv=None) -> int:
     if args.tiny and "tiny" not in args.tag:
         args.tag += "_tiny"  # a functional check never overwrites a real run's results
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from yaqa.hessians import accumulators
+
+    accumulators._GRAM_SCHEME = args.gram_scheme
+    accumulators._BATCH_LEAVES = args.leaf_batch == "on"
     state = load_state(args.work)
     stages = (["plan", "collect", "round", "save", "throughput", "project", "report"]
               if args.stage == "all" else [args.stage])
@@ -593,6 +805,10 @@ def main(argv=None) -> int:
     for s in stages:
         run[s](args, state)
         save_state(args.work, state)
+        if args.copy_to:  # every stage leaves its state in $OUT, done or cut off
+            args.copy_to.mkdir(parents=True, exist_ok=True)
+            (args.copy_to / f"scale_state{args.tag}.json").write_text(
+                (args.work / "state.json").read_text())
     return 0
 
 

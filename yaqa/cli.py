@@ -95,6 +95,7 @@ def _memory_plan(args, model, n_seqs: int, sketch: str = "B", blocks=None):
     import torch
 
     from .models.adapters import input_embeddings
+    from .hessians.boundary import disk_free_bytes
     from .plan import CollectionRequest, ModelShape, device_budget, make_plan
 
     device = input_embeddings(model).weight.device
@@ -107,7 +108,9 @@ def _memory_plan(args, model, n_seqs: int, sketch: str = "B", blocks=None):
                             if torch.distributed.is_initialized() else 1)
     return make_plan(ModelShape.from_model(model), req, budget_bytes=device_budget(device),
                      device=str(device), blocks=list(blocks) if blocks is not None else None,
-                     blocks_per_pass=getattr(args, "blocks_per_pass", None))
+                     blocks_per_pass=getattr(args, "blocks_per_pass", None),
+                     boundary_cache=getattr(args, "boundary_cache", "auto"),
+                     disk_bytes=disk_free_bytes(getattr(args, "out", None)))
 
 
 def _add_embeddings(p: argparse.ArgumentParser) -> None:
@@ -158,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="stored factors (packed triangles): bfloat16 halves the disk again, "
                         "relative error about 2e-3")
+    p.add_argument("--boundary-cache", default="auto", choices=("auto", "memory", "disk", "off"),
+                   help="with several passes of blocks, keep the hidden states entering each "
+                        "later pass's first block so it skips the earlier blocks: auto = host "
+                        "memory if it fits, else files in --out, else off")
     p.add_argument("--overwrite", action="store_true")
     _add_data(p)
     p.set_defaults(func=cmd_hessians)
@@ -258,7 +265,9 @@ def cmd_hessians(args) -> int:
                              blocks_per_pass=plan.blocks_per_pass,
                              gradient_checkpointing=args.gradient_checkpointing,
                              overwrite=args.overwrite, progress=not args.quiet,
-                             storage_dtype=args.storage_dtype)
+                             storage_dtype=args.storage_dtype,
+                             boundary_cache=plan.boundary_cache.get("mode", "off")
+                             if args.boundary_cache == "auto" else args.boundary_cache)
     except (RuntimeError, MemoryError) as e:
         if is_oom(e):
             raise PlanError(oom_message(e, plan, "collection")) from None

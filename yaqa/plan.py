@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .hessians.accumulators import choose_route, sym_blocks
+from .hessians.boundary import (BoundaryChoice, boundary_bytes, choose_boundary_cache,
+                                host_available_bytes)
 from .hessians.collect import pass_kinds
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,11 @@ class MemoryPlan:
     tokens: int
     seconds_estimate: float | None = None
     notes: list[str] = field(default_factory=list)
+    # hidden states entering each later group's first block: {"mode", "bytes", "reason",
+    # "starts"}; with it, later passes start their forward there (see hessians/boundary.py)
+    boundary_cache: dict[str, Any] = field(default_factory=dict)
+    model_work: float = 0.0               # the model's own work over all passes, in plain
+                                          # forward+backward passes over the data
 
     def fits(self) -> bool:
         return max(self.collection_peak_bytes, self.rounding_peak_bytes) <= self.limit_bytes
@@ -150,6 +157,15 @@ class MemoryPlan:
                  f"over {self.tokens} tokens ({self.passes_over_data} data passes), "
                  f"peak {g(self.collection_peak_bytes)}"]
         lines += [f"    {k:<24}{g(v):>12}" for k, v in self.collection_terms.items()]
+        bc = self.boundary_cache
+        if bc and bc["mode"] != "off":
+            where = "in host memory" if bc["mode"] == "memory" else "on disk"
+            lines.append(f"  boundary cache: {g(bc['bytes'])} {where}, the hidden states entering "
+                         f"blocks {bc['starts']} and their gradients ({bc['reason']}); model "
+                         f"work {self.model_work:.2f}x one forward+backward over the data")
+        elif bc and bc["bytes"]:
+            lines.append(f"  boundary cache: off ({bc['reason']}); model work "
+                         f"{self.model_work:.2f}x one forward+backward over the data")
         lines.append(f"  rounding: one linear at a time, peak {g(self.rounding_peak_bytes)}")
         lines += [f"    {k:<24}{g(v):>12}" for k, v in self.rounding_terms.items()]
         lines.append(f"  factors: {g(self.factor_bytes_per_block)} per block in fp32, "
@@ -235,17 +251,24 @@ def workspace_bytes(shape: ModelShape, req: CollectionRequest) -> int:
     return worst
 
 
-def collection_terms(shape: ModelShape, req: CollectionRequest, group: list[int]) -> dict[str, int]:
+def collection_terms(shape: ModelShape, req: CollectionRequest, group: list[int], *,
+                     own_blocks_only: bool = False) -> dict[str, int]:
+    """The peak of one group's passes, term by term. ``own_blocks_only``: the group runs from a
+    cached state to a cached gradient (a lower group under the boundary cache): no head, and
+    only its own blocks keep activations."""
     tokens_mb = req.batch_size * req.ctx
     with_grad = shape.n_blocks - group[0]  # backward stops at the first collected block
+    if own_blocks_only:
+        with_grad = group[-1] + 1 - group[0]
     if req.sketch == "hx":  # forward only, without autograd, stopped after the last block
         with_grad = 0
+    head = req.sketch != "hx" and not own_blocks_only
     return {
         "weights": shape.param_bytes,
         "accumulators": accumulator_bytes(shape, req) * len(group),
         "activations": activation_bytes_per_token(shape, req.ctx, req.gradient_checkpointing)
                        * tokens_mb * with_grad,
-        "logits + gradient": head_bytes(shape, req) if req.sketch != "hx" else 0,
+        "logits + gradient": head_bytes(shape, req) if head else 0,
         "statistic workspace": workspace_bytes(shape, req),
     }
 
@@ -300,8 +323,15 @@ def _groups(blocks: list[int], size: int) -> list[list[int]]:
 
 def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
               device: str = "cuda", margin: float = 0.1, blocks: list[int] | None = None,
-              blocks_per_pass: int | None = None, method: str = "yaqa") -> MemoryPlan:
+              blocks_per_pass: int | None = None, method: str = "yaqa",
+              boundary_cache: str = "auto", host_bytes: int | None = None,
+              disk_bytes: int | None = None) -> MemoryPlan:
     """Choose ``blocks_per_pass`` (the largest that fits, unless given) and report the peaks.
+
+    The boundary cache (hidden states entering each later group, see
+    :mod:`yaqa.hessians.boundary`) goes where ``boundary_cache`` asks and it fits: host memory
+    (``host_bytes`` available, default: read now), disk (``disk_bytes`` free in the output
+    directory, less the fp32 Hessian store; None: no directory) or nowhere. On a CPU device it counts in the peak.
 
     Raises :class:`PlanError` when even one block per pass (or the rounding) does not fit, naming
     the setting to lower.
@@ -310,11 +340,31 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
         raise ValueError(f"margin must be in [0, 1), got {margin}")
     blocks = sorted(set(range(shape.n_blocks) if blocks is None else blocks))
     limit = int(budget_bytes * (1 - margin))
+    if host_bytes is None:
+        host_bytes = host_available_bytes()
+    on_host = torch.device(device).type == "cpu"
+
+    def cache_choice(size: int) -> BoundaryChoice:
+        starts = [g[0] for g in _groups(blocks, size) if g[0] > 0]
+        # at its peak: every later group's state + the top group's gradient
+        nbytes = boundary_bytes(req.n_seqs * req.ctx, shape.hidden, shape.dtype_bytes,
+                                len(starts) + 1 if starts else 0)
+        return choose_boundary_cache(boundary_cache, nbytes, host_bytes=host_bytes,
+                                     disk_bytes=None if disk_bytes is None else
+                                     max(disk_bytes - stored_bytes(shape, req.collect_hx), 0),
+                                     world=req.world)
 
     def peak(size: int) -> tuple[int, dict[str, int]]:
         worst = (0, {})
-        for g in _groups(blocks, size):
-            t = collection_terms(shape, req, g)
+        bc = cache_choice(size)
+        gs = _groups(blocks, size)
+        for g in gs:
+            # with the cache, every group but the top one runs between a cached state and a
+            # cached gradient (when the group above is adjacent)
+            own = bc.mode != "off" and g is not gs[-1] and g[-1] + 1 in blocks
+            t = collection_terms(shape, req, g, own_blocks_only=own)
+            if on_host and bc.mode == "memory":
+                t["boundary cache"] = bc.bytes  # host memory is the device's here
             worst = max(worst, (sum(t.values()), t), key=lambda x: x[0])
         return worst
 
@@ -337,6 +387,17 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
         stored_bytes=stored_bytes(shape, req.collect_hx),
         passes_over_data=len(groups) * len(pass_kinds(req.sketch, req.power_iters)),
         tokens=tokens)
+    bc = cache_choice(size)
+    plan.boundary_cache = {"mode": bc.mode, "bytes": bc.bytes, "reason": bc.reason,
+                           "starts": [g[0] for g in groups if g[0] > 0]}
+    n_kinds = len(pass_kinds(req.sketch, req.power_iters))
+    # a cached group starts its forward at its first block; otherwise at block 0
+    L = shape.n_blocks
+    if bc.mode != "off":  # the top group runs the whole model; the others their own blocks
+        work = 1 + sum(len(g) / L for g in groups[:-1])
+    else:  # each group: the whole forward (1/3), the backward down to its first block (2/3)
+        work = sum(1 / 3 + 2 / 3 * (L - g[0]) / L for g in groups)
+    plan.model_work = n_kinds * work
     if coll > limit:
         biggest = max(terms, key=terms.get)
         advice = {"activations": "lower --batch-size or --ctx, or add --gradient-checkpointing",
@@ -344,6 +405,7 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
                   "accumulators": "collect fewer --blocks at once (no smaller group exists), or "
                                   "skip the plain Hessian",
                   "weights": "use a smaller model dtype or a larger device",
+                  "boundary cache": "use boundary_cache='disk' or 'off'",
                   "statistic workspace": "lower --batch-size or --ctx"}[biggest]
         raise PlanError(f"collection needs about {coll / GiB:.1f} GiB even at {size} block(s) per "
                         f"pass, over the {limit / GiB:.1f} GiB limit; the largest part is "
@@ -359,14 +421,18 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
 
 def timed_warmup(model: nn.Module, ids: Tensor, plan: MemoryPlan, req: CollectionRequest, *,
                  steps: int = 2, seed: int = 0, precision: str = "auto") -> float:
-    """Time ``steps`` micro-batches of the plan's first group (after one untimed) and extrapolate
-    to the whole plan: seconds for every group and pass over ``plan.tokens`` tokens.
+    """Time ``steps`` micro-batches of the plan's costliest group (after one untimed) and
+    extrapolate to the whole plan: seconds for every group and pass over ``plan.tokens`` tokens.
 
-    The first group is the deepest backward, so the estimate errs on the long side.
+    That group runs the most blocks, so the estimate errs on the long side.
     """
     from .hessians.collect import HessianCollector
 
-    group = plan.groups[0]
+    # with the boundary cache the top group is the one that runs the whole model (and the
+    # first group's backward through every block would not fit: the plan sized it for its own
+    # blocks); without it the first group has the deepest backward
+    cached = plan.boundary_cache.get("mode", "off") != "off"
+    group = plan.groups[-1] if cached else plan.groups[0]
     ids = ids[: req.batch_size * (steps + 1)]
     mbs = list(ids.split(req.batch_size))
     dev = next(model.parameters()).device

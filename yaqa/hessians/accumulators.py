@@ -99,6 +99,7 @@ class Products:
         self.cuda = device.type == "cuda"
         self._out_dtype_ok = self.cuda  # torch's mm(out_dtype=fp32) exists for bf16/fp16 on CUDA only
         self._fused_ok: bool | None = None if self.cuda else False  # addmm(out_dtype=) in place
+        self._fused_bmm_ok: bool | None = None if self.cuda else False  # and baddbmm
         self._how = dict(zip(("first", "mid", "final"), self.MODES[precision]))
         # One mode wants one TF32 setting for all its fp32 products ("full": IEEE everywhere;
         # the others: TF32 wherever an operand is fp32), so the flag is set once per update in
@@ -182,6 +183,46 @@ class Products:
         else:
             acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
+    def baddbmm_(self, acc: Tensor, a: Tensor, b: Tensor, level: str) -> None:
+        """:meth:`addmm_` for a batch: ``acc[i] += a[i] @ b[i]`` (``acc`` may be strided
+        blocks of a larger sum)."""
+        if a.dtype != b.dtype or (a.dtype in _LOW_PRECISION and not self.cuda):
+            a, b = a.to(acc.dtype), b.to(acc.dtype)
+        if a.dtype not in _LOW_PRECISION:
+            acc.baddbmm_(a if a.dtype == acc.dtype else a.to(acc.dtype),
+                         b if b.dtype == acc.dtype else b.to(acc.dtype))
+            return
+        if self._fused_bmm_ok is None:
+            self._fused_bmm_ok = _fused_baddbmm_works(acc.device, a.dtype)
+        if self._fused_bmm_ok:
+            torch.baddbmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        elif self._out_dtype_ok and acc.dtype == torch.float32:
+            acc.add_(self.mm(a, b, level))
+        else:
+            acc.baddbmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _fused_baddbmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``baddbmm(acc, a, b, out_dtype=fp32, out=acc)`` of low-precision operands updates
+    strided diagonal blocks of an fp32 sum correctly here (checked once on small tensors)."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        big = torch.randn(48, 48, device=device, generator=g)
+        a = torch.randn(3, 16, 40, device=device, generator=g).to(dtype)
+        b = torch.randn(3, 40, 16, device=device, generator=g).to(dtype)
+        want = big.clone()
+        for i in range(3):
+            want[16 * i:16 * i + 16, 16 * i:16 * i + 16] += (a[i].double() @ b[i].double()).float()
+        view = big.as_strided((3, 16, 16), (16 * 49, 48, 1))
+        torch.baddbmm(view, a, b, out_dtype=torch.float32, out=view)
+        ok = bool(torch.allclose(big, want, rtol=1e-4, atol=1e-3))
+    except (RuntimeError, TypeError) as e:
+        log.info("fused bf16 baddbmm into fp32 sums unavailable (%s); bmm + add", e)
+        return False
+    if not ok:
+        log.info("fused bf16 baddbmm into strided fp32 blocks is wrong here; bmm + add")
+    return ok
+
 
 def _fused_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``addmm(acc, a, b, out_dtype=fp32, out=acc)`` of low-precision operands updates a
@@ -255,9 +296,64 @@ def sym_addmm(acc: Tensor, a: Tensor, b: Tensor, prod: Products, level: str) -> 
     of the full product for large n); :func:`mirror_lower` restores the upper half.
     """
     a, b = prod.gemm_operand(a, level), prod.gemm_operand(b, level)
+    n = acc.shape[0]
+    t = _uniform_leaf(n) if _BATCH_LEAVES and acc.is_contiguous() else None
     # in place into views of the sum: one GEMM per rectangle, no product temporaries
-    for r0, r1, c0, c1 in sym_blocks(acc.shape[0]):
-        prod.addmm_(acc[r0:r1, c0:c1], a[:, r0:r1].T, b[:, c0:c1], level)
+    for r0, r1, c0, c1 in sym_blocks(n):
+        if t is None or r0 != c0:
+            prod.addmm_(acc[r0:r1, c0:c1], a[:, r0:r1].T, b[:, c0:c1], level)
+    if t is not None:
+        # the diagonal leaves are equal squares at a constant stride through the sum, the
+        # operands' column slices likewise: one batched GEMM for all of them instead of one
+        # small GEMM each (small outputs leave most of a GPU idle)
+        k, K = n // t, a.shape[0]
+        diag = acc.as_strided((k, t, t), (t * (n + 1), n, 1), acc.storage_offset())
+        at = a.as_strided((k, t, K), (t * a.stride(1), a.stride(1), a.stride(0)),
+                          a.storage_offset())
+        bt = b.as_strided((k, K, t), (t * b.stride(1), b.stride(0), b.stride(1)),
+                          b.storage_offset())
+        prod.baddbmm_(diag, at, bt, level)
+
+
+# batch the diagonal leaves of sym_addmm into one GEMM (bench/scale.py --leaf-batch off compares)
+_BATCH_LEAVES = True
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_leaf(n: int) -> int | None:
+    """The leaf size when sym_addmm's diagonal leaves are equal squares tiling n (else None)."""
+    leaves = [(r0, r1) for r0, r1, c0, c1 in sym_blocks(n) if r0 == c0]
+    t = leaves[0][1] - leaves[0][0]
+    ok = len(leaves) > 1 and all(r0 == i * t and r1 == r0 + t
+                                 for i, (r0, r1) in enumerate(sorted(leaves)))
+    return t if ok and t * len(leaves) == n else None
+
+
+GRAM_SCHEMES = ("syrk", "full")
+_GRAM_SCHEME = "syrk"
+
+
+def sym_gram(a: Tensor, prod: Products, level: str, for_level: str) -> Tensor:
+    """``a a^T`` per sequence ([b, T, k] -> [b, T, T]), multiplying only the lower block triangle.
+
+    The T×T Grams of the Gram route (G G^T, X X^T) are symmetric: the rectangles of
+    :func:`sym_blocks` (T) cost 5/8 of the full product at T = 2048 (4 tiles) and are written
+    with their mirror images. Each output element is the same dot product as in the full
+    product, so the result differs from it only by the summation order inside the GEMMs.
+    """
+    T = a.shape[1]
+    blocks = sym_blocks(T)
+    if _GRAM_SCHEME == "full" or len(blocks) == 1:
+        return prod.mm(a, a.transpose(1, 2), level, for_level=for_level)
+    out: Tensor | None = None
+    for r0, r1, c0, c1 in blocks:
+        p = prod.mm(a[:, r0:r1], a[:, c0:c1].transpose(1, 2), level, for_level=for_level)
+        if out is None:
+            out = torch.empty(a.shape[0], T, T, dtype=p.dtype, device=p.device)
+        out[:, r0:r1, c0:c1] = p
+        if r0 != c0:  # a lower rectangle: its mirror fills the upper triangle
+            out[:, c0:c1, r0:r1] = p.transpose(1, 2)
+    return out
 
 
 def mirror_lower(acc: Tensor) -> Tensor:
@@ -477,7 +573,7 @@ class LayerAccumulator:
         if prod.same_operand("mid", "final"):  # one conversion serves both levels
             X, G = prod.operand(X, "mid"), prod.operand(G, "mid")
         if Hout is None:
-            SG = prod.mm(G0, G0.transpose(1, 2), "first", for_level="mid")
+            SG = sym_gram(G0, prod, "first", for_level="mid")
         else:
             SG = prod.mm(prod.mm(G.reshape(b * T, m), Hout, "mid", for_level="mid")
                          .reshape(b, T, m), G.transpose(1, 2), "mid", for_level="mid")
@@ -485,8 +581,7 @@ class LayerAccumulator:
         sym_addmm(self.sums["H_in"], X.reshape(b * T, n), Y, prod, "final")
         del Y
         if Hin is None:
-            SX = cache.get(X0, "xxt", lambda: prod.mm(X0, X0.transpose(1, 2), "first",
-                                                      for_level="mid"))
+            SX = cache.get(X0, "xxt", lambda: sym_gram(X0, prod, "first", for_level="mid"))
         else:
             SX = prod.mm(prod.mm(X.reshape(b * T, n), Hin, "mid", for_level="mid")
                          .reshape(b, T, n), X.transpose(1, 2), "mid", for_level="mid")

@@ -22,10 +22,12 @@ from ..store import calibration_identity, identity_hash
 from ..validate import check_finite_weights
 from . import distributed as D
 from .accumulators import resolve_precision
+from .boundary import (CACHE_DIR, BoundaryCache, boundary_bytes, choose_boundary_cache,
+                       disk_free_bytes, host_available_bytes)
 from .config import CollectConfig
 from .hooks import HessianCollector
 from .passes import run_group
-from .schedule import Batches, _count_tokens, pass_kinds
+from .schedule import Batches, _count_tokens, _micro_batches, pass_kinds
 from .stream import BackgroundWriter, storage_dtype as _storage_dtype
 from .storage import (FORMAT_VERSION, LayerHessian, block_filename, check_run_identity, dtype_name,
                       load_hessians, model_fingerprint, read_meta, run_identity, write_meta)
@@ -129,8 +131,13 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
     if cfg.dtype == torch.float64 and store_dtype == torch.float32:
         store_dtype = torch.float64  # fp64 sums were asked for exactness: packing is lossless
     writer = BackgroundWriter()  # finished groups are written while the next one collects
+    boundary = _boundary_cache(model, batches, cfg, groups, todo, out_path, identity)
+    finished = False
+    # with the cache, the top group goes first: its full backward leaves the gradient at its
+    # first block for the group below, which then runs only its own blocks
+    order = groups[::-1] if boundary is not None else groups
     try:
-        for g in groups:
+        for g in order:
             if g not in todo:
                 log.info("blocks %d-%d already collected in %s", g[0], g[-1], out_path)
                 if keep:
@@ -139,16 +146,73 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
             collector = HessianCollector(model, g, seed=cfg.seed, dtype=cfg.dtype,
                                          precision=cfg.precision, route=cfg.route,
                                          collect_hx=cfg.collect_hx,
-                                         gradient_checkpointing=cfg.gradient_checkpointing)
+                                         gradient_checkpointing=cfg.gradient_checkpointing,
+                                         boundary=boundary)
             summary = run_group(collector, batches, cfg, kinds, out_path, identity, bar,
                                 writer, store_dtype)
+            if boundary is not None:
+                log.info("blocks %d-%d: %d micro-batch passes started from a cached state, %d "
+                         "from a cached gradient", g[0], g[-1], boundary.hits,
+                         boundary.grad_hits)
+                boundary.hits = boundary.grad_hits = 0
+                boundary.drop(g[0])  # no group left starts its forward here
+                boundary.drop(g[-1] + 1, "g")  # nor its backward
             if keep:
                 results.update(collector.results(sketch, power_iters,
                                                  identity_hash(run_identity(identity))))
             del collector
             log.info("blocks %d-%d: %d sequences, %d tokens per pass", g[0], g[-1],
                      summary["n_seqs"], summary["n_tokens"])
+        finished = True
     finally:
         bar.close()
         writer.close()
+        if boundary is not None:  # an interrupted run keeps a disk cache for its resume
+            boundary.close(remove=finished)
     return results
+
+
+def _disk_left(model: nn.Module, out_path: Path | None, todo: list[list[int]],
+               cfg: CollectConfig) -> int | None:
+    """Free disk in ``out_path`` once the factors still to collect are stored there."""
+    free = disk_free_bytes(out_path)
+    if free is None:
+        return None
+    item = 8 if cfg.dtype == torch.float64 else 2 if cfg.storage_dtype == "bfloat16" else 4
+    blocks = {b for g in todo for b in g}
+    store = sum((n * (n + 1) // 2) * (1 + int(cfg.collect_hx)) + m * (m + 1) // 2
+                for _, b, mod in get_adapter(model).named_linears(model) if b in blocks
+                for m, n in [(mod.out_features, mod.in_features)]) * item
+    return max(free - store, 0)
+
+
+def _boundary_cache(model: nn.Module, batches: Batches, cfg: CollectConfig,
+                    groups: list[list[int]], todo: list[list[int]], out_path: Path | None,
+                    identity: dict[str, Any]) -> BoundaryCache | None:
+    """The cache of hidden states entering the later groups, where it fits (None: recompute)."""
+    starts = [g[0] for g in todo if g[0] > 0]
+    # a group's backward starts from the gradient the group above left (kept on disk when that
+    # group finished in an earlier command)
+    grads = sorted({g[0] for g in groups if g[0] > 0}
+                   & ({g[-1] + 1 for g in todo} | set(starts)))
+    if not starts or cfg.boundary_cache == "off" or not isinstance(batches, (Tensor, list, tuple)):
+        return None
+    rank, world = D.rank_and_world()
+    mb_tokens = [int(ids.numel()) for ids in _micro_batches(batches, cfg.batch_size)]
+    emb = input_embeddings(model).weight
+    hidden, dtype = int(emb.shape[1]), emb.dtype
+    # peak: every state (the top group records them all) + the gradient it leaves behind
+    size = boundary_bytes(sum(mb_tokens), hidden, emb.element_size(), len(starts) + 1)
+    cache_dir = out_path / CACHE_DIR if out_path is not None else None
+    choice = choose_boundary_cache(cfg.boundary_cache, size, host_bytes=host_available_bytes(),
+                                   disk_bytes=_disk_left(model, out_path, todo, cfg), world=world)
+    log.info("boundary cache: %s, %s", choice.mode, choice.reason)
+    if choice.mode == "off":
+        if cfg.boundary_cache in ("memory", "disk"):
+            log.warning("boundary cache %s asked for but %s", cfg.boundary_cache, choice.reason)
+        return None
+    key = identity_hash({"identity": identity, "batch_size": cfg.batch_size,
+                         "mb_tokens": mb_tokens, "world": world})
+    return BoundaryCache(starts, mb_tokens, hidden, dtype, choice.mode, grads=grads,
+                         directory=cache_dir, key=key, rank=rank, world=world,
+                         device=emb.device)

@@ -33,6 +33,11 @@ class CollectConfig:
     progress: show a progress bar.
     storage_dtype: factors are stored as packed lower triangles in "float32" or "bfloat16"
         (half the disk and host memory again; relative error about 2e-3).
+    boundary_cache: with several block groups, keep each micro-batch's hidden state entering a
+        later group's first block (from the first pass that computes it), so later passes start
+        their forward there: "auto" (host memory if it takes at most 60% of what is available,
+        else files in the output directory, else off), "memory", "disk" or "off" (recompute the
+        forward through the earlier blocks in every pass). Factors are the same either way.
     """
 
     sketch: str = "B"
@@ -51,6 +56,7 @@ class CollectConfig:
     overwrite: bool = False
     progress: bool = True
     storage_dtype: str = "float32"
+    boundary_cache: str = "auto"
 
     def __post_init__(self) -> None:
         from .schedule import pass_kinds
@@ -58,6 +64,11 @@ class CollectConfig:
         pass_kinds(self.sketch, self.power_iters)  # raises on a bad sketch / power_iters
         if self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {self.dtype}")
+        from .boundary import BOUNDARY_MODES
+
+        if self.boundary_cache not in BOUNDARY_MODES:
+            raise ValueError(f"boundary_cache must be one of {BOUNDARY_MODES}, "
+                             f"got {self.boundary_cache!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
 

@@ -10,6 +10,7 @@ down to the blocks that need them.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ..models.adapters import get_adapter, input_embeddings
 from . import distributed as D
 from .accumulators import LayerAccumulator, ProductCache, resolve_precision
+from .boundary import BoundaryCache
 from .labels import sampled_label_grad
 from .shrinkage import layer_estimate
 from .storage import HessianMetadataError, LayerHessian
@@ -54,8 +56,10 @@ class HessianCollector:
     def __init__(self, model: nn.Module, blocks: Sequence[int], *, seed: int = 0,
                  dtype: torch.dtype = torch.float32, precision: str = "auto",
                  route: str = "auto", collect_hx: bool = True,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, boundary: BoundaryCache | None = None):
         self.model = model
+        # hidden states at pass boundaries: start the forward at this group's first block
+        self.boundary = boundary
         self.adapter = get_adapter(model)
         self.block_list = self.adapter.blocks(model)
         self.blocks = sorted(blocks)
@@ -84,6 +88,13 @@ class HessianCollector:
         self._was_training = False
         self._batch = 0
         self._generator: torch.Generator | None = None
+        self._skip_below: int | None = None      # blocks before this one are skipped this step
+        self._skip_tuple = False                 # ... and return (hidden,) rather than hidden
+        self._inject: tuple[int, Tensor] | None = None  # (block, cached hidden state entering it)
+        self._record: tuple[int, list[int]] | None = None  # (micro-batch, boundaries to keep)
+        self._stop_at_top = False                # stop after the last block (cached gradient)
+        self._top_out: Tensor | None = None      # the last block's output, when stopped there
+        self._leaf: Tensor | None = None         # the state entering the first block, a leaf
 
     # -- hooks ------------------------------------------------------------------------------
     def __enter__(self) -> HessianCollector:
@@ -96,6 +107,17 @@ class HessianCollector:
             self._handles.append(mod.register_forward_hook(functools.partial(self._on_forward,
                                                                              name)))
         lo, hi = self.blocks[0], self.blocks[-1]
+        if self.boundary is not None:
+            for s in self.boundary.starts:
+                if s <= lo:  # before the leaf hook: the injected state becomes the leaf
+                    self._handles.append(self.block_list[s].register_forward_pre_hook(
+                        functools.partial(self._inject_state, s), with_kwargs=True))
+                # before the stop hook: a forward-only pass keeps the state after its last block
+                self._handles.append(self.block_list[s - 1].register_forward_hook(
+                    functools.partial(self._record_state, s)))
+            for i, block in enumerate(self.block_list[:lo]):
+                block.forward = functools.partial(self._skippable, block.forward, i)
+                self._patched.append(block)
         self._handles.append(self.block_list[lo].register_forward_pre_hook(
             self._make_leaf, with_kwargs=True))
         self._handles.append(self.block_list[hi].register_forward_hook(self._maybe_stop))
@@ -122,13 +144,48 @@ class HessianCollector:
         if not torch.is_grad_enabled() or self.kind == "hx":
             return None
         if args:
-            return (args[0].detach().requires_grad_(),) + tuple(args[1:]), kwargs
+            self._leaf = args[0].detach().requires_grad_()
+            return (self._leaf,) + tuple(args[1:]), kwargs
         kwargs = dict(kwargs)
-        kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_()
+        self._leaf = kwargs["hidden_states"].detach().requires_grad_()
+        kwargs["hidden_states"] = self._leaf
         return args, kwargs
 
+    # -- pass boundaries -------------------------------------------------------------------------
+    def _skippable(self, forward, index: int, *args: Any, **kwargs: Any):
+        if self._skip_below is not None and index < self._skip_below:
+            # its output is replaced at the boundary: pass the hidden state through unchanged
+            h = args[0] if args else kwargs["hidden_states"]
+            return (h,) if self._skip_tuple else h
+        return forward(*args, **kwargs)
+
+    def _inject_state(self, block: int, module: nn.Module, args: tuple, kwargs: dict):
+        if self._inject is None or self._inject[0] != block:
+            return None
+        h = self._inject[1]
+        if args:
+            return (h,) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = h
+        return args, kwargs
+
+    def _record_state(self, block: int, module: nn.Module, args: tuple, out: Any) -> None:
+        if self._record is None or block not in self._record[1] or self.boundary is None:
+            return
+        h = out[0] if isinstance(out, tuple) else out
+        try:
+            self.boundary.put(block, self._record[0], h)
+        except ValueError as e:
+            logging.getLogger(__name__).warning("boundary cache off: %s", e)
+            self.boundary = None
+
     def _maybe_stop(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if self.boundary is not None:  # a block's output form, for the blocks that are skipped
+            self.boundary.returns_tuple = isinstance(out, tuple)
         if self.kind == "hx":
+            raise _StopForward
+        if self._stop_at_top:  # the backward starts here, from the cached gradient
+            self._top_out = out[0] if isinstance(out, tuple) else out
             raise _StopForward
 
     def _on_forward(self, name: str, module: nn.Module, args: tuple, out: Tensor):
@@ -152,10 +209,34 @@ class HessianCollector:
         for acc in self.acc.values():
             acc.begin_pass(kind)
 
-    def step(self, ids: Tensor, seq_indices: Sequence[int]) -> None:
-        """One micro-batch ``ids`` [b, T] whose rows are the global sequences ``seq_indices``."""
+    def step(self, ids: Tensor, seq_indices: Sequence[int], index: int | None = None) -> None:
+        """One micro-batch ``ids`` [b, T] whose rows are the global sequences ``seq_indices``;
+        ``index``: its position in the data (the key of the boundary cache).
+
+        With a boundary cache, the forward starts at the deepest cached hidden state at or
+        before this group's first block; and when the loss gradient at the state entering the
+        block after this group is cached too (the group above left it), the forward stops after
+        this group's last block and the backward starts from that gradient: no logits, no labels,
+        no blocks above the group. The gradients are the ones the full backward would give.
+        """
         ids = ids.to(self.device)
         self._batch = ids.shape[0]
+        lo, hi = self.blocks[0], self.blocks[-1]
+        bc = self.boundary if index is not None else None
+        top_grad = None
+        if bc is not None:
+            start = bc.best_start(lo, index)
+            known = bc.returns_tuple is not None  # skipping needs the blocks' output form
+            if start is not None and known:
+                h = bc.get(start, index, self.device)
+                self._inject = (start, h.view(ids.shape[0], ids.shape[1], -1))
+                self._skip_below, self._skip_tuple = start, bc.returns_tuple
+            else:
+                start = 0
+            self._record = (index, bc.wanted(index, after=start))
+            if self.kind != "hx" and known and bc.has(hi + 1, index, "g"):
+                top_grad = bc.get(hi + 1, index, self.device, "g").view(ids.shape[0],
+                                                                        ids.shape[1], -1)
         try:
             if self.kind == "hx":
                 with torch.no_grad():
@@ -167,12 +248,30 @@ class HessianCollector:
             if self._generator is None or self._generator.device != self.device:
                 self._generator = torch.Generator(device=self.device)
             with torch.enable_grad():
-                logits = self.model(input_ids=ids, use_cache=False).logits
-                grad, _ = sampled_label_grad(logits.detach(), seq_indices, self.seed,
-                                             self._generator)
-                logits.backward(grad)
+                if top_grad is not None:
+                    self._stop_at_top = True
+                    try:
+                        self.model(input_ids=ids, use_cache=False)
+                    except _StopForward:
+                        pass
+                    top, self._top_out = self._top_out, None
+                    top.backward(top_grad)
+                else:
+                    logits = self.model(input_ids=ids, use_cache=False).logits
+                    grad, _ = sampled_label_grad(logits.detach(), seq_indices, self.seed,
+                                                 self._generator)
+                    logits.backward(grad)
+                leaf = self._leaf
+                if (bc is not None and self.boundary is not None and leaf is not None
+                        and leaf.grad is not None and lo in bc.grads
+                        and not bc.has(lo, index, "g")):
+                    bc.put(lo, index, leaf.grad, "g")  # the group below starts its backward here
         finally:
             self.cache.clear()
+            self._inject, self._skip_below, self._record = None, None, None
+            self._stop_at_top, self._top_out, self._leaf = False, None, None
+            if bc is not None and self.boundary is not None:
+                bc.commit()
 
     def _sum_tensors(self) -> list[Tensor]:
         out = []

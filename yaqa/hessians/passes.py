@@ -87,7 +87,7 @@ def run_group(col: HessianCollector, batches: Batches, cfg: CollectConfig, kinds
                             "use a fresh out_dir")
                     continue
                 if gi % world == rank:
-                    col.step(ids, seq_ids)
+                    col.step(ids, seq_ids, gi)
                 bar.update(ids.numel())
                 if state_dir is not None and (gi + 1) % world == 0:
                     due = checkpoint_every is not None and (gi + 1) % checkpoint_every == 0
