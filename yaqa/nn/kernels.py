@@ -159,11 +159,6 @@ _GEMV_CONFIGS = (
     (32, 256, 2, 4, 1, False), (32, 256, 4, 4, 1, False), (32, 512, 4, 8, 1, False),
     (64, 128, 4, 4, 1, False), (64, 256, 4, 8, 1, False), (32, 256, 4, 4, 3, False),
     (64, 512, 4, 4, 1, False), (128, 256, 4, 4, 1, False), (64, 256, 8, 4, 1, False),
-    # The H100's first autotune picked the largest split (64, 256, 8) for every Llama shape, so
-    # the list goes further there: more splits, more rows, pipelined loads.
-    (64, 256, 16, 4, 1, False), (32, 256, 8, 4, 1, False), (32, 256, 16, 4, 1, False),
-    (64, 256, 8, 4, 2, False), (64, 256, 8, 8, 1, False), (128, 256, 8, 8, 1, False),
-    (64, 128, 8, 4, 1, False), (64, 128, 16, 4, 1, False), (128, 128, 8, 4, 1, False),
     # 3-D tiles: activations as 16-byte vectors, the weight words moved into their layout.
     (8, 512, 2, 4, 1, True), (16, 256, 4, 4, 1, True), (16, 512, 2, 4, 1, True),
     (32, 256, 1, 4, 1, True), (32, 256, 4, 8, 1, True),
