@@ -51,18 +51,23 @@ def plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     series = dict.fromkeys((r["method"], _family(r)) for r in rows if r["method"] != "original")
+    # colour = method, line and marker = format, so a dozen series stay tellable apart
+    colours = {"rtn": "C0", "ldlq": "C1", "yaqa-a": "C3", "yaqa-b": "C2"}
+    styles = {"int": ("-", "o"), "trellis": ("--", "D"), "mxfp4": (":", "s"), "nvfp4": (":", "^")}
     for method, fam in series:
         pts = sorted((r.get("bpw") or r["bits"], r["kl"]) for r in rows
                      if r["method"] == method and _family(r) == fam)
-        ax.plot([b for b, _ in pts], [k for _, k in pts], marker="o", label=f"{method} {fam}")
+        ls, mk = styles.get(fam, ("-.", "v"))
+        ax.plot([b for b, _ in pts], [k for _, k in pts], ls=ls, marker=mk,
+                color=colours.get(method), label=f"{method} {fam}")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (codes plus scales)")
     ax.set_ylabel("KL(original || quantized), nats/token")
     ax.set_title("SmolLM2-135M-Instruct, WikiText-2 test")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -91,9 +96,14 @@ def write_outputs(rows: list[dict], metas: list[dict], stem: str) -> list[str]:
                   f"{c['group_size']}, scales by {c['scale_search']}, tiles {c['block_size']}, "
                   f"sigma {c['sigma']}, incoherence "
                   f"{'on (random Hadamard both sides)' if c['incoherence'] else 'off'}",
-                  f"- total time: {meta['total_seconds']:.0f} s", ""]
+                  f"- total time: {meta['total_seconds']:.0f} s"]
+        lines += [f"- note: {meta['note']}"] if meta.get("note") else []
+        lines += [""]
     lines += ["| method | format | bits/weight | size MB | KL | ppl | top-1 | KL / LDLQ | time s |",
               "|---|---|---|---|---|---|---|---|---|"]
+
+    def num(v, spec):  # rows kept from a run's log lines lack some columns
+        return "-" if v is None else format(v, spec)
 
     def fmt(r):
         return r.get("quantizer") or (f"int{r['bits']}" if r["bits"] else "-")
@@ -102,9 +112,9 @@ def write_outputs(rows: list[dict], metas: list[dict], stem: str) -> list[str]:
     for r in rows:
         ratio = f"{r['kl'] / ldlq[fmt(r)]:.3f}" if fmt(r) in ldlq and ldlq[fmt(r)] else "-"
         bpw = f"{r['bpw']:.2f}" if r.get("bpw") else "32"
-        lines.append(f"| {r['method']} | {fmt(r)} | {bpw} | {r['size_mb']:.1f} | "
-                     f"{r['kl']:.4f} | {r['ppl']:.2f} | {r['top1']:.3f} | {ratio} | "
-                     f"{r['seconds']:.1f} |")
+        lines.append(f"| {r['method']} | {fmt(r)} | {bpw} | {num(r.get('size_mb'), '.1f')} | "
+                     f"{r['kl']:.4f} | {num(r.get('ppl'), '.2f')} | {num(r.get('top1'), '.3f')} | "
+                     f"{ratio} | {num(r.get('seconds'), '.1f')} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     try:
         plot(rows, RESULTS / f"{stem}_kl.png")
