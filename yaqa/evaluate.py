@@ -149,18 +149,18 @@ def compare_many(ref_model: nn.Module | ReferenceCache, models: Sequence[nn.Modu
     with torch.inference_mode():
         t = time.perf_counter()
         for ids, ref in _reference_stream(ref_model, batches, batch_size, progress):
-            chunks = _reference_chunks(ref, dev)
             ids_d = ids.to(dev)
-            ref_nll = -ref[-1].double().sum().item()
-            del ref  # the reference logits: only their per-chunk log-probabilities are needed
+            targets = _next_tokens(ids_d)
+            chunks, ref_tgt = _reference_chunks(ref, dev, targets)
+            ref_nll = -ref_tgt.double().sum().item()
+            del ref, ref_tgt  # the reference logits: only their per-chunk log-probs are needed
             ref_seconds += time.perf_counter() - t
             for model, tally in zip(models, tallies):
                 t = time.perf_counter()
                 logits = _logits(model, ids).to(dev)
-                kl, top1 = _model_stats(chunks, logits)
-                nll = -_target_logp_chunked(logits, ids_d).double().sum().item()
+                kl, top1, tgt = _model_stats(chunks, logits, targets)
                 del logits
-                tally.add(kl, top1, nll, ref_nll, ids)
+                tally.add(kl, top1, -tgt.double().sum().item(), ref_nll, ids)
                 tally.seconds += time.perf_counter() - t
             del chunks
             t = time.perf_counter()
@@ -228,9 +228,22 @@ class _Tally:
                           top1=self.agree / self.n_pos, n_tokens=self.n_pos)
 
 
-def _reference_chunks(ref: tuple, dev: torch.device) -> list[tuple]:
+def _next_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """``[b, T]`` -> flat ``[b·T]``: the token each position predicts (the last position of each
+    window predicts nothing; it gets a placeholder that :func:`_targets_only` drops)."""
+    return torch.cat([ids[:, 1:], ids[:, :1]], 1).reshape(-1)
+
+
+def _targets_only(per_position: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Flat ``[b·T]`` per-position values -> flat ``[b·(T-1)]`` of the positions with a target."""
+    return per_position.reshape(ids.shape[0], -1)[:, :-1].reshape(-1)
+
+
+def _reference_chunks(ref: tuple, dev: torch.device,
+                      targets: torch.Tensor) -> tuple[list[tuple], torch.Tensor]:
     """The reference's side of every ``_CHUNK``-position slice of one batch, computed once for
-    all models: ``("p", log-probs, argmax)`` or ``("topk", values, indices, rest, argmax)``."""
+    all models: ``("p", log-probs, argmax)`` or ``("topk", values, indices, rest, argmax)``;
+    and the reference's log-probabilities of the targets (flat, as :func:`_target_logp`)."""
     kind = ref[0]
     out = []
     if kind == "topk":
@@ -240,22 +253,30 @@ def _reference_chunks(ref: tuple, dev: torch.device) -> list[tuple]:
             i = idx[s: s + _CHUNK].to(dev).long()
             out.append(("topk", vals[s: s + _CHUNK].to(dev), i, rest[s: s + _CHUNK].to(dev),
                         i[:, 0]))
-        return out
+        return out, ref[-1].reshape(-1)
     vocab = ref[1].shape[-1]
     flat = ref[1].reshape(-1, vocab)
+    tgt = []
     for s in range(0, flat.shape[0], _CHUNK):
         lp = flat[s: s + _CHUNK].to(dev).float()
         if kind == "logits" or ref[1].dtype != torch.float32:
             # logits, or cached log-probs that rounding left unnormalised
             lp = torch.log_softmax(lp, dim=-1)
         out.append(("p", lp, lp.argmax(-1)))
-    return out
+        if kind == "logits":  # a cache brings its own (exact, float32) target log-probs
+            tgt.append(lp.gather(-1, targets[s: s + _CHUNK, None]).squeeze(-1))
+    if kind == "logits":
+        return out, _targets_only(torch.cat(tgt), ref[2])
+    return out, ref[-1].reshape(-1)
 
 
-def _model_stats(chunks: list[tuple], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position KL(ref ‖ model) and top-1 agreement (flattened) of one batch."""
+def _model_stats(chunks: list[tuple], logits: torch.Tensor, targets: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position KL(ref ‖ model) and top-1 agreement (flattened) of one batch, and the
+    model's log-probabilities of the targets (flat, as :func:`_target_logp`), all from one
+    log-softmax of each chunk."""
     flat_q = logits.reshape(-1, logits.shape[-1])
-    kls, agrees = [], []
+    kls, agrees, tgt = [], [], []
     for s, chunk in zip(range(0, flat_q.shape[0], _CHUNK), chunks):
         lq = torch.log_softmax(flat_q[s: s + _CHUNK].float(), dim=-1)
         if chunk[0] == "p":
@@ -263,7 +284,8 @@ def _model_stats(chunks: list[tuple], logits: torch.Tensor) -> tuple[torch.Tenso
         else:
             kls.append(_kl_topk(chunk[1], chunk[2], chunk[3], lq))
         agrees.append(chunk[-1] == lq.argmax(-1))
-    return torch.cat(kls), torch.cat(agrees)
+        tgt.append(lq.gather(-1, targets[s: s + _CHUNK, None]).squeeze(-1))
+    return torch.cat(kls), torch.cat(agrees), _targets_only(torch.cat(tgt), logits)
 
 
 def _kl_rows(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
@@ -306,7 +328,8 @@ def _target_logp_chunked(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tenso
 
 def _reference_stream(ref: nn.Module | ReferenceCache, batches: Batches | None, batch_size: int,
                       progress: bool) -> Iterator[tuple[torch.Tensor, tuple]]:
-    """(ids, reference entry) per batch; the entry's last element is the target log-probs."""
+    """(ids, reference entry) per batch: ``("logits", logits, ids)`` for a live reference, else
+    the cache's kind and entry followed by its target log-probs."""
     if isinstance(ref, ReferenceCache):
         if batches is not None:
             given = torch.cat(list(_iterate(batches, batch_size, False, "")))
@@ -321,9 +344,9 @@ def _reference_stream(ref: nn.Module | ReferenceCache, batches: Batches | None, 
     if batches is None:
         raise ValueError("batches are required unless the reference is a ReferenceCache")
     for ids in _iterate(batches, batch_size, progress, "evaluating"):
-        ref_logits = _logits(ref, ids)
-        tgt = _target_logp_chunked(ref_logits, ids.to(ref_logits.device))
-        yield ids, ("logits", ref_logits, tgt)
+        # the entry's last element: the ids, whose targets _reference_chunks gathers from the
+        # log-softmax it takes anyway (cross-entropy would take a second one)
+        yield ids, ("logits", _logits(ref, ids), ids)
 
 
 def _iterate(batches: Batches, batch_size: int, progress: bool,
