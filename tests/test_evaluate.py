@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_model
-from yaqa.evaluate import (EvalResult, ReferenceCache, compare, kl_divergence, perplexity,
-                           top1_agreement)
+import yaqa.evaluate
+from yaqa.evaluate import (EvalResult, ReferenceCache, compare, compare_many, kl_divergence,
+                           perplexity, top1_agreement)
 
 VOCAB = 96
 
@@ -124,3 +125,32 @@ def test_reference_cache_rejects_other_windows(ref, windows):
 def test_models_in_different_dtypes_compare_in_float32(ref, windows):
     res = compare(ref, copy.deepcopy(ref).to(torch.bfloat16), windows, progress=False)
     assert 0 < res.kl < 1e-2 and res.top1 > 0.9
+
+
+@pytest.mark.parametrize("chunk", [1024, 7])  # 7: several log-softmax chunks per batch
+def test_joint_sweep_gives_each_model_exactly_its_own_comparison(ref, windows, monkeypatch,
+                                                                  chunk):
+    monkeypatch.setattr(yaqa.evaluate, "_CHUNK", chunk)
+    models = [noisy(ref, 0.3, seed=1), noisy(ref, 0.05, seed=2), ref, noisy(ref, 1.0, seed=3)]
+    joint = compare_many(ref, models, windows, batch_size=4, progress=False)
+    for model, res in zip(models, joint.results):
+        alone = compare(ref, model, windows, batch_size=4, progress=False)
+        assert res == alone  # bit for bit: the sweep shares the reference, nothing else
+        lp, lq = numpy_log_softmax(ref, windows), numpy_log_softmax(model, windows)
+        assert res.kl == pytest.approx((np.exp(lp) * (lp - lq)).sum(-1).mean(), rel=1e-4,
+                                       abs=1e-9)
+    assert joint.results[2].kl == 0.0 and joint.results[2].top1 == 1.0
+    assert len(joint.seconds) == len(models) and joint.reference_seconds > 0
+
+
+def test_joint_sweep_against_a_reference_cache(ref, windows):
+    models = [noisy(ref, 0.3, seed=1), noisy(ref, 0.1, seed=2)]
+    for cache in (ReferenceCache(ref, windows, batch_size=4, progress=False),
+                  ReferenceCache(ref, windows, top_k=8, progress=False)):
+        joint = compare_many(cache, models, progress=False).results
+        assert joint == [compare(cache, m, progress=False) for m in models]
+
+
+def test_joint_sweep_needs_a_model(ref, windows):
+    with pytest.raises(ValueError, match="no models"):
+        compare_many(ref, [], windows, progress=False)

@@ -12,6 +12,7 @@ from yaqa.incoherence import (
     IncoherenceTransform,
     _base_hadamard,
     _paley_order,
+    fwht,
     hadamard_factor,
     hadamard_matrix,
     hadamard_supported,
@@ -150,3 +151,17 @@ def test_round_weight_with_incoherence_returns_the_original_basis():
         assert r.weight.shape == W.shape and r.weight.device == W.device
         # Ŵ is a good approximation of W (int4: a few percent relative error)
         assert (r.weight - W).norm() / W.norm() < 0.15
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 32, 128])
+def test_fwht_matches_sylvester_and_its_autograd_path_bit_for_bit(n):
+    x = torch.randn(3, 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    x0 = x.clone()
+    fast = fwht(x)  # the buffered path (no graph needed)
+    assert torch.allclose(fast, x @ sylvester(int(math.log2(n))).T, rtol=1e-12, atol=1e-12)
+    xg = x.clone().requires_grad_(True)
+    graph = fwht(xg)  # the stacking path, which autograd can follow
+    assert torch.equal(fast, graph.detach())
+    graph.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
+    assert torch.equal(x, x0)  # the input is left alone

@@ -165,3 +165,48 @@ def test_cli_rejects_an_unknown_quantizer_before_loading_anything(sub, tmp_path,
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "unknown quantizer 'fp3'" in err and "Traceback" not in err
+
+
+def _run_config(model_dir, text_file, out, evaluation):
+    from yaqa.pipeline import RunConfig
+
+    return RunConfig(model=str(model_dir), methods=("rtn", "ldlq", "yaqa-b"), device="cpu",
+                     calib=str(text_file), n_calib=4, calib_ctx=32, eval_data=str(text_file),
+                     n_eval=3, eval_ctx=32, batch_size=2, out_dir=str(out), progress=False,
+                     report=False, evaluation=evaluation)
+
+
+def test_run_evaluates_jointly_with_the_numbers_of_one_method_at_a_time(tmp_path, model_dir,
+                                                                        text_file):
+    from yaqa.pipeline import run_pipeline
+
+    per = run_pipeline(_run_config(model_dir, text_file, tmp_path / "per", "per-method"))
+    joint = run_pipeline(_run_config(model_dir, text_file, tmp_path / "joint", "joint"))
+    assert [r.method for r in joint] == ["original", "rtn", "ldlq", "yaqa-b"]
+    for a, b in zip(per, joint):
+        assert (a.method, a.kl, a.ppl, a.top1, a.bpw, a.size_mb) == \
+            (b.method, b.kl, b.ppl, b.top1, b.bpw, b.size_mb)
+    assert all(r.kl > 0 and r.seconds > 0 for r in joint[1:])
+
+
+def test_run_chooses_joint_evaluation_only_when_every_model_fits(monkeypatch, tmp_path,
+                                                                 model_dir, text_file):
+    import yaqa.plan
+    from yaqa.pipeline import choose_evaluation
+    from yaqa.plan import ModelShape, joint_evaluation_bytes
+
+    model = tiny_model("llama", vocab=96)
+    cfg = _run_config(model_dir, text_file, tmp_path, "auto")
+    need = joint_evaluation_bytes(ModelShape.from_model(model), 3, cfg.batch_size, 32)
+    # the reference and 3 copies (dense cache and codes) and one batch's logits
+    assert need > 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(yaqa.plan, "device_budget", lambda device: need * 2)
+    assert choose_evaluation(cfg, model, 32, 3) == "joint"
+    assert choose_evaluation(cfg, model, 32, 1) == "per-method"  # nothing to share
+    monkeypatch.setattr(yaqa.plan, "device_budget", lambda device: need)  # no 20% margin
+    assert choose_evaluation(cfg, model, 32, 3) == "per-method"
+    cfg.evaluation = "joint"
+    assert choose_evaluation(cfg, model, 32, 3) == "joint"  # an explicit choice stands
+    cfg.evaluation = "together"
+    with pytest.raises(ValueError, match="auto, joint or per-method"):
+        choose_evaluation(cfg, model, 32, 3)

@@ -219,7 +219,8 @@ def test_exhaustive_search_optimum_bounds_yaqa_and_ldlq():
         res["opt"].append(allp.min().item())
         for method in ("rtn", "ldlq", "yaqa"):
             r = round_weight(W, Hi, Ho, q, method, block_size=1, return_details=True)
-            assert r.proxy_loss >= allp.min().item() - 1e-9
+            # the proxy is evaluated in float32 (W is): 1e-5 relative covers its rounding
+            assert r.proxy_loss >= allp.min().item() * (1 - 1e-5) - 1e-12
             res[method].append(r.proxy_loss)
     mean = {k: sum(v) / len(v) for k, v in res.items()}
     assert mean["opt"] <= mean["yaqa"] < mean["rtn"]

@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", dest="save", action="store_false")
     p.add_argument("--overwrite", action="store_true",
                    help="discard stored Hessians and resume state from a different run")
+    p.add_argument("--evaluation", default="auto", choices=("auto", "joint", "per-method"),
+                   help="joint: keep every quantized model and evaluate all in one sweep (the "
+                        "original runs once per batch); per-method: one at a time; auto "
+                        "(default): joint when all fit in memory")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("generate", help="generate text with a quantized checkpoint (tokens/s, memory)")
@@ -389,7 +393,7 @@ def cmd_run(args) -> int:
                     progress=not args.quiet, tasks=args.tasks,
                     tasks_path=args.tasks_path, tasks_limit=args.tasks_limit,
                     strict=args.strict, command=_command_line(args),
-                    embeddings=args.embeddings)
+                    embeddings=args.embeddings, evaluation=args.evaluation)
     for qname in cfg.formats():  # every flag checked before the model loads
         for m in methods:
             recipe_from_args(args, m, qname)

@@ -10,15 +10,17 @@ Conventions (for windows ``[N, T]``):
 - Log-softmax is taken in float32 for both models whatever their dtype, so the metric measures
   the weights, not half-precision softmax noise.
 
-``compare`` does everything in one pass (each batch through both models).  To compare several
-quantized models against one original, build a :class:`ReferenceCache` once.
+``compare`` does everything in one pass (each batch through both models); ``compare_many`` does
+it for several models at once, running the original once per batch for all of them.  To compare
+models one at a time against one original, a :class:`ReferenceCache` holds the original's side.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -111,28 +113,59 @@ def compare(ref_model: nn.Module | ReferenceCache, model: nn.Module, batches: Ba
     omitted (the cached windows are used) and must otherwise equal them.  The two models may
     live on different devices; the comparison runs on ``device`` (default: ``model``'s).
     """
-    dev = torch.device(device) if device is not None else _device(model)
-    kl_sum = nll_sum = ref_nll_sum = 0.0
-    agree = n_pos = n_tgt = 0
-    kl_tokens: list[np.ndarray] = []
+    return compare_many(ref_model, [model], batches, batch_size=batch_size, device=device,
+                        progress=progress).results[0]
+
+
+@dataclass
+class JointComparison:
+    """What :func:`compare_many` measured: one :class:`EvalResult` per model, in order;
+    ``seconds``: each model's own forward passes and statistics; ``reference_seconds``: the
+    reference's forward passes and log-softmax, shared by all models."""
+
+    results: list[EvalResult]
+    seconds: list[float]
+    reference_seconds: float
+
+
+def compare_many(ref_model: nn.Module | ReferenceCache, models: Sequence[nn.Module],
+                 batches: Batches | None = None, *, batch_size: int = 8,
+                 device: str | torch.device | None = None,
+                 progress: bool = True) -> JointComparison:
+    """:func:`compare` for several models in one sweep over the windows.
+
+    Each batch goes through the reference once; its log-probabilities and most likely tokens
+    serve every model, so k models cost k + 1 forward passes instead of 2k.  Each model's
+    numbers are exactly those :func:`compare` gives it alone (same batches, same arithmetic).
+    Every model stays resident for the whole sweep: for models that do not fit together,
+    call :func:`compare` once per model.  ``device`` (default: the first model's) is where the
+    statistics are computed.
+    """
+    if not models:
+        raise ValueError("no models to compare")
+    dev = torch.device(device) if device is not None else _device(models[0])
+    tallies = [_Tally() for _ in models]
+    ref_seconds = 0.0
     with torch.inference_mode():
+        t = time.perf_counter()
         for ids, ref in _reference_stream(ref_model, batches, batch_size, progress):
-            logits = _logits(model, ids).to(dev)
             ids_d = ids.to(dev)
-            kl, top1, nll, ref_nll = _pair_stats(ref, logits, ids_d)
-            kl_tokens.append(kl.cpu().numpy())
-            kl_sum += kl.double().sum().item()
-            agree += int(top1.sum().item())
-            nll_sum += nll
-            ref_nll_sum += ref_nll
-            n_pos += kl.numel()
-            n_tgt += ids.shape[0] * (ids.shape[1] - 1)
-    if n_pos == 0:
-        raise ValueError("no batches to evaluate")
-    all_kl = np.concatenate(kl_tokens)
-    return EvalResult(kl=kl_sum / n_pos, kl_p99=float(np.percentile(all_kl, 99)),
-                      ppl=math.exp(nll_sum / n_tgt), ref_ppl=math.exp(ref_nll_sum / n_tgt),
-                      top1=agree / n_pos, n_tokens=n_pos)
+            targets = _next_tokens(ids_d)
+            chunks, ref_tgt = _reference_chunks(ref, dev, targets)
+            ref_nll = -ref_tgt.double().sum().item()
+            del ref, ref_tgt  # the reference logits: only their per-chunk log-probs are needed
+            ref_seconds += time.perf_counter() - t
+            for model, tally in zip(models, tallies):
+                t = time.perf_counter()
+                logits = _logits(model, ids).to(dev)
+                kl, top1, tgt = _model_stats(chunks, logits, targets)
+                del logits
+                tally.add(kl, top1, -tgt.double().sum().item(), ref_nll, ids)
+                tally.seconds += time.perf_counter() - t
+            del chunks
+            t = time.perf_counter()
+    return JointComparison([tl.result() for tl in tallies], [tl.seconds for tl in tallies],
+                           ref_seconds)
 
 
 def kl_divergence(ref_model: nn.Module | ReferenceCache, model: nn.Module,
@@ -167,41 +200,100 @@ def perplexity(model: nn.Module, batches: Batches, *, batch_size: int = 8,
     return math.exp(nll_sum / n_tgt)
 
 
-def _pair_stats(ref: tuple, logits: torch.Tensor,
-                ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Per-position KL and top-1 agreement (flattened), summed NLL of model and reference."""
+class _Tally:
+    """Running sums of one model's comparison (the order of the sums fixes the result)."""
+
+    def __init__(self) -> None:
+        self.kl_sum = self.nll_sum = self.ref_nll_sum = self.seconds = 0.0
+        self.agree = self.n_pos = self.n_tgt = 0
+        self.kl_tokens: list[np.ndarray] = []
+
+    def add(self, kl: torch.Tensor, top1: torch.Tensor, nll: float, ref_nll: float,
+            ids: torch.Tensor) -> None:
+        self.kl_tokens.append(kl.cpu().numpy())
+        self.kl_sum += kl.double().sum().item()
+        self.agree += int(top1.sum().item())
+        self.nll_sum += nll
+        self.ref_nll_sum += ref_nll
+        self.n_pos += kl.numel()
+        self.n_tgt += ids.shape[0] * (ids.shape[1] - 1)
+
+    def result(self) -> EvalResult:
+        if self.n_pos == 0:
+            raise ValueError("no batches to evaluate")
+        all_kl = np.concatenate(self.kl_tokens)
+        return EvalResult(kl=self.kl_sum / self.n_pos, kl_p99=float(np.percentile(all_kl, 99)),
+                          ppl=math.exp(self.nll_sum / self.n_tgt),
+                          ref_ppl=math.exp(self.ref_nll_sum / self.n_tgt),
+                          top1=self.agree / self.n_pos, n_tokens=self.n_pos)
+
+
+def _next_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """``[b, T]`` -> flat ``[b·T]``: the token each position predicts (the last position of each
+    window predicts nothing; it gets a placeholder that :func:`_targets_only` drops)."""
+    return torch.cat([ids[:, 1:], ids[:, :1]], 1).reshape(-1)
+
+
+def _targets_only(per_position: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Flat ``[b·T]`` per-position values -> flat ``[b·(T-1)]`` of the positions with a target."""
+    return per_position.reshape(ids.shape[0], -1)[:, :-1].reshape(-1)
+
+
+def _reference_chunks(ref: tuple, dev: torch.device,
+                      targets: torch.Tensor) -> tuple[list[tuple], torch.Tensor]:
+    """The reference's side of every ``_CHUNK``-position slice of one batch, computed once for
+    all models: ``("p", log-probs, argmax)`` or ``("topk", values, indices, rest, argmax)``;
+    and the reference's log-probabilities of the targets (flat, as :func:`_target_logp`)."""
     kind = ref[0]
-    vocab = logits.shape[-1]
-    flat_q = logits.reshape(-1, vocab)
-    kls, agrees = [], []
-    for s in range(0, flat_q.shape[0], _CHUNK):
+    out = []
+    if kind == "topk":
+        k = ref[1].shape[-1]
+        vals, idx, rest = ref[1].reshape(-1, k), ref[2].reshape(-1, k), ref[3].reshape(-1)
+        for s in range(0, vals.shape[0], _CHUNK):
+            i = idx[s: s + _CHUNK].to(dev).long()
+            out.append(("topk", vals[s: s + _CHUNK].to(dev), i, rest[s: s + _CHUNK].to(dev),
+                        i[:, 0]))
+        return out, ref[-1].reshape(-1)
+    vocab = ref[1].shape[-1]
+    flat = ref[1].reshape(-1, vocab)
+    tgt = []
+    for s in range(0, flat.shape[0], _CHUNK):
+        lp = flat[s: s + _CHUNK].to(dev).float()
+        if kind == "logits" or ref[1].dtype != torch.float32:
+            # logits, or cached log-probs that rounding left unnormalised
+            lp = torch.log_softmax(lp, dim=-1)
+        out.append(("p", lp, lp.argmax(-1)))
+        if kind == "logits":  # a cache brings its own (exact, float32) target log-probs
+            tgt.append(lp.gather(-1, targets[s: s + _CHUNK, None]).squeeze(-1))
+    if kind == "logits":
+        return out, _targets_only(torch.cat(tgt), ref[2])
+    return out, ref[-1].reshape(-1)
+
+
+def _model_stats(chunks: list[tuple], logits: torch.Tensor, targets: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position KL(ref ‖ model) and top-1 agreement (flattened) of one batch, and the
+    model's log-probabilities of the targets (flat, as :func:`_target_logp`), all from one
+    log-softmax of each chunk."""
+    flat_q = logits.reshape(-1, logits.shape[-1])
+    kls, agrees, tgt = [], [], []
+    for s, chunk in zip(range(0, flat_q.shape[0], _CHUNK), chunks):
         lq = torch.log_softmax(flat_q[s: s + _CHUNK].float(), dim=-1)
-        if kind == "logits":
-            lp = torch.log_softmax(ref[1].reshape(-1, vocab)[s: s + _CHUNK].to(lq.device).float(),
-                                   dim=-1)
-            kls.append(_kl_rows(lp, lq))
-            agrees.append(lp.argmax(-1) == lq.argmax(-1))
-        elif kind == "full":
-            lp = ref[1].reshape(-1, vocab)[s: s + _CHUNK].to(lq.device).float()
-            if ref[1].dtype != torch.float32:
-                lp = torch.log_softmax(lp, dim=-1)  # renormalise what rounding left unnormalised
-            kls.append(_kl_rows(lp, lq))
-            agrees.append(lp.argmax(-1) == lq.argmax(-1))
-        else:  # "topk"
-            vals = ref[1].reshape(-1, ref[1].shape[-1])[s: s + _CHUNK].to(lq.device)
-            idx = ref[2].reshape(-1, ref[2].shape[-1])[s: s + _CHUNK].to(lq.device).long()
-            rest = ref[3].reshape(-1)[s: s + _CHUNK].to(lq.device)
-            kls.append(_kl_topk(vals, idx, rest, lq))
-            agrees.append(idx[:, 0] == lq.argmax(-1))
-    nll = -_target_logp_chunked(logits, ids).double().sum().item()
-    ref_nll = -ref[-1].double().sum().item()
-    return torch.cat(kls), torch.cat(agrees), nll, ref_nll
+        if chunk[0] == "p":
+            kls.append(_kl_rows(chunk[1], lq))
+        else:
+            kls.append(_kl_topk(chunk[1], chunk[2], chunk[3], lq))
+        agrees.append(chunk[-1] == lq.argmax(-1))
+        tgt.append(lq.gather(-1, targets[s: s + _CHUNK, None]).squeeze(-1))
+    return torch.cat(kls), torch.cat(agrees), _targets_only(torch.cat(tgt), logits)
 
 
 def _kl_rows(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    # xlogy-style guard: where p underflows to 0, the term is 0 even if lp is -inf.
+    # xlogy-style guard: where p underflows to 0, the term is 0 even if lp is -inf.  In place on
+    # one temporary: a chunk is ~200 MB for a 49k vocabulary, so each extra pass costs.
     p = lp.exp()
-    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+    term = (lp - lq).mul_(p)
+    return term.masked_fill_(~(p > 0), 0.0).sum(-1)
 
 
 def _kl_topk(vals: torch.Tensor, idx: torch.Tensor, rest: torch.Tensor,
@@ -236,7 +328,8 @@ def _target_logp_chunked(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tenso
 
 def _reference_stream(ref: nn.Module | ReferenceCache, batches: Batches | None, batch_size: int,
                       progress: bool) -> Iterator[tuple[torch.Tensor, tuple]]:
-    """(ids, reference entry) per batch; the entry's last element is the target log-probs."""
+    """(ids, reference entry) per batch: ``("logits", logits, ids)`` for a live reference, else
+    the cache's kind and entry followed by its target log-probs."""
     if isinstance(ref, ReferenceCache):
         if batches is not None:
             given = torch.cat(list(_iterate(batches, batch_size, False, "")))
@@ -251,9 +344,9 @@ def _reference_stream(ref: nn.Module | ReferenceCache, batches: Batches | None, 
     if batches is None:
         raise ValueError("batches are required unless the reference is a ReferenceCache")
     for ids in _iterate(batches, batch_size, progress, "evaluating"):
-        ref_logits = _logits(ref, ids)
-        tgt = _target_logp_chunked(ref_logits, ids.to(ref_logits.device))
-        yield ids, ("logits", ref_logits, tgt)
+        # the entry's last element: the ids, whose targets _reference_chunks gathers from the
+        # log-softmax it takes anyway (cross-entropy would take a second one)
+        yield ids, ("logits", _logits(ref, ids), ids)
 
 
 def _iterate(batches: Batches, batch_size: int, progress: bool,

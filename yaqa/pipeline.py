@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # `yaqa run` with no arguments: the three methods that show the point (RTN < GPTQ < YAQA).
 DEFAULT_RUN_METHODS = ("rtn", "ldlq", "yaqa-b")
+EVALUATION_MODES = ("auto", "joint", "per-method")
 
 
 @dataclass
@@ -96,6 +97,10 @@ class RunConfig:
     command: str | None = None  # the command line, for report.md
     report: bool = True  # write report.md (and the KL plot) next to results.json
     embeddings: str = "auto"  # "int8": input embedding and LM head int8, one scale per row
+    # "joint": hold every quantized model and evaluate all in one sweep (the original runs once
+    # per batch); "per-method": evaluate each right after quantizing it, then free it; "auto":
+    # joint when the memory plan says every model fits (see choose_evaluation)
+    evaluation: str = "auto"
 
     def formats(self) -> tuple[str, ...]:
         """The quantizer names of the comparison: ``quantizers``, else ``int<bits>``."""
@@ -335,6 +340,7 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
     from .nn.int8 import parse_embeddings
 
     cfg.embeddings = parse_embeddings(cfg.embeddings)  # a bad value fails before any work
+    _check_evaluation(cfg)
     recipes = [cfg.recipe(m, q) for q in cfg.formats() for m in cfg.methods]
     out.mkdir(parents=True, exist_ok=True)
     stages = StageLog()
@@ -373,7 +379,9 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
                                             batch_size=cfg.batch_size, overwrite=cfg.overwrite,
                                             progress=cfg.progress)
 
+    mode = choose_evaluation(cfg, model, ev.shape[1], len(recipes))
     layers: dict[str, list] = {}
+    held: list[_Quantized] = []  # joint mode: evaluated together once all are quantized
     for recipe in recipes:
         t = time.perf_counter()
         qmodel = copy.deepcopy(model)
@@ -386,27 +394,32 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
                                replace_output=True, progress=cfg.progress,
                                embeddings=cfg.embeddings)
         layers[name] = res.report.layers
-        size_mb = res.saved.weights_bytes / 1e6 if res.saved else float("nan")
-        path = str(res.saved.path) if res.saved else None
         set_dense_cache(qmodel, True)  # evaluation: dense weights are faster than packed
+        q = _Quantized(recipe, name, res, qmodel,
+                       time.perf_counter() - t - (res.seconds_saving or 0.0))
+        if mode == "joint":
+            held.append(q)
+            continue
         with stages.stage(f"{name}: KL, perplexity"):
+            t = time.perf_counter()
             ev_res = evaluate.compare(model, qmodel, ev, batch_size=cfg.batch_size,
                                       progress=cfg.progress)
-        group = cfg.group_size if recipe.quantizer.startswith("int") else None
-        summary = shrinkage_summary(res.report)
-        rows.append(ResultRow(recipe.name, res.report.quantizer.get("bits"), group,
-                              size_mb, ev_res.kl, ev_res.ppl, ev_res.top1,
-                              time.perf_counter() - t - (res.seconds_saving or 0.0),
-                              _bits_per_weight(qmodel), path, quantizer=recipe.quantizer,
-                              extra={"shrinkage": summary} if summary else {}))
-        if summary and summary["mean_out"] is not None:
-            log.info("%s: factors shrunk towards LDLQ's by %.2f (H_in) / %.2f (H_out) on "
-                     "average", name, summary["mean_in"] or 0.0, summary["mean_out"])
-        log.info("%s: KL %.4f ppl %.2f top1 %.3f", name, ev_res.kl, ev_res.ppl, ev_res.top1)
-        if suite is not None:
-            with stages.stage(f"{name}: tasks"):
-                rows[-1].extra["tasks"] = _task_dicts(suite.evaluate(qmodel, tok))
+        rows.append(_result_row(cfg, q, ev_res, time.perf_counter() - t))
+        _finish(q, rows[-1], ev_res, suite, stages, tok)
+        del q, qmodel
+    if held:
         del qmodel
+        names = ", ".join(q.name for q in held)
+        with stages.stage(f"KL, perplexity: {names} in one sweep"):
+            joint = evaluate.compare_many(model, [q.model for q in held], ev,
+                                          batch_size=cfg.batch_size, progress=cfg.progress)
+        log.info("joint evaluation: the original's forward passes took %.1f s, shared by %d "
+                 "models", joint.reference_seconds, len(held))
+        share = joint.reference_seconds / len(held)
+        for q, ev_res, secs in zip(held, joint.results, joint.seconds):
+            rows.append(_result_row(cfg, q, ev_res, secs + share))
+            _finish(q, rows[-1], ev_res, suite, stages, tok)
+            q.model = None  # each freed once its tasks (if any) ran
     store.atomic_write_text(out / "results.json", json.dumps([asdict(r) for r in rows], indent=2))
     if cfg.report:
         write_report(out, rows, RunRecord(
@@ -415,6 +428,70 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
                    cfg.seed},
             settings=_report_settings(cfg, calib_src, eval_src, ev, model)))
     return rows
+
+
+
+@dataclass
+class _Quantized:
+    """One quantized copy of a run, between its quantization and its evaluation."""
+
+    recipe: Recipe
+    name: str
+    outcome: QuantizeOutcome
+    model: nn.Module | None
+    seconds: float  # quantizing, without saving
+
+
+def choose_evaluation(cfg: RunConfig, model: nn.Module, ctx: int, n_models: int) -> str:
+    """``cfg.evaluation`` when set, else "joint" when the reference and every quantized copy
+    fit in memory together (:func:`yaqa.plan.joint_evaluation_fits`) and "per-method" when
+    not (large models: one copy at a time, as before)."""
+    from .plan import ModelShape, device_budget, joint_evaluation_bytes, joint_evaluation_fits
+
+    _check_evaluation(cfg)
+    if cfg.evaluation != "auto":
+        return cfg.evaluation
+    if n_models < 2:
+        return "per-method"  # nothing to share
+    shape = ModelShape.from_model(model)
+    budget = device_budget(next(model.parameters()).device)
+    mode = "joint" if joint_evaluation_fits(shape, n_models, cfg.batch_size, ctx,
+                                            budget_bytes=budget) else "per-method"
+    log.info("evaluation: %s (%d models together need about %.1f GiB of %.1f GiB available)",
+             mode, n_models, joint_evaluation_bytes(shape, n_models, cfg.batch_size, ctx) / 2**30,
+             budget / 2**30)
+    return mode
+
+
+def _check_evaluation(cfg: RunConfig) -> None:
+    if cfg.evaluation not in EVALUATION_MODES:
+        raise ValueError(f"evaluation must be auto, joint or per-method, got {cfg.evaluation!r}")
+
+
+def _result_row(cfg: RunConfig, q: _Quantized, ev_res, eval_seconds: float) -> ResultRow:
+    """``seconds``: quantizing plus this model's evaluation (in a joint sweep: its own forward
+    passes and an equal share of the original's)."""
+    res, recipe = q.outcome, q.recipe
+    group = cfg.group_size if recipe.quantizer.startswith("int") else None
+    summary = shrinkage_summary(res.report)
+    return ResultRow(recipe.name, res.report.quantizer.get("bits"), group,
+                     res.saved.weights_bytes / 1e6 if res.saved else float("nan"),
+                     ev_res.kl, ev_res.ppl, ev_res.top1, q.seconds + eval_seconds,
+                     _bits_per_weight(q.model), str(res.saved.path) if res.saved else None,
+                     quantizer=recipe.quantizer,
+                     extra={"shrinkage": summary} if summary else {})
+
+
+def _finish(q: _Quantized, row: ResultRow, ev_res, suite, stages, tok) -> None:
+    """Log one model's results and score its lm-eval tasks."""
+    summary = row.extra.get("shrinkage")
+    if summary and summary["mean_out"] is not None:
+        log.info("%s: factors shrunk towards LDLQ's by %.2f (H_in) / %.2f (H_out) on "
+                 "average", q.name, summary["mean_in"] or 0.0, summary["mean_out"])
+    log.info("%s: KL %.4f ppl %.2f top1 %.3f", q.name, ev_res.kl, ev_res.ppl, ev_res.top1)
+    if suite is not None:
+        with stages.stage(f"{q.name}: tasks"):
+            row.extra["tasks"] = _task_dicts(suite.evaluate(q.model, tok))
 
 
 def _report_settings(cfg: RunConfig, calib_src: str, eval_src: str, ev, model) -> dict:

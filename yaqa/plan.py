@@ -532,3 +532,29 @@ class LiveTensorBytes:
     @property
     def peak_bytes(self) -> int:
         return self.baseline + self.peak
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+# A quantized copy held through a joint evaluation: its dense weight cache (the unquantized
+# model's size) plus the packed codes and scales (under 0.3 of it at 4 bits or more).
+HELD_MODEL_FACTOR = 1.3
+# Float32 logit-sized tensors of one batch alive at the evaluation's peak: the reference's
+# logits and log-probabilities, a model's logits, and the KL chunk temporaries.
+EVAL_LOGIT_COPIES = 5
+
+
+def joint_evaluation_bytes(shape: ModelShape, n_models: int, batch_size: int, ctx: int) -> int:
+    """Peak memory of evaluating ``n_models`` quantized copies in one sweep over the windows
+    (:func:`yaqa.evaluate.compare_many`): the reference and every copy resident, each counted
+    at :data:`HELD_MODEL_FACTOR` times the reference's weights, plus one batch's logits."""
+    held = math.ceil((n_models + 1) * HELD_MODEL_FACTOR * shape.param_bytes)
+    return held + EVAL_LOGIT_COPIES * batch_size * ctx * shape.vocab * 4
+
+
+def joint_evaluation_fits(shape: ModelShape, n_models: int, batch_size: int, ctx: int, *,
+                          budget_bytes: int, margin: float = 0.2) -> bool:
+    """Whether :func:`joint_evaluation_bytes` stays under the budget with ``margin`` to spare.
+    (On the CPU the budget is the memory available with the reference already loaded, so the
+    reference is counted twice there: the estimate errs on the safe side.)"""
+    return joint_evaluation_bytes(shape, n_models, batch_size, ctx) <= budget_bytes * (1 - margin)
