@@ -168,38 +168,32 @@ class Products:
     def addmm_(self, acc: Tensor, a: Tensor, b: Tensor, level: str) -> None:
         """``acc += a @ b`` in place (``acc`` may be a view into a larger sum), no temporaries
         where the device allows; operands must already be :meth:`operand` of ``level``."""
-        if a.dtype != b.dtype or (a.dtype in _LOW_PRECISION and not self.cuda):
-            a, b = a.to(acc.dtype), b.to(acc.dtype)
-        if a.dtype not in _LOW_PRECISION:
-            acc.addmm_(a if a.dtype == acc.dtype else a.to(acc.dtype),
-                       b if b.dtype == acc.dtype else b.to(acc.dtype))
-            return
-        if self._fused_ok is None:
-            self._fused_ok = _fused_addmm_works(acc.device, a.dtype)
-        if self._fused_ok:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        elif self._out_dtype_ok and acc.dtype == torch.float32:
-            acc.add_(self.mm(a, b, level))
-        else:
-            acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        self._accumulate(acc, a, b, level, batched=False)
 
     def baddbmm_(self, acc: Tensor, a: Tensor, b: Tensor, level: str) -> None:
         """:meth:`addmm_` for a batch: ``acc[i] += a[i] @ b[i]`` (``acc`` may be strided
         blocks of a larger sum)."""
+        self._accumulate(acc, a, b, level, batched=True)
+
+    def _accumulate(self, acc: Tensor, a: Tensor, b: Tensor, level: str, batched: bool) -> None:
+        inplace = Tensor.baddbmm_ if batched else Tensor.addmm_
         if a.dtype != b.dtype or (a.dtype in _LOW_PRECISION and not self.cuda):
             a, b = a.to(acc.dtype), b.to(acc.dtype)
         if a.dtype not in _LOW_PRECISION:
-            acc.baddbmm_(a if a.dtype == acc.dtype else a.to(acc.dtype),
-                         b if b.dtype == acc.dtype else b.to(acc.dtype))
+            inplace(acc, a if a.dtype == acc.dtype else a.to(acc.dtype),
+                    b if b.dtype == acc.dtype else b.to(acc.dtype))
             return
-        if self._fused_bmm_ok is None:
+        # whether the fused low-precision product into fp32 works is checked once per kind
+        if batched and self._fused_bmm_ok is None:
             self._fused_bmm_ok = _fused_baddbmm_works(acc.device, a.dtype)
-        if self._fused_bmm_ok:
-            torch.baddbmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        elif not batched and self._fused_ok is None:
+            self._fused_ok = _fused_addmm_works(acc.device, a.dtype)
+        if self._fused_bmm_ok if batched else self._fused_ok:
+            (torch.baddbmm if batched else torch.addmm)(acc, a, b, out_dtype=torch.float32, out=acc)
         elif self._out_dtype_ok and acc.dtype == torch.float32:
             acc.add_(self.mm(a, b, level))
         else:
-            acc.baddbmm_(a.to(acc.dtype), b.to(acc.dtype))
+            inplace(acc, a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _fused_baddbmm_works(device: torch.device, dtype: torch.dtype) -> bool:

@@ -260,19 +260,14 @@ class QuantizedLinear(nn.Module):
         return y if self._had_out_scale == 1.0 else y * self._had_out_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense_cache:
-            Wp, tf = self._prepared(x.device, x.dtype)
-            if tf is not None:
-                x = tf.input(x)
-            y = torch.nn.functional.linear(x, Wp)
-            if tf is not None:
-                y = tf.output(y)
-        else:
-            if self.incoherence:
-                x = self._rotate_in(x)
-            y = self._packed_matmul(x)
-            if self.incoherence:
-                y = self._rotate_out(y)
+        if not self.dense_cache:
+            return self.forward_rotated(self._rotate_in(x) if self.incoherence else x)
+        Wp, tf = self._prepared(x.device, x.dtype)
+        if tf is not None:
+            x = tf.input(x)
+        y = torch.nn.functional.linear(x, Wp)
+        if tf is not None:
+            y = tf.output(y)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
