@@ -312,18 +312,27 @@ def _hessians_key(plan: dict[str, Recipe], r: Recipe) -> str:
     return sorted(plan, key=lambda k: k[0] != "B")[0]
 
 
+# A joint evaluation sweep measures the reference's perplexity on every window anyway; before the
+# heavy work the sanity check only needs a perplexity that tells a broken model (near the
+# vocabulary size) from a working one, which a couple of windows give.
+SANITY_PPL_WINDOWS = 2
+
+
 def checked_reference(model, tok, ev, eval_src, batch_size: int, strict: bool,
-                      progress: bool = True) -> tuple[float, list]:
+                      progress: bool = True, ppl_windows: int | None = None
+                      ) -> tuple[float, list]:
     """Sanity checks on the reference, then its perplexity (checked too): (ppl, findings).
 
     The checks that need no perplexity run first, so ``strict`` stops a broken reference before
     even that forward pass; each finding is warned about once (or raised, with ``strict``).
+    ``ppl_windows``: measure the perplexity on the first few windows only.
     """
     from . import evaluate, sanity
 
     findings = sanity.enforce(sanity.check_reference(model, tok, ev,
                                                      sanity.text_sample(eval_src)), strict)
-    ref_ppl = evaluate.perplexity(model, ev, batch_size=batch_size, progress=progress)
+    ref_ppl = evaluate.perplexity(model, ev if ppl_windows is None else ev[:ppl_windows],
+                                  batch_size=batch_size, progress=progress)
     findings += sanity.enforce([sanity.perplexity_finding(ref_ppl,
                                                           sanity.model_vocab_size(model))], strict)
     return ref_ppl, findings
@@ -351,10 +360,14 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
     with stages.stage("reference: sanity checks, perplexity"):
         ev = evaluation_windows(tok, model, eval_src, cfg.eval_ctx, cfg.n_eval, cfg.seed)
         log.info("evaluation: %d windows x %d tokens of %s", ev.shape[0], ev.shape[1], eval_src)
+        mode = choose_evaluation(cfg, model, ev.shape[1], len(recipes))
         # The reference is re-run for every comparison instead of cached: full log-probabilities
         # of 64 x 512 tokens over a 49k vocabulary would be 6.4 GB, and a forward pass is cheap.
-        ref_ppl, findings = checked_reference(model, tok, ev, eval_src, cfg.batch_size,
-                                              cfg.strict, cfg.progress)
+        # A joint sweep gives the reference's perplexity on every window at the end; until then
+        # the sanity check uses the first few.
+        ref_ppl, findings = checked_reference(
+            model, tok, ev, eval_src, cfg.batch_size, cfg.strict, cfg.progress,
+            ppl_windows=SANITY_PPL_WINDOWS if mode == "joint" else None)
     rows = [ResultRow("original", None, None, _param_mb(model), 0.0, ref_ppl, 1.0, 0.0)]
     suite = None
     if cfg.tasks:  # before the heavy work: an unknown task or no network fails in seconds
@@ -379,7 +392,6 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
                                             batch_size=cfg.batch_size, overwrite=cfg.overwrite,
                                             progress=cfg.progress)
 
-    mode = choose_evaluation(cfg, model, ev.shape[1], len(recipes))
     layers: dict[str, list] = {}
     held: list[_Quantized] = []  # joint mode: evaluated together once all are quantized
     for recipe in recipes:
@@ -415,6 +427,7 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
                                           batch_size=cfg.batch_size, progress=cfg.progress)
         log.info("joint evaluation: the original's forward passes took %.1f s, shared by %d "
                  "models", joint.reference_seconds, len(held))
+        rows[0].ppl = joint.results[0].ref_ppl  # every window, not the sanity check's few
         share = joint.reference_seconds / len(held)
         for q, ev_res, secs in zip(held, joint.results, joint.seconds):
             rows.append(_result_row(cfg, q, ev_res, secs + share))
