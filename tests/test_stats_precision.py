@@ -91,4 +91,5 @@ def test_products_accumulate_into_strided_views_in_place(monkeypatch):
 
 def test_fused_bf16_accumulation_is_refused_cleanly_where_unsupported():
     # CPU has no addmm with an fp32 output for bf16 operands: the check says no, raises nothing
-    assert acc_mod._fused_addmm_works(torch.device("cpu"), torch.bfloat16) is False
+    for batched in (False, True):
+        assert acc_mod._fused_addmm_works(torch.device("cpu"), torch.bfloat16, batched) is False

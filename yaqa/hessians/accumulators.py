@@ -185,7 +185,7 @@ class Products:
             return
         # whether the fused low-precision product into fp32 works is checked once per kind
         if batched and self._fused_bmm_ok is None:
-            self._fused_bmm_ok = _fused_baddbmm_works(acc.device, a.dtype)
+            self._fused_bmm_ok = _fused_addmm_works(acc.device, a.dtype, batched=True)
         elif not batched and self._fused_ok is None:
             self._fused_ok = _fused_addmm_works(acc.device, a.dtype)
         if self._fused_bmm_ok if batched else self._fused_ok:
@@ -196,46 +196,34 @@ class Products:
             inplace(acc, a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _fused_baddbmm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``baddbmm(acc, a, b, out_dtype=fp32, out=acc)`` of low-precision operands updates
-    strided diagonal blocks of an fp32 sum correctly here (checked once on small tensors)."""
+def _fused_addmm_works(device: torch.device, dtype: torch.dtype, batched: bool = False) -> bool:
+    """Whether ``addmm(acc, a, b, out_dtype=fp32, out=acc)`` (``baddbmm`` when ``batched``) of
+    low-precision operands updates a strided view of an fp32 sum correctly here: a strided
+    block, or strided diagonal blocks (checked once on small tensors)."""
+    what = "baddbmm" if batched else "addmm"
     try:
         g = torch.Generator(device=device).manual_seed(0)
         big = torch.randn(48, 48, device=device, generator=g)
-        a = torch.randn(3, 16, 40, device=device, generator=g).to(dtype)
-        b = torch.randn(3, 40, 16, device=device, generator=g).to(dtype)
         want = big.clone()
-        for i in range(3):
-            want[16 * i:16 * i + 16, 16 * i:16 * i + 16] += (a[i].double() @ b[i].double()).float()
-        view = big.as_strided((3, 16, 16), (16 * 49, 48, 1))
-        torch.baddbmm(view, a, b, out_dtype=torch.float32, out=view)
+        if batched:
+            a = torch.randn(3, 16, 40, device=device, generator=g).to(dtype)
+            b = torch.randn(3, 40, 16, device=device, generator=g).to(dtype)
+            for i in range(3):
+                want[16 * i:16 * i + 16, 16 * i:16 * i + 16] += (a[i].double() @ b[i].double()).float()
+            view = big.as_strided((3, 16, 16), (16 * 49, 48, 1))
+            torch.baddbmm(view, a, b, out_dtype=torch.float32, out=view)
+        else:
+            a = torch.randn(24, 40, device=device, generator=g).to(dtype)
+            b = torch.randn(40, 16, device=device, generator=g).to(dtype)
+            want[24:, 8:24] += a.double().mm(b.double()).float()
+            view = big[24:, 8:24]
+            torch.addmm(view, a, b, out_dtype=torch.float32, out=view)
         ok = bool(torch.allclose(big, want, rtol=1e-4, atol=1e-3))
     except (RuntimeError, TypeError) as e:
-        log.info("fused bf16 baddbmm into fp32 sums unavailable (%s); bmm + add", e)
+        log.info("fused bf16 %s into fp32 sums unavailable (%s); product + add", what, e)
         return False
     if not ok:
-        log.info("fused bf16 baddbmm into strided fp32 blocks is wrong here; bmm + add")
-    return ok
-
-
-def _fused_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``addmm(acc, a, b, out_dtype=fp32, out=acc)`` of low-precision operands updates a
-    strided view of an fp32 sum correctly here (checked once on small tensors)."""
-    try:
-        g = torch.Generator(device=device).manual_seed(0)
-        big = torch.randn(48, 48, device=device, generator=g)
-        a = torch.randn(24, 40, device=device, generator=g).to(dtype)
-        b = torch.randn(40, 16, device=device, generator=g).to(dtype)
-        want = big.clone()
-        want[24:, 8:24] += a.double().mm(b.double()).float()
-        view = big[24:, 8:24]
-        torch.addmm(view, a, b, out_dtype=torch.float32, out=view)
-        ok = bool(torch.allclose(big, want, rtol=1e-4, atol=1e-3))
-    except (RuntimeError, TypeError) as e:
-        log.info("fused bf16 addmm into fp32 sums unavailable (%s); one product + add each", e)
-        return False
-    if not ok:
-        log.info("fused bf16 addmm into a strided fp32 view is wrong here; one product + add each")
+        log.info("fused bf16 %s into a strided fp32 view is wrong here; product + add", what)
     return ok
 
 
