@@ -4,8 +4,6 @@ Skipped where Triton is not installed (CI's test extra does not pull it); the pu
 path is covered by test_packed.py either way.
 """
 
-import os
-import sys
 
 import pytest
 import torch
@@ -13,14 +11,9 @@ import torch
 from yaqa.nn import kernels
 from yaqa.nn.packing import pack_codes
 
-# Triton decorates its own library functions (tl.sum, ...) at import, in the mode the variable
-# selects then: it must be set before the first import.  Machines with a GPU skip this file.
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton was imported before the interpreter could be selected, or a GPU is "
-                "present (bench/check_kernels.py covers the GPU)", allow_module_level=True)
+from triton_interpreter import require_interpreter
+
+require_interpreter()
 
 
 @pytest.fixture(autouse=True)
