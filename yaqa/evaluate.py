@@ -151,15 +151,24 @@ def compare_many(ref_model: nn.Module | ReferenceCache, models: Sequence[nn.Modu
         for ids, ref in _reference_stream(ref_model, batches, batch_size, progress):
             ids_d = ids.to(dev)
             targets = _next_tokens(ids_d)
-            chunks, ref_tgt = _reference_chunks(ref, dev, targets)
-            ref_nll = -ref_tgt.double().sum().item()
-            del ref, ref_tgt  # the reference logits: only their per-chunk log-probs are needed
+            tgt_parts: list[torch.Tensor] = []
+            chunks = _reference_chunks(ref, dev, targets, tgt_parts)
+            ref_nll = None
+            if len(models) > 1:  # every model reads the same chunks: make them all once
+                chunks = list(chunks)
+                ref_nll = _reference_nll(ref, tgt_parts)
+                del ref  # the reference logits: only their per-chunk log-probs are needed
+            # One model: its logits first, then each reference chunk is made and used in turn,
+            # so no batch-sized float32 copy of the reference's log-probabilities is ever held.
             ref_seconds += time.perf_counter() - t
             for model, tally in zip(models, tallies):
                 t = time.perf_counter()
                 logits = _logits(model, ids).to(dev)
                 kl, top1, tgt = _model_stats(chunks, logits, targets)
                 del logits
+                if ref_nll is None:
+                    ref_nll = _reference_nll(ref, tgt_parts)
+                    del ref
                 tally.add(kl, top1, -tgt.double().sum().item(), ref_nll, ids)
                 tally.seconds += time.perf_counter() - t
             del chunks
@@ -239,35 +248,40 @@ def _targets_only(per_position: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
     return per_position.reshape(ids.shape[0], -1)[:, :-1].reshape(-1)
 
 
-def _reference_chunks(ref: tuple, dev: torch.device,
-                      targets: torch.Tensor) -> tuple[list[tuple], torch.Tensor]:
-    """The reference's side of every ``_CHUNK``-position slice of one batch, computed once for
-    all models: ``("p", log-probs, argmax)`` or ``("topk", values, indices, rest, argmax)``;
-    and the reference's log-probabilities of the targets (flat, as :func:`_target_logp`)."""
+def _reference_chunks(ref: tuple, dev: torch.device, targets: torch.Tensor,
+                      tgt_parts: list[torch.Tensor]) -> Iterator[tuple]:
+    """The reference's side of each ``_CHUNK``-position slice of one batch, one at a time:
+    ``("p", log-probs, argmax)`` or ``("topk", values, indices, rest, argmax)``.  From logits,
+    each chunk's log-probabilities of the targets go to ``tgt_parts`` (see
+    :func:`_reference_nll`)."""
     kind = ref[0]
-    out = []
     if kind == "topk":
         k = ref[1].shape[-1]
         vals, idx, rest = ref[1].reshape(-1, k), ref[2].reshape(-1, k), ref[3].reshape(-1)
         for s in range(0, vals.shape[0], _CHUNK):
             i = idx[s: s + _CHUNK].to(dev).long()
-            out.append(("topk", vals[s: s + _CHUNK].to(dev), i, rest[s: s + _CHUNK].to(dev),
-                        i[:, 0]))
-        return out, ref[-1].reshape(-1)
+            yield ("topk", vals[s: s + _CHUNK].to(dev), i, rest[s: s + _CHUNK].to(dev), i[:, 0])
+        return
     vocab = ref[1].shape[-1]
     flat = ref[1].reshape(-1, vocab)
-    tgt = []
     for s in range(0, flat.shape[0], _CHUNK):
         lp = flat[s: s + _CHUNK].to(dev).float()
         if kind == "logits" or ref[1].dtype != torch.float32:
             # logits, or cached log-probs that rounding left unnormalised
             lp = torch.log_softmax(lp, dim=-1)
-        out.append(("p", lp, lp.argmax(-1)))
         if kind == "logits":  # a cache brings its own (exact, float32) target log-probs
-            tgt.append(lp.gather(-1, targets[s: s + _CHUNK, None]).squeeze(-1))
-    if kind == "logits":
-        return out, _targets_only(torch.cat(tgt), ref[2])
-    return out, ref[-1].reshape(-1)
+            tgt_parts.append(lp.gather(-1, targets[s: s + _CHUNK, None]).squeeze(-1))
+        yield ("p", lp, lp.argmax(-1))
+
+
+def _reference_nll(ref: tuple, tgt_parts: list[torch.Tensor]) -> float:
+    """The reference's summed NLL of one batch's targets, once :func:`_reference_chunks` has
+    gone through every chunk."""
+    if ref[0] == "logits":
+        tgt = _targets_only(torch.cat(tgt_parts), ref[2])
+    else:
+        tgt = ref[-1].reshape(-1)
+    return -tgt.double().sum().item()
 
 
 def _model_stats(chunks: list[tuple], logits: torch.Tensor, targets: torch.Tensor
