@@ -309,12 +309,12 @@ def device_budget(device: str | torch.device) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    try:
-        with open("/proc/meminfo") as f:
-            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
-        return info.get("MemAvailable", info["MemTotal"])
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    from .hessians.boundary import host_available_bytes
+
+    available = host_available_bytes()
+    if available is not None:
+        return available
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _groups(blocks: list[int], size: int) -> list[list[int]]:

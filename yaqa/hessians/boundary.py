@@ -64,6 +64,8 @@ def boundary_bytes(n_tokens: int, hidden: int, dtype_bytes: int, n_boundaries: i
 
 
 def host_available_bytes() -> int | None:
+    """The host memory available to a new allocation (MemAvailable), or None where
+    /proc/meminfo cannot be read."""
     try:
         with open("/proc/meminfo") as f:
             info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f}
