@@ -163,3 +163,17 @@ def test_plan_prints_the_cache_size_and_where_it_goes():
     assert plan.model_work == pytest.approx(1.75)
     assert none.model_work == pytest.approx(4 / 3 + 2 / 3 * 2.5)
 
+
+
+def test_an_asked_for_cache_that_does_not_fit_stops_before_any_work(ids, tmp_path, monkeypatch):
+    # a plan that chose the cache sized its passes for it: going on without would risk an OOM
+    import yaqa.hessians.collect as collect_mod
+    monkeypatch.setattr(collect_mod, "host_available_bytes", lambda: 1)
+    model = tiny_model("llama", layers=3)
+    with pytest.raises(RuntimeError, match="boundary cache 'memory' was asked for"):
+        _collect(model, ids, out_dir=tmp_path, sketch="B", blocks_per_pass=1,
+                 boundary_cache="memory")
+    assert not list(tmp_path.glob("block_*.safetensors"))
+    # "auto" falls back to recomputing, and the factors are still collected
+    out, _ = _collect(model, ids, sketch="B", blocks_per_pass=1, boundary_cache="auto")
+    assert len(out) == 3 * 7

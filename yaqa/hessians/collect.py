@@ -207,9 +207,15 @@ def _boundary_cache(model: nn.Module, batches: Batches, cfg: CollectConfig,
     choice = choose_boundary_cache(cfg.boundary_cache, size, host_bytes=host_available_bytes(),
                                    disk_bytes=_disk_left(model, out_path, todo, cfg), world=world)
     log.info("boundary cache: %s, %s", choice.mode, choice.reason)
+    if choice.mode == "off" and cfg.boundary_cache in ("memory", "disk"):
+        # a plan sized its passes for the cache (its groups run only their own blocks); going on
+        # without it would hold the activations of every block above each group: stop first
+        raise RuntimeError(
+            f"boundary cache {cfg.boundary_cache!r} was asked for (a memory plan may have chosen "
+            f"it), but {choice.reason}. Nothing was collected. Free host memory or disk, or "
+            "collect with boundary_cache='auto' (or 'off') and a fresh plan, which may choose "
+            "fewer blocks per pass")
     if choice.mode == "off":
-        if cfg.boundary_cache in ("memory", "disk"):
-            log.warning("boundary cache %s asked for but %s", cfg.boundary_cache, choice.reason)
         return None
     key = identity_hash({"identity": identity, "batch_size": cfg.batch_size,
                          "mb_tokens": mb_tokens, "world": world})
