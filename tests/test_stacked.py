@@ -132,3 +132,28 @@ def test_graph_decoder_tokens_are_unchanged_by_stacking(family, bits, incoherenc
     assert dec.stacked == 4  # q/k/v and gate/up of both layers
     assert torch.equal(dec.generate(prompt, 5), tokens)
     assert torch.equal(tokens, ref)
+
+
+def test_layers_of_one_output_size_share_their_output_rotation(monkeypatch):
+    # 512 + 256 + 256 rows, all sizes with a fused rotation: the input rotation, q's output
+    # rotation and one for k and v together: 3 launches instead of 4.
+    mods = _layers(4, 64, (512, 256, 256), 256, True, bias=True)
+    x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = [m(x) for m in mods]
+    monkeypatch.setattr(kernels, "FORCE_TRITON", True)
+    stack = StackedLinears.build(mods)
+    assert [(i, j, s is not None) for i, j, s in stack.out_runs] == [(0, 1, False), (1, 3, True)]
+    calls = []
+    rotate2 = kernels.rotate2
+
+    def counting(x, sign, *args):
+        calls.append(tuple(sign.shape))
+        return rotate2(x, sign, *args)
+
+    monkeypatch.setattr(kernels, "rotate2", counting)
+    with torch.no_grad():
+        outs = stack(x)
+    assert calls == [(3, 256), (512,), (2, 256)]
+    for y, r in zip(outs, ref):
+        torch.testing.assert_close(y, r, rtol=1e-4, atol=1e-4)

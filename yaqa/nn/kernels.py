@@ -600,15 +600,19 @@ def rotate2_supports(sizes: tuple[int, ...]) -> bool:
 def _rotation_rows(x: torch.Tensor, sign: torch.Tensor):
     """Rows to rotate and their strides: ``x`` (..., n) and ``sign`` (n,) rotate each row of x;
     one row of x and ``sign`` (r, n) give r rotations of that row, one per sign vector (the
-    inputs of several layers reading the same activations, in one launch)."""
+    inputs of several layers reading the same activations, in one launch); r rows of x and
+    ``sign`` (r, n) rotate row i with sign i (the outputs of stacked layers of one size)."""
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     if sign.dim() == 2 and sign.shape[0] > 1:
+        if x2.shape[0] == sign.shape[0] and x2.shape[0] > 1:
+            # One row per sign vector: several layers' outputs of one size in one launch.
+            return x2, x2.shape[0], x2.stride(0), n, (sign.shape[0], n)
         if x2.shape[0] != 1:
-            raise ValueError(f"several sign vectors rotate one activation row, got "
-                             f"{x2.shape[0]} rows")
+            raise ValueError(f"several sign vectors rotate one activation row (or one row "
+                             f"each), got {x2.shape[0]} rows for {sign.shape[0]} signs")
         return x2, sign.shape[0], 0, n, (sign.shape[0], n)
     return x2, x2.shape[0], x2.stride(0), 0, x.shape
 

@@ -10,8 +10,8 @@ them as one GEMV whose output is split per layer:
 - with incoherence each layer rotates the input with its own signs: the shared input rotation
   (:func:`~yaqa.nn.quantized_linear.rotate_shared_input`'s kernel) writes one rotated row per
   layer, and the GEMV's programs pick their layer's row from their first output row (the kernel's
-  ``SEG1/SEG2/stride_seg``), so one launch still covers all of them.  The output rotations stay
-  per layer (their sizes differ).
+  ``SEG1/SEG2/stride_seg``), so one launch still covers all of them.  Layers of one output size
+  (k and v, gate and up) also share their output-rotation launch, each row with its own signs.
 
 Memory: the stacked codes, scales and zero points *replace* the layers' own buffers, which
 become views into them, so nothing is duplicated and each layer still runs alone (prefill).  A
@@ -51,6 +51,18 @@ class StackedLinears:
         self.edges = tuple(int(sum(sizes[:i])) for i in range(len(sizes) + 1))
         self.bounds = self.edges[1:-1]
         self.signs = shared_input_signs(self.mods) if self.incoherence else None
+        # Output rotations: consecutive layers of one output size (k/v, gate/up) share one
+        # launch, each output row with its own signs: (first, last + 1, stacked signs or None).
+        self.out_runs = []
+        i = 0
+        while i < len(mods):
+            j = i + 1
+            while j < len(mods) and mods[j].out_features == mods[i].out_features:
+                j += 1
+            signs = (torch.stack([m.had_out_sign for m in mods[i:j]]).contiguous()
+                     if self.incoherence and j - i > 1 and not mods[i]._had_block else None)
+            self.out_runs.append((i, j, signs))
+            i = j
         self.buffers, self._starts = {}, {}
         for name in _BUFFERS:
             parts = [getattr(m, name) for m in mods]
@@ -128,13 +140,21 @@ class StackedLinears:
             y = stacked_matmul(x.reshape(-1, self.n), *self._packed(), list(self.bounds), False)
         lead = x.shape[:-1]
         outs = []
-        for m, a, b in zip(self.mods, self.edges[:-1], self.edges[1:]):
-            yi = y[:, a:b].reshape(*lead, b - a)
-            if m.incoherence:
-                yi = m._rotate_out(yi)
-            if m.bias is not None:
-                yi = yi + m.bias.to(yi.dtype)
-            outs.append(yi)
+        for i, j, signs in self.out_runs:
+            size = self.mods[i].out_features
+            block = y[:, self.edges[i]:self.edges[j]]
+            count = signs is not None and self.mods[i]._fused_rotation(block, "out")
+            if count:
+                # One launch rotates every layer of the run (row r with layer r's signs).
+                rot = self.mods[i]._fused_rotate(block.reshape(j - i, size), "out", count, signs)
+                parts = [rot[r].reshape(*lead, size) for r in range(j - i)]
+            else:
+                parts = [block[:, r * size:(r + 1) * size].reshape(*lead, size)
+                         for r in range(j - i)]
+                parts = [m._rotate_out(p) if m.incoherence else p
+                         for m, p in zip(self.mods[i:j], parts)]
+            for m, p in zip(self.mods[i:j], parts):
+                outs.append(p + m.bias.to(p.dtype) if m.bias is not None else p)
         return outs
 
     def _packed(self):
