@@ -129,6 +129,45 @@ def check_gemv_configs(c: Checker, dev, quick: bool) -> None:
                  not bool(counters.any()))
 
 
+def check_stacked(c: Checker, dev) -> None:
+    """q/k/v-shaped layers (Llama-8B: 4096 + 1024 + 1024 rows) stacked into one GEMV, with and
+    without incoherence, autotuned and with every fitting config forced, against each layer's
+    dense weight; the layers' own forwards on their views of the stack."""
+    from yaqa.nn import kernels
+    from yaqa.nn.stacked import StackedLinears, stacked_matmul
+
+    dims = (4096, 1024, 1024) if dev.type == "cuda" else (64, 32, 32)
+    n = 4096 if dev.type == "cuda" else 1024
+    for inc in (False, True):
+        mods = [layer(4, 128, m, n, inc, dev) for m in dims]
+        refs = [m.dequantized_weight().double() for m in mods]
+        x = torch.randn(1, n, device=dev, dtype=torch.bfloat16)
+        stack = StackedLinears.build(mods)
+        c.expect(f"stacked q/k/v inc={inc}: built", stack is not None)
+        if stack is None:
+            continue
+        with torch.no_grad():
+            for i, (y, W) in enumerate(zip(stack(x), refs)):
+                c.check(f"stacked q/k/v inc={inc} layer {i} (autotuned)", y, x.double() @ W.T,
+                        1e-2, show=True)
+                c.check(f"  layer {i} alone on its view inc={inc}", mods[i](x),
+                        x.double() @ W.T, 1e-2)
+            if inc:
+                continue
+            ref = torch.cat([x.double() @ W.T for W in refs], dim=1)
+            for tile in kernels._GEMV_CONFIGS:
+                if not kernels.config_fits(tile, 4, 128, n, stack.bounds):
+                    continue
+                y = kernels.gemv(x, *stack._packed()[:3], 4, 128, stack.m, n, tile=tile,
+                                 bounds=stack.bounds, per_segment=False)
+                c.check(f"stacked q/k/v config {tile}", y, ref, 1e-2)
+            # per-segment rows: three different inputs, one launch
+            xs = torch.randn(3, n, device=dev, dtype=torch.bfloat16)
+            y = stacked_matmul(xs, *stack._packed(), list(stack.bounds), True)
+            ref = torch.cat([xs[i:i + 1].double() @ W.T for i, W in enumerate(refs)], dim=1)
+            c.check("stacked q/k/v, one input row per layer", y, ref, 1e-2, show=True)
+
+
 def check_decoder(c: Checker, dev) -> None:
     import transformers
 
@@ -152,6 +191,14 @@ def check_decoder(c: Checker, dev) -> None:
         eager = GraphDecoder(model, max_len=40, graph=False).generate(prompt, 16)
         c.expect(f"GraphDecoder {dtype} (fused small ops: {dec.fused}): CUDA graph tokens == "
                  "eager step tokens", torch.equal(graph, eager))
+        sep = GraphDecoder(model, max_len=40, graph=dev.type == "cuda",
+                           stack_linears=False).generate(prompt, 16)
+        same = int((sep == graph).sum()) - prompt.shape[1]
+        print(f"GraphDecoder {dtype} ({dec.stacked} stacked q/k/v, gate/up groups): vs one GEMV "
+              f"per linear: {same}/16 tokens equal", flush=True)
+        if dtype == torch.float32:
+            c.expect("GraphDecoder float32: stacked linears tokens == one GEMV per linear",
+                     torch.equal(sep, graph))
         plain = GraphDecoder(model, max_len=40, graph=False, fused=False).generate(prompt, 16)
         same = int((plain == graph).sum()) - prompt.shape[1]
         print(f"GraphDecoder {dtype}: fused small ops vs torch ops: {same}/16 tokens equal",
@@ -185,6 +232,7 @@ def main() -> int:
     c = Checker()
     check_layers(c, dev, args.quick)
     check_gemv_configs(c, dev, args.quick)
+    check_stacked(c, dev)
     check_big_and_graphs(c, dev)
     check_decoder(c, dev)
     from yaqa.nn import kernels

@@ -77,7 +77,8 @@ def main() -> int:
 
     gemv_sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
                 "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "M": "i32",
-                "stride_x": "i32", "stride_y": "i32", "K": "constexpr", "BITS": "constexpr",
+                "stride_x": "i32", "stride_y": "i32", "SEG1": "i32", "SEG2": "i32",
+                "stride_seg": "i32", "K": "constexpr", "BITS": "constexpr",
                 "GROUP": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                 "SPLIT_K": "constexpr", "UNPACK_3D": "constexpr"}
     configs = list(_GEMV_CONFIGS)
@@ -90,7 +91,7 @@ def main() -> int:
                                               "BLOCK_K": bk, "SPLIT_K": sk, "UNPACK_3D": u},
                     {"num_warps": w, "num_stages": st})
     bytes_sig = {**{k: v for k, v in gemv_sig.items() if k != "UNPACK_3D"}, "qw_ptr": "*u8"}
-    bytes_sig = {k: bytes_sig[k] for k in list(bytes_sig)[:12]} | {
+    bytes_sig = {k: bytes_sig[k] for k in list(bytes_sig)[:15]} | {
         "CPC": "constexpr", "NB": "constexpr", "GROUP": "constexpr", "BLOCK_N": "constexpr",
         "BLOCK_K": "constexpr", "SPLIT_K": "constexpr"}
     run(kg.gemv_bytes, bytes_sig, {"K": 4096, "BITS": 3, "CPC": 8, "NB": 3, "GROUP": 128,

@@ -4,12 +4,15 @@
 #   OUT=/some/dir bash bench/gpu_decode.sh
 #
 # 1. bench/check_kernels.py --quick: every kernel against the dense weight, every GEMV config
-#    (split-K) forced in turn, the autotuned picks, CUDA graphs, GraphDecoder tokens (fused small
-#    ops vs torch ops vs generate).  Prints FAIL lines and "N FAILED" on a mismatch.
+#    (split-K) forced in turn, the autotuned picks, stacked q/k/v (one GEMV, with and without
+#    incoherence, every config forced), CUDA graphs, GraphDecoder tokens (stacked linears vs one
+#    GEMV per linear, fused small ops vs torch ops vs generate).  Prints FAIL lines and
+#    "N FAILED" on a mismatch.
 # 2. bench/inference.py --profile: Llama-3.1-8B shape, bf16 / int4 / int4 + incoherence: memory,
-#    decode tok/s (CUDA graph, fused small ops; and with transformers' small ops), prefill,
-#    per-layer GEMV GB/s, the autotuned configs, and a torch.profiler breakdown of one decode
-#    step per variant.  Results are written after every stage, so a kill keeps what finished.
+#    decode tok/s (CUDA graph, fused small ops and stacked q/k/v + gate/up GEMVs; the same with
+#    one GEMV per linear, today's path before stacking; with transformers' small ops), prefill,
+#    per-layer GEMV GB/s (plus the stacked q+k+v and gate+up rows against the layers one by
+#    one), the autotuned configs, and a torch.profiler breakdown of one decode step per variant.  Results are written after every stage, so a kill keeps what finished.
 # Everything lands in $OUT (default bench/results/gpu_decode).
 set -u
 OUT=${OUT:-bench/results/gpu_decode}

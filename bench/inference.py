@@ -155,6 +155,7 @@ def measure_model(model, dev, args, left) -> dict:
     res["capture_s"] = time.perf_counter() - t
     res["decode_tok_s"] = n / timed(lambda: dec.decode(n), dev, reps)
     res["fused_small_ops"] = dec.fused
+    res["stacked_groups"] = dec.stacked  # q/k/v and gate/up GEMVs run as one launch each
     res["step_ms_graph"] = 1e3 / res["decode_tok_s"]
     if args.profile and left() > 0:
         res["profile"] = profile_step(dec, dev)
@@ -168,6 +169,12 @@ def measure_model(model, dev, args, left) -> dict:
         plain.prefill(prompt)
         res["decode_tok_s_torch_small_ops"] = n / timed(lambda: plain.decode(n), dev, reps)
         del plain
+    if dev.type == "cuda" and args.compare_unfused and res["stacked_groups"] and left() > 0:
+        # Today's path before stacking: one GEMV launch per linear (fused small ops).
+        sep = GraphDecoder(model, max_len=args.prompt + (reps + 1) * n + 8, stack_linears=False)
+        sep.prefill(prompt)
+        res["decode_tok_s_separate_linears"] = n / timed(lambda: sep.decode(n), dev, reps)
+        del sep
     long = torch.randint(0, vocab, (1, args.prefill), generator=g).to(dev)
 
     def prefill():
@@ -312,7 +319,48 @@ def kernel_bandwidth(dev, args) -> list[dict]:
                          "GBs_packed": qbytes / t_q / 1e9, "GBs_bf16": m * n * 2 / t_d / 1e9,
                          "speedup": t_d / t_q})
             del W, ql, dense, inc
+    rows += stacked_bandwidth(dev, args, shapes, gen)
     return rows
+
+
+def stacked_bandwidth(dev, args, shapes, gen) -> list[dict]:
+    """q+k+v and gate+up as one stacked GEMV (:mod:`yaqa.nn.stacked`), with and without
+    incoherence, against the same layers launched one by one (no incoherence) and bf16 one by
+    one."""
+    from yaqa.nn.stacked import StackedLinears
+
+    groups = {"q+k+v stacked": [shapes["q/o_proj"], shapes["k/v_proj"], shapes["k/v_proj"]],
+              "gate+up stacked": [shapes["gate/up_proj"]] * 2}
+    out = []
+    for name, dims in groups.items():
+        n = dims[0][1]
+        for bits in args.kernel_bits:
+            mods = {inc: [random_packed(torch.nn.Linear(n, m, device=dev, dtype=torch.bfloat16),
+                                        bits, 128, inc, gen) for m, _ in dims]
+                    for inc in (False, True)}
+            dense = [torch.randn(m, n, device=dev, dtype=torch.bfloat16) * 0.02 for m, _ in dims]
+            x = torch.randn(1, n, device=dev, dtype=torch.bfloat16)
+            with torch.no_grad():
+                t_sep = _bench(lambda: [l(x) for l in mods[False]], dev)
+                ref = [l(x).float() for l in mods[True]]
+                stacks = {inc: StackedLinears.build(mods[inc]) for inc in (False, True)}
+                if stacks[False] is None or stacks[True] is None:
+                    continue
+                got = stacks[True](x)
+                err = max(((g.float() - r).norm() / r.norm()).item() for g, r in zip(got, ref))
+                t_q = _bench(lambda: stacks[False](x), dev)
+                t_i = _bench(lambda: stacks[True](x), dev)
+                t_d = _bench(lambda: [torch.nn.functional.linear(x, w) for w in dense], dev)
+            m = sum(d[0] for d in dims)
+            qbytes = stacks[False].nbytes
+            out.append({"layer": name, "shape": [m, n], "bits": bits, "rel_err": err,
+                        "us_packed": t_q * 1e6, "us_packed_inc": t_i * 1e6,
+                        "us_bf16": t_d * 1e6, "us_dequant": float("nan"),
+                        "us_separate": t_sep * 1e6,
+                        "GBs_packed": qbytes / t_q / 1e9, "GBs_bf16": m * n * 2 / t_d / 1e9,
+                        "speedup": t_d / t_q})
+            del mods, dense, stacks
+    return out
 
 
 def gemv_configs(dev, args) -> dict:
@@ -326,6 +374,12 @@ def gemv_configs(dev, args) -> dict:
             cfg = kernels.gemv_config(bits, 128, m, n)
             if cfg:
                 out[f"{name} int{bits}"] = cfg
+    for name, m in (("q+k+v stacked", 6144), ("gate+up stacked", 28672)):
+        for bits in args.kernel_bits:
+            for inc in (False, True):
+                cfg = kernels.gemv_config(bits, 128, m, 4096, segmented=inc)
+                if cfg:
+                    out[f"{name} int{bits}{' inc' if inc else ''}"] = cfg
     return out
 
 
@@ -374,27 +428,31 @@ def render(report: dict) -> str:
     lines = ["| variant | memory GiB | linears GiB | linears vs bf16 | decode tok/s (graph) | vs bf16"
              " | decode tok/s (eager) | generate tok/s | prefill ms | vs bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    lines[0] = lines[0].replace(" | decode tok/s (eager) |", " | graph, torch small ops | decode tok/s (eager) |")
-    lines[1] += "---|"
+    lines[0] = lines[0].replace(" | decode tok/s (eager) |", " | graph, one GEMV per linear"
+                                " | graph, torch small ops | decode tok/s (eager) |")
+    lines[1] += "---|---|"
     for name, r in report["variants"].items():
         if "skipped" in r or "error" in r:
-            lines.append(f"| {name} | {r.get('skipped') or r.get('error')} |" + " |" * 9)
+            lines.append(f"| {name} | {r.get('skipped') or r.get('error')} |" + " |" * 10)
             continue
         mem = f"{r['memory_bytes'] / 2**30:.2f}" if r["memory_bytes"] else "-"
         lines.append(
             f"| {name} | {mem} | {r['linear_bytes'] / 2**30:.2f} | "
             f"{rel(r['linear_bytes'], base and base.get('linear_bytes'))} | "
             f"{r['decode_tok_s']:.1f} | {rel(r['decode_tok_s'], base and base.get('decode_tok_s'))}"
+            f" | {fmt(r.get('decode_tok_s_separate_linears'), '.1f')}"
             f" | {fmt(r.get('decode_tok_s_torch_small_ops'), '.1f')}"
             f" | {r['decode_eager_tok_s']:.1f} | {fmt(r.get('generate_tok_s'), '.1f')} | "
             f"{r['prefill_s'] * 1e3:.1f} | {rel(base and base.get('prefill_s'), r['prefill_s'])} |")
     lines += ["", "| layer | shape | bits | packed us | packed GB/s | +Hadamard us | dequant us | "
-              "bf16 us | bf16 GB/s | speedup | rel err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "bf16 us | bf16 GB/s | speedup | rel err | layers one by one us |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.get("kernels", []):
         lines.append(f"| {r['layer']} | {r['shape'][0]}x{r['shape'][1]} | {r['bits']} | "
                      f"{r['us_packed']:.1f} | {r['GBs_packed']:.0f} | {r['us_packed_inc']:.1f} | "
                      f"{r['us_dequant']:.1f} | {r['us_bf16']:.1f} | {r['GBs_bf16']:.0f} | "
-                     f"{r['speedup']:.2f} | {r['rel_err']:.1e} |")
+                     f"{r['speedup']:.2f} | {r['rel_err']:.1e} | "
+                     f"{fmt(r.get('us_separate'), '.1f')} |")
     configs = report.get("gemv_configs")
     if configs:
         lines += ["", "GEMV configs the autotuner picked (BLOCK_N, BLOCK_K, SPLIT_K, UNPACK_3D, "

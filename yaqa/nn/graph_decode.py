@@ -40,7 +40,7 @@ class GraphDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int, graph: bool | None = None,
-                 fused: bool | None = None):
+                 fused: bool | None = None, stack_linears: bool | None = None):
         cfg = model.config
         body = getattr(model, "model", None)
         layers = getattr(body, "layers", None)
@@ -84,6 +84,18 @@ class GraphDecoder:
         self._signs = [(shared_input_signs([getattr(layer.self_attn, n) for n in _ATTN[:3]]),
                         shared_input_signs([layer.mlp.gate_proj, layer.mlp.up_proj]))
                        for layer in layers]
+        # And beyond that, their GEMVs as one launch each (:mod:`.stacked`): the layers' packed
+        # buffers become views of one stacked buffer per group (no extra memory).  By default
+        # where the Triton kernels run; stack_linears=False keeps one launch per layer.
+        from . import kernels
+        from .stacked import StackedLinears
+
+        if stack_linears is None:
+            stack_linears = kernels.use_triton(emb)
+        self._stacks = [(StackedLinears.build([getattr(layer.self_attn, n) for n in _ATTN[:3]]),
+                         StackedLinears.build([layer.mlp.gate_proj, layer.mlp.up_proj]))
+                        if stack_linears else (None, None) for layer in layers]
+        self.stacked = sum(s is not None for pair in self._stacks for s in pair)
 
     def _can_fuse(self, cfg) -> bool:
         from . import kernels
@@ -126,9 +138,10 @@ class GraphDecoder:
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             x = layer.input_layernorm(h)
-            q = a.q_proj(x).view(1, 1, H, D).transpose(1, 2)
-            k = a.k_proj(x).view(1, 1, K, D).transpose(1, 2)
-            v = a.v_proj(x).view(1, 1, K, D).transpose(1, 2)
+            q, k, v = self._linears(i, 0, [a.q_proj, a.k_proj, a.v_proj], x)
+            q = q.view(1, 1, H, D).transpose(1, 2)
+            k = k.view(1, 1, K, D).transpose(1, 2)
+            v = v.view(1, 1, K, D).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             self.k[i].index_copy_(2, self.pos, k)
@@ -136,11 +149,29 @@ class GraphDecoder:
             o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask,
                                                enable_gqa=H != K)
             h = h + a.o_proj(o.transpose(1, 2).reshape(1, 1, H * D))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            mlp = layer.mlp
+            if self._stacks[i][1] is not None:
+                g, u = self._linears(i, 1, [mlp.gate_proj, mlp.up_proj],
+                                     layer.post_attention_layernorm(h))
+                h = h + mlp.down_proj(mlp.act_fn(g) * u)
+            else:
+                h = h + mlp(layer.post_attention_layernorm(h))
         logits = self.model.lm_head(body.norm(h))
         self.next_token.copy_(logits[0, -1].argmax(-1, keepdim=True))
         self.tok.copy_(self.next_token.view(1, 1))
         self.pos.add_(1)
+
+    def _linears(self, i: int, which: int, mods, x) -> list[torch.Tensor]:
+        """The outputs of layer ``i``'s q/k/v (``which`` 0) or gate/up (1), all reading ``x``:
+        one stacked GEMV, else one shared input rotation, else layer by layer."""
+        from .quantized_linear import rotate_shared_input
+
+        stack, signs = self._stacks[i][which], self._signs[i][which]
+        if stack is not None:
+            return stack(x)
+        if signs is not None:
+            return rotate_shared_input(mods, signs, x)
+        return [m(x) for m in mods]
 
     @torch.no_grad()
     def _fused_step(self) -> None:
@@ -148,10 +179,6 @@ class GraphDecoder:
         norm launches, one rotary + cache write, one attention, one activation, and the linears
         (with incoherence: one input rotation for q/k/v, one for gate/up)."""
         from .decode_kernels import add_rmsnorm, decode_attention, rope_cache, silu_mul
-        from .quantized_linear import rotate_shared_input
-
-        def linears(mods, signs, x):
-            return rotate_shared_input(mods, signs, x) if signs is not None else [m(x) for m in mods]
 
         body, H, D = self.model.model, self.heads, self.head_dim
         h = body.embed_tokens(self.tok)
@@ -159,14 +186,13 @@ class GraphDecoder:
         h, x = add_rmsnorm(h, None, first.weight, first.variance_epsilon)
         for i, layer in enumerate(self.layers):
             a, mlp = layer.self_attn, layer.mlp
-            qkv_signs, mlp_signs = self._signs[i]
-            q = rope_cache(*linears([a.q_proj, a.k_proj, a.v_proj], qkv_signs, x), self.k[i],
+            q = rope_cache(*self._linears(i, 0, [a.q_proj, a.k_proj, a.v_proj], x), self.k[i],
                            self.v[i], self.pos, self.inv_freq, self.rope_scale)
             o = decode_attention(q, self.k[i], self.v[i], self.pos)
             norm = layer.post_attention_layernorm
             h, x = add_rmsnorm(h, a.o_proj(o.view(1, 1, H * D)), norm.weight,
                                norm.variance_epsilon)
-            d = mlp.down_proj(silu_mul(*linears([mlp.gate_proj, mlp.up_proj], mlp_signs, x)))
+            d = mlp.down_proj(silu_mul(*self._linears(i, 1, [mlp.gate_proj, mlp.up_proj], x)))
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else body.norm
             h, x = add_rmsnorm(h, d, norm.weight, norm.variance_epsilon)
         logits = self.model.lm_head(x)

@@ -155,15 +155,23 @@ def _word_layout(bits: int, qweight: torch.Tensor) -> bool:
 _GEMV_CONFIGS = (
     # 2-D tiles: each thread loads its words' activations as strided scalars, so many rows per
     # program (large BLOCK_N) amortize them.
-    (8, 512, 2, 4, 1, False), (16, 512, 4, 8, 1, False), (32, 256, 1, 4, 1, False),
-    (32, 256, 2, 4, 1, False), (32, 256, 4, 4, 1, False), (32, 512, 4, 8, 1, False),
-    (64, 128, 4, 4, 1, False), (64, 256, 4, 8, 1, False), (32, 256, 4, 4, 3, False),
-    (64, 512, 4, 4, 1, False), (128, 256, 4, 4, 1, False), (64, 256, 8, 4, 1, False),
+    (8, 512, 2, 4, 1, False), (16, 512, 4, 8, 1, False), (32, 256, 2, 4, 1, False),
+    (32, 256, 4, 4, 1, False), (32, 512, 4, 8, 1, False), (64, 128, 4, 4, 1, False),
+    (64, 256, 4, 8, 1, False), (32, 256, 4, 4, 3, False), (64, 512, 4, 4, 1, False),
+    (128, 256, 4, 4, 1, False), (64, 256, 8, 4, 1, False),
+    # The H100's first autotune picked the largest split above (64, 256, 8) for every Llama
+    # shape, so the list goes further there: more splits, more rows, pipelined loads (2-3
+    # stages only pay where a slice has several BLOCK_K steps: split 4-8 of K=14336).
+    (64, 256, 16, 4, 1, False), (32, 256, 8, 4, 1, False), (32, 256, 16, 4, 1, False),
+    (64, 256, 8, 4, 2, False), (64, 256, 4, 4, 3, False), (64, 256, 8, 8, 1, False),
+    (128, 256, 8, 8, 1, False), (128, 256, 16, 8, 1, False), (64, 128, 8, 4, 1, False),
+    (64, 128, 16, 4, 1, False), (128, 128, 8, 4, 1, False), (128, 128, 16, 4, 2, False),
     # 3-D tiles: activations as 16-byte vectors, the weight words moved into their layout.
-    (8, 512, 2, 4, 1, True), (16, 256, 4, 4, 1, True), (16, 512, 2, 4, 1, True),
-    (32, 256, 1, 4, 1, True), (32, 256, 4, 8, 1, True),
-    (64, 128, 4, 8, 1, True),
+    # (Splits 1-2 were never picked on the H100; dropped to keep the autotune short.)
+    (16, 256, 4, 4, 1, True), (32, 256, 4, 8, 1, True), (64, 128, 4, 8, 1, True),
 )
+# Split-K workspace size: the largest split any config (or a forced one) may use.
+MAX_SPLIT = max(c[2] for c in _GEMV_CONFIGS)
 # Layers smaller than this (codes) use the default tile: autotuning costs more than it saves.
 AUTOTUNE_MIN_CODES = 1 << 22
 _TARGET_PROGRAMS = 528  # 4 per SM of an H100: enough loads in flight, little reduction work
@@ -189,15 +197,20 @@ def forced_config() -> tuple | None:
     return _parse_config(text) if text else None
 
 
-def config_fits(cfg: tuple, bits: int, group: int, n: int) -> bool:
-    """Whether a GEMV config tiles a K of ``n`` exactly (no masks along K in the kernel)."""
+def config_fits(cfg: tuple, bits: int, group: int, n: int, bounds: tuple[int, ...] = ()) -> bool:
+    """Whether a GEMV config tiles a K of ``n`` exactly (no masks along K in the kernel), and
+    its BLOCK_N divides the row ``bounds`` between stacked layers that read different inputs."""
     bn, bk, sk = cfg[:3]
     cpw = 32 // bits if 32 % bits == 0 else 8
-    return bk >= group and bk % group == 0 and bk % cpw == 0 and n % (bk * sk) == 0
+    return (bk >= group and bk % group == 0 and bk % cpw == 0 and n % (bk * sk) == 0
+            and all(b % bn == 0 for b in bounds))
 
 
-def _default_tile(m: int, n: int, group: int, bits: int = 4) -> tuple:
+def _default_tile(m: int, n: int, group: int, bits: int = 4,
+                  bounds: tuple[int, ...] = ()) -> tuple:
     bn = 32 if m >= 4096 else 16 if m >= 1024 else 8 if m >= 256 else 4
+    while bn > 1 and any(b % bn for b in bounds):
+        bn //= 2
     bk = max(group, next(b for b in (256, 128) if n % b == 0))
     sk = 1
     # Split K while the grid is short of ~4 programs per SM and each slice keeps 2+ steps.
@@ -329,8 +342,10 @@ def _kernels():
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         K, bits, group = args["K"], args["BITS"], args["GROUP"]
+        bounds = (args["SEG1"], args["SEG2"]) if args["stride_seg"] else ()
         keep = [c for c in configs if config_fits(
-            (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]), bits, group, K)]
+            (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]), bits, group, K,
+            bounds)]
         return keep or [configs[0]]
 
     def bench(fn, quantiles):
@@ -338,7 +353,8 @@ def _kernels():
         # add seconds per layer shape to the first decode step.
         return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
-    gemv_tuned = triton.autotune(configs=configs, key=["N", "M", "K", "BITS", "GROUP"],
+    key = ["N", "M", "K", "BITS", "GROUP", "SEG1", "SEG2", "stride_seg"]
+    gemv_tuned = triton.autotune(configs=configs, key=key,
                                  prune_configs_by={"early_config_prune": prune},
                                  do_bench=bench)(gemv_words)
     return (triton, gemv_words, gemv_tuned, gemv_bytes, dequant_words, dequant_bytes,
@@ -380,14 +396,14 @@ def _interpreting() -> bool:
 _TUNED: set[tuple] = set()  # layer shapes whose autotuning is done (safe inside a CUDA graph)
 
 
-def _use_tuned(x: torch.Tensor, bits: int, group: int, m: int, n: int) -> bool:
+def _use_tuned(x: torch.Tensor, m: int, n: int, shape_key: tuple) -> bool:
     # Autotuning times candidate launches: not for small layers (the default tile is as good and
     # compiling candidates costs seconds), and inside a CUDA graph capture only once it is done
     # (an eager call first, as CUDA-graph users warm up anyway); else the default tile.
     if m * n < AUTOTUNE_MIN_CODES or not x.is_cuda or _interpreting():
         return False
     return (not torch.cuda.is_current_stream_capturing()
-            or (m, n, x.shape[0], bits, group, x.dtype) in _TUNED)
+            or shape_key in _TUNED)
 
 
 # Split-K workspaces per device: (fp32 partial sums, int32 arrival counters, all zero between
@@ -416,48 +432,71 @@ def gemv_workspace(dev: torch.device, partials: int = 0,
 
 
 def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-         bits: int, group: int, m: int, n: int, tile: tuple | None = None) -> torch.Tensor:
+         bits: int, group: int, m: int, n: int, tile: tuple | None = None,
+         bounds: tuple[int, ...] = (), per_segment: bool = False) -> torch.Tensor:
     """``x2 @ W^T`` for a contiguous ``(rows, n)`` activation by the fused GEMV, in ``x2.dtype``.
 
     ``tile``: force one ``(BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, unpack 3-D)`` config, as
     ``YAQA_GEMV_CONFIG`` does for every call; otherwise large layers on CUDA are autotuned.
+
+    Stacked layers (``W`` = several layers' rows, one after the other): ``bounds`` are the first
+    rows of the 2nd and 3rd layer.  With ``per_segment``, ``x2`` holds one input row per layer
+    (``len(bounds) + 1`` rows, e.g. each layer's own input rotation) and the output is one row
+    ``(1, m)``; otherwise every layer reads each row of ``x2``.
     """
     triton, gemv_words, gemv_tuned, gemv_bytes = _kernels()[:4]
-    rows = x2.shape[0]
+    if len(bounds) > 2 or list(bounds) != sorted(bounds) or any(not 0 < b < m for b in bounds):
+        raise ValueError(f"GEMV: bounds must be at most 2 increasing rows inside (0, {m}), "
+                         f"got {bounds}")
+    if per_segment:
+        if x2.shape[0] != len(bounds) + 1:
+            raise ValueError(f"GEMV: {len(bounds) + 1} stacked layers need as many input rows, "
+                             f"got {x2.shape[0]}")
+        rows, stride_seg, align = 1, x2.stride(0), tuple(bounds)
+    else:
+        rows, stride_seg, align = x2.shape[0], 0, ()
+    seg1, seg2 = (tuple(bounds) + (m, m))[:2]
     y = torch.empty(rows, m, dtype=x2.dtype, device=x2.device)
-    key = (bits, group, m, n, rows, x2.dtype)
+    key = (bits, group, m, n, rows, x2.dtype, align)
+    shape_key = (m, n, rows, bits, group, x2.dtype, align)
     forced = tile or forced_config()
-    if forced is not None and not config_fits(forced, bits, group, n):
+    if forced is not None and not config_fits(forced, bits, group, n, align):
         if tile is not None:
-            raise ValueError(f"GEMV config {tile} does not tile K={n} (group {group}, {bits} bits)")
+            raise ValueError(f"GEMV config {tile} does not tile K={n} (group {group}, {bits} bits)"
+                             f" or the layer bounds {align}")
         forced = None  # the env config does not fit this layer: its usual config
     # The most any config needs, so the autotuner never outgrows the workspace mid-tuning.
-    max_split = max([8] + ([forced[2]] if forced else []))
+    max_split = max([MAX_SPLIT] + ([forced[2]] if forced else []))
     ws = gemv_workspace(x2.device, rows * max_split * m, rows * m)
     if ws is None:
         # First GEMV on this device inside a CUDA-graph capture: no workspace can be made now.
         log.warning("packed GEMV first called inside a CUDA graph capture: dequantize + matmul "
                     "for this call (run one eager step before capturing)")
-        return x2 @ dequantize_cuda(qweight, scale, zero, bits, group, m, n, x2.dtype).T
+        W = dequantize_cuda(qweight, scale, zero, bits, group, m, n, x2.dtype)
+        if not per_segment:
+            return x2 @ W.T
+        edges = (0, *bounds, m)
+        return torch.cat([x2[i:i + 1] @ W[a:b].T for i, (a, b) in
+                          enumerate(zip(edges[:-1], edges[1:]))], dim=1)
     partials, counters = ws
+    common = (partials, counters, m, rows, x2.stride(0), y.stride(0), seg1, seg2, stride_seg, n)
 
     def words_default():
-        bn, bk, sk, w, st, u = forced or _default_tile(m, n, group, bits)
+        bn, bk, sk, w, st, u = forced or _default_tile(m, n, group, bits, align)
         gemv_words[(triton.cdiv(m, bn), sk, rows)](
-            x2, qweight.view(torch.int32), scale, zero, y, partials, counters, m, rows,
-            x2.stride(0), y.stride(0), n, BITS=bits, GROUP=group, BLOCK_N=bn, BLOCK_K=bk,
-            SPLIT_K=sk, UNPACK_3D=u, num_warps=w, num_stages=st)
+            x2, qweight.view(torch.int32), scale, zero, y, *common, BITS=bits, GROUP=group,
+            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, UNPACK_3D=u, num_warps=w, num_stages=st)
 
     def words_tuned():
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_N"]), meta["SPLIT_K"], rows
 
-        gemv_tuned[grid](x2, qweight.view(torch.int32), scale, zero, y, partials, counters, m,
-                         rows, x2.stride(0), y.stride(0), n, BITS=bits, GROUP=group)
-        _TUNED.add((m, n, rows, bits, group, x2.dtype))
+        gemv_tuned[grid](x2, qweight.view(torch.int32), scale, zero, y, *common, BITS=bits,
+                         GROUP=group)
+        _TUNED.add(shape_key)
 
     def words():
-        if forced is None and _use_tuned(x2, bits, group, m, n):
+        if forced is None and _use_tuned(x2, m, n, shape_key):
             _guarded("gemv_tuned", key, words_tuned, words_default)
         else:
             words_default()
@@ -465,15 +504,16 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
     def chunks():
         cpc, nb = chunk(bits)
         bn, bk, sk = (8 if m >= 2048 else 4), 256 if n % 256 == 0 else 128, 1
+        while bn > 1 and any(b % bn for b in align):
+            bn //= 2
         if forced is not None and forced[1] % cpc == 0:
             bn, bk, sk = forced[:3]
         while (triton.cdiv(m, bn) * sk * 2 <= _TARGET_PROGRAMS and n % (bk * sk * 2) == 0
                and forced is None):
             sk *= 2
         gemv_bytes[(triton.cdiv(m, bn), sk, rows)](
-            x2, qweight, scale, zero, y, partials, counters, m, rows, x2.stride(0), y.stride(0),
-            n, BITS=bits, CPC=cpc, NB=nb, GROUP=group, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk,
-            num_warps=4)
+            x2, qweight, scale, zero, y, *common, BITS=bits, CPC=cpc, NB=nb, GROUP=group,
+            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4)
 
     if _word_layout(bits, qweight):
         _guarded("gemv_words", key, words, chunks)
@@ -483,11 +523,12 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
 
 
 def gemv_config(bits: int, group: int, m: int, n: int, rows: int = 1,
-                dtype: torch.dtype = torch.bfloat16) -> dict | None:
-    """The config the autotuner picked for a layer shape (after its first call), for reports."""
+                dtype: torch.dtype = torch.bfloat16, segmented: bool = False) -> dict | None:
+    """The config the autotuner picked for a layer shape (after its first call), for reports.
+    ``segmented``: of stacked layers that each read their own input row (incoherence)."""
     gemv_tuned = _kernels()[2]
     for k, cfg in getattr(gemv_tuned, "cache", {}).items():
-        if tuple(k[:5]) == (m, rows, n, bits, group):
+        if tuple(k[:5]) == (m, rows, n, bits, group) and bool(k[7]) == segmented:
             return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return None
 
@@ -559,15 +600,19 @@ def rotate2_supports(sizes: tuple[int, ...]) -> bool:
 def _rotation_rows(x: torch.Tensor, sign: torch.Tensor):
     """Rows to rotate and their strides: ``x`` (..., n) and ``sign`` (n,) rotate each row of x;
     one row of x and ``sign`` (r, n) give r rotations of that row, one per sign vector (the
-    inputs of several layers reading the same activations, in one launch)."""
+    inputs of several layers reading the same activations, in one launch); r rows of x and
+    ``sign`` (r, n) rotate row i with sign i (the outputs of stacked layers of one size)."""
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     if sign.dim() == 2 and sign.shape[0] > 1:
+        if x2.shape[0] == sign.shape[0] and x2.shape[0] > 1:
+            # One row per sign vector: several layers' outputs of one size in one launch.
+            return x2, x2.shape[0], x2.stride(0), n, (sign.shape[0], n)
         if x2.shape[0] != 1:
-            raise ValueError(f"several sign vectors rotate one activation row, got "
-                             f"{x2.shape[0]} rows")
+            raise ValueError(f"several sign vectors rotate one activation row (or one row "
+                             f"each), got {x2.shape[0]} rows for {sign.shape[0]} signs")
         return x2, sign.shape[0], 0, n, (sign.shape[0], n)
     return x2, x2.shape[0], x2.stride(0), 0, x.shape
 

@@ -26,6 +26,14 @@ def group_epilogue(pg, xg, s_ptr, z_ptr, rows, rmask, n_groups, g0, NG: tl.const
     return tl.sum(s * (pg - z * xg[None, :]), axis=1)
 
 @triton.jit
+def segment_offset(first_row, SEG1, SEG2, stride_seg):
+    # Stacked layers: output rows [0, SEG1) read input segment 0, [SEG1, SEG2) segment 1, the
+    # rest segment 2, stride_seg elements apart (0: all read the same input).  The host makes
+    # BLOCK_N divide both boundaries, so a program's rows lie in one segment.
+    seg = (first_row >= SEG1).to(tl.int32) + (first_row >= SEG2).to(tl.int32)
+    return seg * stride_seg
+
+@triton.jit
 def store_or_reduce(acc, y_ptr, ws_ptr, cnt_ptr, rows, rmask, N, stride_y,
                     SPLIT_K: tl.constexpr):
     # SPLIT_K == 1: write the output.  Else: this program's partial sums go to the fp32
@@ -53,12 +61,15 @@ def store_or_reduce(acc, y_ptr, ws_ptr, cnt_ptr, rows, rmask, N, stride_y,
 
 @triton.jit
 def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride_x,
-               stride_y, K: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-               UNPACK_3D: tl.constexpr):
+               stride_y, SEG1, SEG2, stride_seg, K: tl.constexpr, BITS: tl.constexpr,
+               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               SPLIT_K: tl.constexpr, UNPACK_3D: tl.constexpr):
     # Program (n, k, row): BLOCK_N output features of activation row `row`, over the k-th
     # of SPLIT_K slices of K.  The packed weight is read as int32 words (8 int4 codes each),
     # so each row of the tile is one contiguous load of BLOCK_K·BITS/8 bytes.
+    # SEG1/SEG2/stride_seg: the weight may be several layers' rows stacked (q/k/v, gate/up),
+    # each layer reading its own input row (incoherence: its own rotation of the shared input);
+    # see :func:`segment_offset`.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
@@ -72,7 +83,7 @@ def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride
     k0 = pid_k * KS
     shifts = tl.arange(0, CPW) * BITS
     wrow = qw_ptr + rows[:, None].to(tl.int64) * (K // CPW) + k0 // CPW
-    xrow = x_ptr + row * stride_x + k0
+    xrow = x_ptr + row * stride_x + segment_offset(pid_n * BLOCK_N, SEG1, SEG2, stride_seg) + k0
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(0, KS // BLOCK_K):
         w = tl.load(wrow + t * BW + tl.arange(0, BW)[None, :], mask=rmask[:, None], other=0)
@@ -103,9 +114,9 @@ def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride
 
 @triton.jit
 def gemv_bytes(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride_x,
-               stride_y, K: tl.constexpr, BITS: tl.constexpr, CPC: tl.constexpr,
-               NB: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+               stride_y, SEG1, SEG2, stride_seg, K: tl.constexpr, BITS: tl.constexpr,
+               CPC: tl.constexpr, NB: tl.constexpr, GROUP: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     # Any chunk layout (3 bits: 8 codes in 3 bytes), assembled from byte loads.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -118,6 +129,7 @@ def gemv_bytes(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride
     rmask = rows < N
     k0 = pid_k * KS
     row_bytes = (K // CPC) * NB
+    xrow = x_ptr + row * stride_x + segment_offset(pid_n * BLOCK_N, SEG1, SEG2, stride_seg)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(0, KS // BLOCK_K):
         chunks = (k0 + t * BLOCK_K) // CPC + tl.arange(0, BC)
@@ -128,7 +140,7 @@ def gemv_bytes(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride
         p = tl.zeros((BLOCK_N, BC), dtype=tl.float32)
         xs = tl.zeros((BC,), dtype=tl.float32)
         for j in tl.static_range(CPC):
-            xj = tl.load(x_ptr + row * stride_x + chunks * CPC + j).to(tl.float32)
+            xj = tl.load(xrow + chunks * CPC + j).to(tl.float32)
             p += codes_to_float((word >> (BITS * j)) & MASK) * xj[None, :]
             xs += xj
         pg = tl.sum(tl.reshape(p, (BLOCK_N, NG, BC // NG)), axis=2)
