@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -584,17 +584,18 @@ class LayerAccumulator:
             out[f"factor.{k}"] = v
         return out
 
-    def load_state_tensors(self, tensors: dict[str, Tensor], kind: str | None,
+    def load_state_tensors(self, tensors: Mapping[str, Tensor], kind: str | None,
                            counts: dict[str, int]) -> None:
-        self.factors = {k[len("factor."):]: v.to(self.device, self.dtype)
-                        for k, v in tensors.items() if k.startswith("factor.")}
+        # by name, one tensor at a time: a lazy mapping reads each only here
+        self.factors = {k[len("factor."):]: tensors[k].to(self.device, self.dtype)
+                        for k in tensors if k.startswith("factor.")}
         if "H_x" in self.factors and "H_in" not in self.factors:
             self.factors["H_in"] = self.factors["H_x"]
         if kind is not None:
             self.begin_pass(kind)
-            for k, v in tensors.items():
+            for k in tensors:
                 if k.startswith("sum."):
-                    self.sums[k[len("sum."):]].copy_(v)
+                    self.sums[k[len("sum."):]].copy_(tensors[k])
             self.counts = dict(counts)
 
 

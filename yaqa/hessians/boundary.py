@@ -224,6 +224,10 @@ class BoundaryCache:
         k = (kind, start)
         return k in self._flags and gi in self._index and bool(self._flags[k][self._index[gi]])
 
+    def missing(self, start: int, kind: str = "h", first: int = 0) -> list[int]:
+        """This rank's micro-batches from ``first`` on whose entry at ``start`` is not cached."""
+        return [gi for gi in self._index if gi >= first and not self.has(start, gi, kind)]
+
     def best_start(self, lo: int, gi: int) -> int | None:
         """The deepest boundary at or before block ``lo`` cached for micro-batch ``gi``."""
         ok = [s for s in self.starts if s <= lo and self.has(s, gi)]

@@ -195,14 +195,17 @@ def _boundary_cache(model: nn.Module, batches: Batches, cfg: CollectConfig,
     # group finished in an earlier command)
     grads = sorted({g[0] for g in groups if g[0] > 0}
                    & ({g[-1] + 1 for g in todo} | set(starts)))
-    if not starts or cfg.boundary_cache == "off" or not isinstance(batches, (Tensor, list, tuple)):
+    # (only gradients: the groups still to collect are the lowest, resumed in a new command)
+    if not (starts or grads) or cfg.boundary_cache == "off" \
+            or not isinstance(batches, (Tensor, list, tuple)):
         return None
     rank, world = D.rank_and_world()
     mb_tokens = [int(ids.numel()) for ids in _micro_batches(batches, cfg.batch_size)]
     emb = input_embeddings(model).weight
     hidden, dtype = int(emb.shape[1]), emb.dtype
     # peak: every state (the top group records them all) + the gradient it leaves behind
-    size = boundary_bytes(sum(mb_tokens), hidden, emb.element_size(), len(starts) + 1)
+    size = boundary_bytes(sum(mb_tokens), hidden, emb.element_size(),
+                          len(starts) + min(len(grads), 1))
     cache_dir = out_path / CACHE_DIR if out_path is not None else None
     choice = choose_boundary_cache(cfg.boundary_cache, size, host_bytes=host_available_bytes(),
                                    disk_bytes=_disk_left(model, out_path, todo, cfg), world=world)

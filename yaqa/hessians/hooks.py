@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from .accumulators import LayerAccumulator, ProductCache, resolve_precision
 from .boundary import BoundaryCache
 from .labels import sampled_label_grad
 from .shrinkage import layer_estimate
-from .storage import HessianMetadataError, LayerHessian
+from .storage import HessianMetadataError, LayerHessian, LazyTensors
 
 
 class _Tap(torch.autograd.Function):
@@ -95,6 +95,7 @@ class HessianCollector:
         self._stop_at_top = False                # stop after the last block (cached gradient)
         self._top_out: Tensor | None = None      # the last block's output, when stopped there
         self._leaf: Tensor | None = None         # the state entering the first block, a leaf
+        self._refilling = False                  # refill_gradient: the leaf is above the group
 
     # -- hooks ------------------------------------------------------------------------------
     def __enter__(self) -> HessianCollector:
@@ -141,8 +142,14 @@ class HessianCollector:
 
     def _make_leaf(self, module: nn.Module, args: tuple, kwargs: dict):
         # backward stops here: nothing below the first collected block needs gradients
-        if not torch.is_grad_enabled() or self.kind == "hx":
+        if not torch.is_grad_enabled() or self.kind == "hx" or self._refilling:
             return None
+        return self._leaf_at(args, kwargs)
+
+    def _make_refill_leaf(self, module: nn.Module, args: tuple, kwargs: dict):
+        return self._leaf_at(args, kwargs) if self._refilling else None
+
+    def _leaf_at(self, args: tuple, kwargs: dict):
         if args:
             self._leaf = args[0].detach().requires_grad_()
             return (self._leaf,) + tuple(args[1:]), kwargs
@@ -234,7 +241,8 @@ class HessianCollector:
             else:
                 start = 0
             self._record = (index, bc.wanted(index, after=start))
-            if self.kind != "hx" and known and bc.has(hi + 1, index, "g"):
+            # (stopping needs no knowledge of the blocks' output form: the stop hook sees it)
+            if self.kind != "hx" and bc.has(hi + 1, index, "g"):
                 top_grad = bc.get(hi + 1, index, self.device, "g").view(ids.shape[0],
                                                                         ids.shape[1], -1)
         try:
@@ -271,6 +279,67 @@ class HessianCollector:
             self._inject, self._skip_below, self._record = None, None, None
             self._stop_at_top, self._top_out, self._leaf = False, None, None
             if bc is not None and self.boundary is not None:
+                bc.commit()
+
+    def needs_gradient_above(self) -> bool:
+        """Whether this group's backward is to start from the cached gradient entering the
+        block after its last (a group below another, under the boundary cache)."""
+        return self.boundary is not None and self.blocks[-1] + 1 in self.boundary.grads
+
+    def refill_gradient(self, ids: Tensor, seq_indices: Sequence[int], index: int) -> None:
+        """Compute the loss gradient entering the block after this group for micro-batch
+        ``index`` and put it in the boundary cache (with the states entering lower groups that
+        its forward passes), before this group's accumulators exist.
+
+        A group below others is planned to start its backward from that gradient, which the
+        group above left in the cache. A resumed command lacks it where the interrupted one
+        kept the cache in its host memory (or left a disk cache incomplete); the step would then
+        run the backward from the head, holding the activations of every block above the
+        group beside its accumulators, past its plan. Here the blocks above run under
+        activation checkpointing and this group's own blocks without autograd: the weights,
+        the head, one hidden state per block above and one block's activations, less than the
+        group's own passes hold. The values are those of the full backward (the same kernels
+        on the same inputs; the recomputed forwards repeat the first ones).
+        """
+        bc, hi = self.boundary, self.blocks[-1]
+        if not self.needs_gradient_above():
+            return
+        if self.kind is not None:
+            raise RuntimeError("refill_gradient runs before the group's passes begin")
+        ids = ids.to(self.device)
+        self._batch = ids.shape[0]
+        start = bc.best_start(self.blocks[0], index)
+        if start is not None and bc.returns_tuple is not None:
+            h = bc.get(start, index, self.device)
+            self._inject = (start, h.view(ids.shape[0], ids.shape[1], -1))
+            self._skip_below, self._skip_tuple = start, bc.returns_tuple
+        else:
+            start = 0
+        self._record = (index, bc.wanted(index, after=start))
+        above = self.block_list[hi + 1:]
+        handles = [above[0].register_forward_pre_hook(self._make_refill_leaf, with_kwargs=True)]
+        patched = [] if self.gradient_checkpointing else above  # else already checkpointed
+        for block in patched:
+            block.forward = functools.partial(_checkpointed, block.forward)
+        self._refilling = True
+        try:
+            if self._generator is None or self._generator.device != self.device:
+                self._generator = torch.Generator(device=self.device)
+            with torch.enable_grad():
+                logits = self.model(input_ids=ids, use_cache=False).logits
+                grad, _ = sampled_label_grad(logits.detach(), seq_indices, self.seed,
+                                             self._generator)
+                logits.backward(grad)
+            if self.boundary is not None:  # (a failed put turns the cache off)
+                bc.put(hi + 1, index, self._leaf.grad, "g")
+        finally:
+            for h in handles:
+                h.remove()
+            for block in patched:
+                del block.forward
+            self._refilling = False
+            self._inject, self._skip_below, self._record, self._leaf = None, None, None, None
+            if self.boundary is not None:
                 bc.commit()
 
     def _sum_tensors(self) -> list[Tensor]:
@@ -314,11 +383,15 @@ class HessianCollector:
             meta[bi]["layers"][rel] = {"counts": acc.counts, "hx_shared": acc.hx_shared}
         return tensors, meta
 
-    def load_block_state(self, states: dict[int, tuple[dict[str, Tensor], dict]],
+    def load_block_state(self, states: Mapping[int, tuple[Mapping[str, Tensor], dict]],
                          kind: str | None) -> None:
+        """Restore a checkpoint (:func:`~yaqa.hessians.storage.load_checkpoint`). Its tensors
+        are taken one at a time (a lazy mapping reads each from disk only then), so nothing
+        but the accumulators stays on the device."""
         for name, (bi, rel, _) in self.layers.items():
             tensors, meta = states[bi]
-            mine = {k[len(rel) + 1:]: v for k, v in tensors.items() if k.startswith(rel + ".")}
+            mine = (tensors.sub(rel + ".") if isinstance(tensors, LazyTensors) else
+                    {k[len(rel) + 1:]: v for k, v in tensors.items() if k.startswith(rel + ".")})
             counts = meta["layers"][rel]["counts"]
             if D.rank_and_world()[0] != 0:
                 # the checkpoint's sums are global; rank 0 alone carries them forward

@@ -17,6 +17,7 @@ from . import distributed as D
 from .config import CollectConfig
 from .hooks import HessianCollector
 from .interrupt import _GracefulInterrupt
+from .refill import refill_gradients
 from .schedule import Batches, _hash_update, _micro_batches
 from .shrinkage import layer_estimate
 from .stream import BackgroundWriter, pack_factors
@@ -39,7 +40,7 @@ def run_group(col: HessianCollector, batches: Batches, cfg: CollectConfig, kinds
     checkpoint_every, checkpoint_interval_s = cfg.checkpoint_every, cfg.checkpoint_interval_s
     rank, world = D.rank_and_world()
     state_dir = resume_dir(out_path, col.blocks) if out_path is not None else None
-    start_pass, cursor, cursor_hash = 0, 0, None
+    start_pass, cursor, cursor_hash, prog = 0, 0, None, None
     if state_dir is not None:
         prog = read_progress(state_dir)
         if prog is not None:
@@ -48,9 +49,6 @@ def run_group(col: HessianCollector, batches: Batches, cfg: CollectConfig, kinds
                 raise HessianMetadataError(f"resume state in {state_dir} is from another request "
                                            f"({'; '.join(bad)})")
             start_pass, cursor, cursor_hash = prog["pass"], prog["cursor"], prog["data_sha256"]
-            kind = kinds[start_pass] if start_pass < len(kinds) else None
-            col.load_block_state(load_checkpoint(state_dir, prog, col.blocks, col.device),
-                                 kind if cursor > 0 else None)
             log.info("resuming blocks %d-%d at pass %d, micro-batch %d", col.blocks[0],
                      col.blocks[-1], start_pass, cursor)
             if bar.total:
@@ -66,6 +64,13 @@ def run_group(col: HessianCollector, batches: Batches, cfg: CollectConfig, kinds
 
     summary: dict[str, Any] = {"ctx": None, "data_sha256": None}
     with col, _GracefulInterrupt(state_dir is not None) as stop:
+        # before the accumulators exist: this group was planned to start its backward from the
+        # cached gradient, which a resumed command may lack
+        refill_gradients(col, batches, batch_size, kinds, start_pass, cursor, stop)
+        if prog is not None:
+            kind = kinds[start_pass] if start_pass < len(kinds) else None
+            col.load_block_state(load_checkpoint(state_dir, prog, col.blocks),
+                                 kind if cursor > 0 else None)
         for p in range(start_pass, len(kinds)):
             resumed_mid_pass = p == start_pass and cursor > 0
             if not resumed_mid_pass:

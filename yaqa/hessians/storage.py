@@ -184,10 +184,55 @@ def read_progress(state_dir: Path) -> dict[str, Any] | None:
     return read_json(p) if p.exists() else None
 
 
-def load_checkpoint(state_dir: Path, progress: dict[str, Any], blocks: list[int],
-                    device: torch.device) -> dict[int, tuple[dict[str, Tensor], dict]]:
+def load_checkpoint(state_dir: Path, progress: dict[str, Any],
+                    blocks: list[int]) -> dict[int, tuple[LazyTensors, dict]]:
+    """Each block's checkpoint as (its tensors, read from disk into host memory one at a time
+    when asked for, its metadata). A resumed group's accumulators then take them one by one:
+    the group's whole checkpoint is never resident beside them (on a GPU it would double their
+    memory)."""
     ckpt = state_dir / f"ckpt-{progress['ckpt_id']:06d}"
-    return {i: read_tensors(ckpt / block_filename(i), device) for i in blocks}
+    out = {}
+    for i in blocks:
+        lazy = LazyTensors(ckpt / block_filename(i))
+        out[i] = (lazy, lazy.meta)
+    return out
+
+
+class LazyTensors(Mapping):
+    """The tensors of a safetensors file by name, each read into host memory when asked for
+    (and not kept); ``prefix`` views the names that start with it, without the prefix."""
+
+    def __init__(self, path: Path, prefix: str = "", *, _header_of: LazyTensors | None = None):
+        self.path, self.prefix = Path(path), prefix
+        if _header_of is None:
+            self.meta, shapes = _header(self.path)
+            self._all = sorted(shapes)
+        else:
+            self.meta, self._all = _header_of.meta, _header_of._all
+        self._keys = [k[len(prefix):] for k in self._all if k.startswith(prefix)]
+
+    def sub(self, prefix: str) -> LazyTensors:
+        return LazyTensors(self.path, self.prefix + prefix, _header_of=self)
+
+    def __getitem__(self, key: str) -> Tensor:
+        from safetensors import safe_open
+
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                return f.get_tensor(self.prefix + key)
+        except Exception as e:  # noqa: BLE001 - as store.read_tensors: all mean "damaged"
+            if isinstance(e, (KeyboardInterrupt, MemoryError)):
+                raise
+            raise StoreError(f"{self.path} is damaged or unreadable ({type(e).__name__}); "
+                             "delete it (or pass --overwrite) to start over") from None
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 # -- loading finished results ------------------------------------------------------------------
