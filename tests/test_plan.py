@@ -10,8 +10,9 @@ import torch
 import transformers
 
 import yaqa
-from yaqa.plan import (CollectionRequest, LiveTensorBytes, ModelShape, PlanError,
-                       collection_terms, make_plan, oom_message, rounding_terms)
+from yaqa.plan import (GiB, CollectionRequest, LiveTensorBytes, ModelShape, PlanError,
+                       collection_seconds, collection_terms, make_plan, oom_message,
+                       rounding_terms, timed_warmup)
 from yaqa.quantize_model import quantize
 from yaqa.hessians.schedule import block_groups
 
@@ -181,3 +182,32 @@ def test_cli_dry_run_prints_only_the_plan(tmp_path, capsys):
         text = capsys.readouterr().out
         assert "memory plan" in text and "accumulators" in text
     assert not out.exists() and not (tmp_path / "q").exists() and not (tmp_path / "r").exists()
+
+
+def test_time_estimate_gives_each_group_its_share_of_the_model():
+    shape = llama8b_shape()
+    req = CollectionRequest(n_seqs=1024, ctx=2048, batch_size=2, collect_hx=False)
+    kw = dict(budget_bytes=80 * GiB, device="cuda", blocks_per_pass=8, disk_bytes=None)
+    cached = make_plan(shape, req, host_bytes=128 * GiB, **kw)
+    off = make_plan(shape, req, host_bytes=1, **kw)
+    assert cached.boundary_cache["mode"] == "memory" and off.boundary_cache["mode"] == "off"
+    tokens = 1024 * 2048
+    # cached: the top group runs the forward through all 32 blocks and its backward through
+    # 8 (1/3 + 2/3 · 8/32); each other group its own 8 blocks both ways (8/32)
+    assert collection_seconds(cached, 32, 1.0, 0.0) == pytest.approx(
+        tokens * (1 / 3 + 2 / 3 / 4 + 3 / 4))
+    # without the cache every group runs the whole forward and the backward to its first block
+    assert collection_seconds(off, 32, 1.0, 0.0) == pytest.approx(
+        tokens * sum(1 / 3 + 2 / 3 * (32 - g0) / 32 for g0 in (0, 8, 16, 24)))
+    # the statistics: every block once per pass, split over the ranks
+    assert collection_seconds(cached, 32, 0.0, 1.0, world=2) == pytest.approx(tokens * 32 / 2)
+
+
+def test_timed_warmup_estimates_a_cached_plan(tmp_path):
+    model = tiny_model("llama", hidden=32, intermediate=64, layers=3, vocab=64)
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    req = CollectionRequest(n_seqs=8, ctx=16, batch_size=2)
+    plan = make_plan(ModelShape.from_model(model), req, budget_bytes=1 << 40, device="cpu",
+                     blocks_per_pass=1, boundary_cache="memory", host_bytes=1 << 40)
+    secs = timed_warmup(model, ids, plan, req, steps=1)
+    assert 0 < secs == plan.seconds_estimate and "min of collection" in plan.summary()

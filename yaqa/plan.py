@@ -448,36 +448,69 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
 
 def timed_warmup(model: nn.Module, ids: Tensor, plan: MemoryPlan, req: CollectionRequest, *,
                  steps: int = 2, seed: int = 0, precision: str = "auto") -> float:
-    """Time ``steps`` micro-batches of the plan's costliest group (after one untimed) and
-    extrapolate to the whole plan: seconds for every group and pass over ``plan.tokens`` tokens.
+    """Time ``steps`` micro-batches of one group of the plan (after one untimed), with and
+    without the statistics, and extrapolate to the whole plan with
+    :func:`collection_seconds`: seconds for every group and pass over ``plan.tokens`` tokens.
 
-    That group runs the most blocks, so the estimate errs on the long side.
+    With the boundary cache the top group is timed (it runs the whole model; the first
+    group's backward through every block would not fit: the plan sized it for its own blocks);
+    without it the first group (the deepest backward).
     """
     from .hessians.collect import HessianCollector
 
-    # with the boundary cache the top group is the one that runs the whole model (and the
-    # first group's backward through every block would not fit: the plan sized it for its own
-    # blocks); without it the first group has the deepest backward
     cached = plan.boundary_cache.get("mode", "off") != "off"
     group = plan.groups[-1] if cached else plan.groups[0]
     ids = ids[: req.batch_size * (steps + 1)]
     mbs = list(ids.split(req.batch_size))
     dev = next(model.parameters()).device
-    with HessianCollector(model, group, seed=seed, precision=precision,
-                          collect_hx=req.collect_hx,
-                          gradient_checkpointing=req.gradient_checkpointing) as col:
-        # a first Sketch-B pass stands for every pass: Sketch A's backward passes cost about
-        # the same, its forward-only pass 0 less, so the estimate errs on the long side
-        col.begin_pass("b")
+
+    def per_token(col: HessianCollector) -> float:
         col.step(mbs[0], range(req.batch_size))
         _sync(dev)
         t = time.perf_counter()
         for j, mb in enumerate(mbs[1:], 1):
             col.step(mb, range(j * req.batch_size, (j + 1) * req.batch_size))
         _sync(dev)
-        per_token = (time.perf_counter() - t) / max(sum(m.numel() for m in mbs[1:]), 1)
-    plan.seconds_estimate = per_token * plan.tokens * plan.passes_over_data / req.world
+        return (time.perf_counter() - t) / max(sum(m.numel() for m in mbs[1:]), 1)
+
+    with HessianCollector(model, group, seed=seed, precision=precision,
+                          collect_hx=req.collect_hx,
+                          gradient_checkpointing=req.gradient_checkpointing) as col:
+        n_blocks = len(col.block_list)
+        plain = per_token(col)  # no pass begun: no taps, the model's own work in this group
+        # a first Sketch-B pass stands for every pass: Sketch A's backward passes cost about
+        # the same, its forward-only pass 0 less, so the estimate errs on the long side
+        col.begin_pass("b")
+        full = per_token(col)
+    share = _model_shares(plan, n_blocks)[plan.groups.index(group)]
+    plan.seconds_estimate = collection_seconds(
+        plan, n_blocks, plain / share, max(full - plain, 0.0) / len(group), req.world)
     return plan.seconds_estimate
+
+
+def _model_shares(plan: MemoryPlan, n_blocks: int) -> list[float]:
+    """Each group's model work per pass, in plain forward+backward passes (forward 1/3,
+    backward 2/3). A group that runs the whole forward and the backward down to its first
+    block: 1/3 + 2/3 (L - first) / L; under the boundary cache, a group below the top one
+    (between a cached state and a cached gradient): its own blocks, size / L. (``model_work``
+    counts the cached top group as one whole pass, an upper bound; the time estimate, which
+    derives the whole pass's cost from the timed group, needs its true share.)"""
+    L = n_blocks
+    cached = plan.boundary_cache.get("mode", "off") != "off"
+    top = plan.groups[-1]
+    return [len(g) / L if cached and g is not top and g[-1] + 1 in plan.boundary_cache["starts"]
+            else 1 / 3 + 2 / 3 * (L - g[0]) / L for g in plan.groups]
+
+
+def collection_seconds(plan: MemoryPlan, n_blocks: int, plain_s_per_token: float,
+                       stats_s_per_block_token: float, world: int = 1) -> float:
+    """Collection time from per-token costs: a plain forward+backward of the whole model, and
+    the statistics of one block. Every pass of every group does its share of the model's work
+    (:func:`_model_shares`) and its own blocks' statistics."""
+    n_kinds = plan.passes_over_data // max(len(plan.groups), 1)
+    model = plain_s_per_token * sum(_model_shares(plan, n_blocks))
+    stats = stats_s_per_block_token * sum(len(g) for g in plan.groups)
+    return plan.tokens * n_kinds * (model + stats) / world
 
 
 def _sync(device: torch.device) -> None:
