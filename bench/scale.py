@@ -189,8 +189,7 @@ def stage_collect(args, state: dict) -> None:
     try:
         with Deadline(max(1.0, args.budget_s - t_build)):
             run_collection(model, ids, args.work / "hessians", sketch="B", batch_size=args.batch_size,
-                           blocks_per_pass=bpp, top_blocks=state["plan"].get("top_blocks"),
-                           collect_hx=False, storage_dtype=args.storage,
+                           blocks_per_pass=bpp, collect_hx=False, storage_dtype=args.storage,
                            boundary_cache=cache, checkpoint_interval_s=1e9,
                            progress=not args.quiet)
         done = True
@@ -718,9 +717,7 @@ def stage_report(args, state: dict) -> None:
                   "(model construction in each command excluded, listed in state.json)."]
     if "plan" in state:
         p = state["plan"]
-        lines += ["", f"Plan: {p['blocks_per_pass']} blocks per pass"
-                  + (f" (top group {p['top_blocks']})" if p.get("top_blocks") else "")
-                  + f", {len(p['groups'])} passes, "
+        lines += ["", f"Plan: {p['blocks_per_pass']} blocks per pass, {len(p['groups'])} passes, "
                       f"estimated collection peak {p['collection_peak_bytes'] / GiB:.1f} GiB "
                       f"(measured: {st.get('collect', {}).get('peak_gpu_gib', float('nan')):.1f}), "
                       f"estimated time {(p.get('seconds_estimate') or 0) / 60:.1f} min; boundary "

@@ -177,17 +177,3 @@ def test_an_asked_for_cache_that_does_not_fit_stops_before_any_work(ids, tmp_pat
     # "auto" falls back to recomputing, and the factors are still collected
     out, _ = _collect(model, ids, sketch="B", blocks_per_pass=1, boundary_cache="auto")
     assert len(out) == 3 * 7
-
-
-@pytest.mark.parametrize("sketch,iters", [("B", 1), ("A", 2)])
-def test_a_larger_top_group_gives_the_one_pass_factors_and_runs_fewer_blocks(ids, sketch, iters):
-    model = tiny_model("llama", layers=5)
-    kw = dict(sketch=sketch, power_iters=iters, dtype=torch.float64)
-    one, _ = _collect(model, ids, **kw)
-    got, _ = _collect(model, ids, blocks_per_pass=1, top_blocks=3, boundary_cache="memory", **kw)
-    _assert_same(one, got)
-    # block 4 is in the top group: it runs only in the top group's passes, once per micro-batch
-    # each; the lower groups (blocks 0 and 1) start at their cached states
-    _, top_calls = _collect(model, ids, block=4, blocks_per_pass=1, top_blocks=3,
-                            boundary_cache="memory", **kw)
-    assert top_calls == 3 * len(yaqa.hessians.pass_kinds(sketch, iters))

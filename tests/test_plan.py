@@ -14,9 +14,6 @@ from yaqa.plan import (GiB, CollectionRequest, LiveTensorBytes, ModelShape, Plan
                        collection_seconds, collection_terms, make_plan, oom_message,
                        rounding_terms, timed_warmup)
 from yaqa.quantize_model import quantize
-from yaqa.hessians.schedule import block_groups
-
-GiB = 1024 ** 3
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import tiny_model  # noqa: E402
@@ -100,39 +97,6 @@ def test_plan_for_an_8b_model_splits_the_blocks_to_fit_80_gb():
     bigger = make_plan(shape, req, budget_bytes=10**15, blocks_per_pass=plan.blocks_per_pass + 1)
     assert bigger.collection_peak_bytes > plan.limit_bytes
     assert "pass(es)" in plan.summary()
-
-
-def test_block_groups_cover_every_block_once_with_the_top_group_as_asked():
-    blocks = list(range(3, 35))
-    assert block_groups(blocks, 11) == [blocks[:11], blocks[11:22], blocks[22:]]
-    for size, top in [(9, 14), (1, 31), (16, 16), (5, 40)]:
-        gs = block_groups(blocks, size, top)
-        assert [b for g in gs for b in g] == blocks
-        assert len(gs[-1]) == min(top, 32)
-        lower = [len(g) for g in gs[:-1]]
-        assert all(n <= size for n in lower) and (not lower or max(lower) - min(lower) <= 1)
-        assert len(lower) == -(-(32 - len(gs[-1])) // size)
-    with pytest.raises(ValueError, match=">= 1"):
-        block_groups(blocks, 0)
-
-
-def test_with_the_boundary_cache_the_plan_gives_the_top_group_as_many_blocks_as_fit():
-    # the top group runs the whole model, the others only their own blocks: model work is
-    # 1 + (blocks below the top group) / L, so the largest top group that fits is cheapest
-    shape = llama8b_shape()
-    req = CollectionRequest(n_seqs=1024, ctx=2048, batch_size=2, collect_hx=False)
-    kw = dict(budget_bytes=85 * 10**9, device="cuda", host_bytes=125 * GiB)
-    plan = make_plan(shape, req, **kw)
-    even = make_plan(shape, req, blocks_per_pass=plan.blocks_per_pass, **kw)
-    assert plan.boundary_cache["mode"] == "memory" and plan.top_blocks is not None
-    assert len(plan.groups[-1]) == plan.top_blocks > max(len(g) for g in plan.groups[:-1])
-    assert plan.model_work == pytest.approx(1 + (32 - plan.top_blocks) / 32)
-    assert plan.model_work < even.model_work
-    assert plan.collection_peak_bytes <= plan.limit_bytes
-    assert f"the top one of {plan.top_blocks}" in plan.summary()
-    # without the cache there is no top group to favour: every group has blocks_per_pass
-    off = make_plan(shape, req, boundary_cache="off", **kw)
-    assert off.top_blocks is None and {len(g) for g in off.groups[:-1]} == {off.blocks_per_pass}
 
 
 def test_plan_that_cannot_fit_says_what_to_lower():

@@ -266,7 +266,7 @@ def cmd_hessians(args) -> int:
                              power_iters=_power_iters(args, args.sketch), seed=args.seed,
                              dtype=torch.float64 if args.fp64 else torch.float32, blocks=blocks,
                              batch_size=args.batch_size, precision=args.precision,
-                             blocks_per_pass=plan.blocks_per_pass, top_blocks=plan.top_blocks,
+                             blocks_per_pass=plan.blocks_per_pass,
                              gradient_checkpointing=args.gradient_checkpointing,
                              overwrite=args.overwrite, progress=not args.quiet,
                              storage_dtype=args.storage_dtype,

@@ -224,8 +224,7 @@ def collect_for(model: nn.Module, recipe: Recipe, calib: Calibration, out_dir: s
     log.info("%s", plan.summary())
     run_collection(model, calib.ids, out_dir, sketch=recipe.hessian,
                    power_iters=recipe.power_iters, seed=recipe.seed, batch_size=batch_size,
-                   blocks_per_pass=plan.blocks_per_pass, top_blocks=plan.top_blocks,
-                   boundary_cache=plan.boundary_cache.get("mode", "off"), overwrite=overwrite,
+                   blocks_per_pass=plan.blocks_per_pass, overwrite=overwrite,
                    progress=progress)
     hs = load_hessians(out_dir, model, device=device, stream=True)
     log.info("Hessians %s ready in %.1f s (%s)", recipe.hessian, time.perf_counter() - t, out_dir)

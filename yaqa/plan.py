@@ -34,7 +34,6 @@ from .hessians.accumulators import choose_route, sym_blocks
 from .hessians.boundary import (BoundaryChoice, boundary_bytes, choose_boundary_cache,
                                 host_available_bytes)
 from .hessians.collect import pass_kinds
-from .hessians.schedule import block_groups
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +140,6 @@ class MemoryPlan:
     boundary_cache: dict[str, Any] = field(default_factory=dict)
     model_work: float = 0.0               # the model's own work over all passes, in plain
                                           # forward+backward passes over the data
-    top_blocks: int | None = None         # the top group's size when it is larger than
-                                          # blocks_per_pass (CollectConfig.top_blocks)
-
-    def _group_sizes(self) -> str:
-        if self.top_blocks is None:
-            return f"{self.blocks_per_pass} block(s)"
-        return f"{self.blocks_per_pass} block(s), the top one of {self.top_blocks},"
 
     def fits(self) -> bool:
         return max(self.collection_peak_bytes, self.rounding_peak_bytes) <= self.limit_bytes
@@ -161,7 +153,7 @@ class MemoryPlan:
         lines = [f"memory plan for {self.model} on {self.device} "
                  f"(budget {g(self.budget_bytes)}, margin {self.margin:.0%} -> "
                  f"limit {g(self.limit_bytes)})",
-                 f"  collection: {len(self.groups)} pass(es) of {self._group_sizes()} "
+                 f"  collection: {len(self.groups)} pass(es) of {self.blocks_per_pass} block(s) "
                  f"over {self.tokens} tokens ({self.passes_over_data} data passes), "
                  f"peak {g(self.collection_peak_bytes)}"]
         lines += [f"    {k:<24}{g(v):>12}" for k, v in self.collection_terms.items()]
@@ -325,25 +317,8 @@ def device_budget(device: str | torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _largest_top(blocks: list[int], size: int, limit: int, peak, cache_choice
-                 ) -> tuple[int, int] | None:
-    """With the boundary cache, (size of the groups below, top group size) for the largest top
-    group that fits with the cache still on, or None when it gains nothing over ``size``.
-
-    The top group runs the whole model once and the groups below only their own blocks, so the
-    model's work is 1 + (blocks below the top group) / L passes: the larger the top group, the
-    less. The head's logits count only there, so it fits fewer blocks than the others.
-    """
-    even = block_groups(blocks, size)
-    if len(even) < 2 or cache_choice(even).mode == "off":
-        return None
-    for top in range(len(blocks) - 1, len(even[-1]), -1):
-        rest = len(blocks) - top
-        for s in sorted({math.ceil(rest / k) for k in range(1, rest + 1)}, reverse=True):
-            gs = block_groups(blocks, s, top)
-            if peak(gs)[0] <= limit and cache_choice(gs).mode != "off":
-                return s, top
-    return None
+def _groups(blocks: list[int], size: int) -> list[list[int]]:
+    return [blocks[i:i + size] for i in range(0, len(blocks), size)]
 
 
 def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
@@ -369,8 +344,8 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
         host_bytes = host_available_bytes()
     on_host = torch.device(device).type == "cpu"
 
-    def cache_choice(gs: list[list[int]]) -> BoundaryChoice:
-        starts = [g[0] for g in gs if g[0] > 0]
+    def cache_choice(size: int) -> BoundaryChoice:
+        starts = [g[0] for g in _groups(blocks, size) if g[0] > 0]
         # at its peak: every later group's state + the top group's gradient
         nbytes = boundary_bytes(req.n_seqs * req.ctx, shape.hidden, shape.dtype_bytes,
                                 len(starts) + 1 if starts else 0)
@@ -379,9 +354,10 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
                                      max(disk_bytes - stored_bytes(shape, req.collect_hx), 0),
                                      world=req.world)
 
-    def peak(gs: list[list[int]]) -> tuple[int, dict[str, int]]:
+    def peak(size: int) -> tuple[int, dict[str, int]]:
         worst = (0, {})
-        bc = cache_choice(gs)
+        bc = cache_choice(size)
+        gs = _groups(blocks, size)
         for g in gs:
             # with the cache, every group but the top one runs between a cached state and a
             # cached gradient (when the group above is adjacent)
@@ -396,25 +372,22 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
         # fewest passes first: k passes of ceil(len/k) blocks, k = 1, 2, ...
         sizes = sorted({math.ceil(len(blocks) / k) for k in range(1, len(blocks) + 1)},
                        reverse=True)
-        size = next((s for s in sizes if peak(block_groups(blocks, s))[0] <= limit), 1)
-        top = _largest_top(blocks, size, limit, peak, cache_choice)
-        if top is not None:
-            size, top = top
+        size = next((s for s in sizes if peak(s)[0] <= limit), 1)
     else:
-        size, top = max(1, min(blocks_per_pass, len(blocks))), None
-    groups = block_groups(blocks, size, top)
-    coll, terms = peak(groups)
+        size = max(1, min(blocks_per_pass, len(blocks)))
+    coll, terms = peak(size)
     rterms = rounding_terms(shape, method)
+    groups = _groups(blocks, size)
     tokens = req.n_seqs * req.ctx
     plan = MemoryPlan(
         model=shape.name, device=str(device), budget_bytes=int(budget_bytes), margin=margin,
-        blocks_per_pass=size, top_blocks=top, groups=groups, collection_peak_bytes=coll, collection_terms=terms,
+        blocks_per_pass=size, groups=groups, collection_peak_bytes=coll, collection_terms=terms,
         rounding_peak_bytes=sum(rterms.values()), rounding_terms=rterms,
         factor_bytes_per_block=factor_bytes_per_block(shape, req.collect_hx),
         stored_bytes=stored_bytes(shape, req.collect_hx),
         passes_over_data=len(groups) * len(pass_kinds(req.sketch, req.power_iters)),
         tokens=tokens)
-    bc = cache_choice(groups)
+    bc = cache_choice(size)
     plan.boundary_cache = {"mode": bc.mode, "bytes": bc.bytes, "reason": bc.reason,
                            "starts": [g[0] for g in groups if g[0] > 0]}
     n_kinds = len(pass_kinds(req.sketch, req.power_iters))

@@ -27,7 +27,7 @@ from .boundary import (CACHE_DIR, BoundaryCache, boundary_bytes, choose_boundary
 from .config import CollectConfig
 from .hooks import HessianCollector
 from .passes import run_group
-from .schedule import Batches, _count_tokens, _micro_batches, block_groups, pass_kinds
+from .schedule import Batches, _count_tokens, _micro_batches, pass_kinds
 from .stream import BackgroundWriter, storage_dtype as _storage_dtype
 from .storage import (FORMAT_VERSION, LayerHessian, block_filename, check_run_identity, dtype_name,
                       load_hessians, model_fingerprint, read_meta, run_identity, write_meta)
@@ -89,8 +89,8 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
     check_finite_weights(model)
     n_blocks = len(adapter.blocks(model))
     selected = sorted(set(range(n_blocks) if cfg.blocks is None else cfg.blocks))
-    groups = block_groups(selected, cfg.blocks_per_pass or len(selected),
-                          None if cfg.boundary_cache == "off" else cfg.top_blocks)
+    group = cfg.blocks_per_pass or len(selected)
+    groups = [selected[i:i + group] for i in range(0, len(selected), group)]
     if (len(kinds) > 1 or len(groups) > 1) and not isinstance(batches, (Tensor, list, tuple)) \
             and iter(batches) is batches:
         raise ValueError(f"sketch {sketch} with power_iters={power_iters} over {len(groups)} block "

@@ -24,10 +24,6 @@ class CollectConfig:
         always fp32; on CPU the bf16 levels are emulated exactly, to measure their effect).
     blocks_per_pass: collect this many blocks at a time (bounds accumulator memory; each group
         re-runs the passes over the data).
-    top_blocks: with the boundary cache, the top group's size, which may exceed
-        ``blocks_per_pass``: the top group runs the whole model once, the groups below only
-        their own blocks, so the more blocks it holds the less model work (the memory plan picks
-        the largest that fits). None: every group has ``blocks_per_pass`` blocks.
     gradient_checkpointing: recompute each block in backward (long contexts).
     checkpoint_every / checkpoint_interval_s: with an output directory, save resumable state
         every this many micro-batches / seconds.
@@ -52,7 +48,6 @@ class CollectConfig:
     batch_size: int = 4
     precision: str = "auto"
     blocks_per_pass: int | None = None
-    top_blocks: int | None = None
     gradient_checkpointing: bool = False
     checkpoint_every: int | None = None
     checkpoint_interval_s: float = 1800.0
@@ -76,8 +71,6 @@ class CollectConfig:
                              f"got {self.boundary_cache!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if self.top_blocks is not None and self.top_blocks < 1:
-            raise ValueError(f"top_blocks must be >= 1, got {self.top_blocks}")
 
     @classmethod
     def from_options(cls, **options) -> CollectConfig:

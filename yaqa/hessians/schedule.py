@@ -11,27 +11,6 @@ from torch import Tensor
 Batches = Tensor | Iterable[Tensor]
 
 
-def block_groups(blocks: list[int], size: int, top: int | None = None) -> list[list[int]]:
-    """The block groups of one collection, bottom to top.
-
-    Without ``top``: consecutive groups of ``size`` blocks from the bottom (the last one may be
-    smaller). With ``top`` (the boundary cache's layout): the last ``top`` blocks form the top
-    group, the one that runs the whole model once and leaves the gradient for the groups below;
-    the blocks below it are cut into the fewest groups of at most ``size``, of even sizes. The
-    cached groups run only their own blocks, so a larger top group means less model work.
-    """
-    if size < 1 or (top is not None and top < 1):
-        raise ValueError(f"group sizes must be >= 1, got size={size}, top={top}")
-    if top is None:
-        return [blocks[i:i + size] for i in range(0, len(blocks), size)]
-    rest = blocks[:max(len(blocks) - top, 0)]
-    if not rest:
-        return [blocks]
-    k = -(-len(rest) // size)
-    cuts = [round(i * len(rest) / k) for i in range(k + 1)]
-    return [rest[a:b] for a, b in zip(cuts, cuts[1:])] + [blocks[len(blocks) - top:]]
-
-
 def pass_kinds(sketch: str, power_iters: int) -> list[str]:
     """The passes over the data a request needs, in order.
 
