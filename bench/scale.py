@@ -336,9 +336,9 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
             with col:
                 col.begin_pass("b")
                 t_groups.append(_timed(step, args.steps, args.device))
-            if cached:
-                work.append(1.0 if top else len(g) / layers)
-            else:
+            if cached and not top:
+                work.append(len(g) / layers)
+            else:  # the top group's backward too stops at its first block
                 work.append(1 / 3 + 2 / 3 * (layers - g[0]) / layers)
             # how bf16 products reached the fp32 sums: one fused GEMM, or GEMM + add
             fused = {a.prod._fused_ok for a in col.acc.values()}
@@ -347,8 +347,8 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
         if bc is not None:
             bc.close(remove=True)
         # the statistics alone: each group's time minus the model's own work in it (cache: the
-        # top group runs the whole model, the others their own blocks; no cache: the whole
-        # forward and the backward down to the group's first block)
+        # top group runs the whole forward and its own backward, the others their own blocks;
+        # no cache: the whole forward and the backward down to the group's first block)
         stat_s = max(sum(tg - t_plain * w for tg, w in zip(t_groups, work)), 0.0)
         sb = sum(t_groups)
         row["modes"][prec] = {
@@ -589,9 +589,11 @@ def _project_rows(shape: ModelShape, T: int, batch: int, plain70: float, stats70
                                 ("spread over GPUs (not built)", min(L, fit * gpus))):
                 groups = math.ceil(L / bpp)
                 cache = cache_per_boundary * groups if groups > 1 else 0
-                # with the boundary cache: the top group runs the whole model, the others their
-                # own blocks; without: the whole forward and the backward to the group's start
-                work_cached = 1 + (groups - 1) * bpp / L
+                # with the boundary cache: the top group runs the whole forward and its own
+                # backward, the others their own blocks; without: the whole forward and the
+                # backward to the group's start
+                top = L - (groups - 1) * bpp
+                work_cached = 1 / 3 + 2 / 3 * top / L + (groups - 1) * bpp / L
                 work_off = sum(1 / 3 + 2 / 3 * (1 - k * bpp / L) for k in range(groups))
                 secs = {w: tokens * L * (plain70 * work + stats70)
                         for w, work in (("cached", work_cached), ("recompute", work_off))}

@@ -159,8 +159,9 @@ def test_plan_prints_the_cache_size_and_where_it_goes():
     none = make_plan(shape, req, host_bytes=100 * GiB, disk_bytes=None, **kw)
     assert none.boundary_cache["mode"] == "off"
     assert "recompute" in none.summary()
-    # the model's work: 1 + 3/4 forward+backward, against 4/3 + 2/3 (1 + 3/4 + 1/2 + 1/4)
-    assert plan.model_work == pytest.approx(1.75)
+    # the model's work: the top group's whole forward and its own backward (1/3 + 2/3 · 1/4),
+    # the others their own blocks (3/4), against 4/3 + 2/3 (1 + 3/4 + 1/2 + 1/4) without
+    assert plan.model_work == pytest.approx(1 / 3 + 2 / 3 / 4 + 3 / 4)
     assert none.model_work == pytest.approx(4 / 3 + 2 / 3 * 2.5)
 
 

@@ -391,13 +391,7 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
     plan.boundary_cache = {"mode": bc.mode, "bytes": bc.bytes, "reason": bc.reason,
                            "starts": [g[0] for g in groups if g[0] > 0]}
     n_kinds = len(pass_kinds(req.sketch, req.power_iters))
-    # a cached group starts its forward at its first block; otherwise at block 0
-    L = shape.n_blocks
-    if bc.mode != "off":  # the top group runs the whole model; the others their own blocks
-        work = 1 + sum(len(g) / L for g in groups[:-1])
-    else:  # each group: the whole forward (1/3), the backward down to its first block (2/3)
-        work = sum(1 / 3 + 2 / 3 * (L - g[0]) / L for g in groups)
-    plan.model_work = n_kinds * work
+    plan.model_work = n_kinds * sum(_model_shares(plan, shape.n_blocks))
     if coll > limit:
         biggest = max(terms, key=terms.get)
         advice = {"activations": "lower --batch-size or --ctx, or add --gradient-checkpointing",
@@ -465,9 +459,8 @@ def _model_shares(plan: MemoryPlan, n_blocks: int) -> list[float]:
     """Each group's model work per pass, in plain forward+backward passes (forward 1/3,
     backward 2/3). A group that runs the whole forward and the backward down to its first
     block: 1/3 + 2/3 (L - first) / L; under the boundary cache, a group below the top one
-    (between a cached state and a cached gradient): its own blocks, size / L. (``model_work``
-    counts the cached top group as one whole pass, an upper bound; the time estimate, which
-    derives the whole pass's cost from the timed group, needs its true share.)"""
+    (between a cached state and a cached gradient): its own blocks, size / L. The cached top
+    group is of the first kind: its backward stops at its first block too."""
     L = n_blocks
     cached = plan.boundary_cache.get("mode", "off") != "off"
     top = plan.groups[-1]
