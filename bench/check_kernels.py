@@ -7,8 +7,9 @@ Checks, each against the dense weight: the fused GEMV (1 and 3 activation rows) 
 dequantize + cuBLAS path (40 rows), with and without Hadamard incoherence; the autotuned GEMV on a
 Llama-8B shape and every autotuner config (split-K) forced in turn; the layer replayed from a
 CUDA graph; the layer under ``torch.compile`` with
-``fullgraph=True`` (no graph break); and :class:`GraphDecoder` greedy tokens, replayed from a CUDA
-graph, against the same step run eagerly and against transformers ``generate``.
+``fullgraph=True`` (no graph break); the int8 LM head's GEMV (every config, graph, compile); and
+:class:`GraphDecoder` greedy tokens, replayed from a CUDA graph, against the same step run eagerly
+and against transformers ``generate`` (also with an int8 embedding and head).
 """
 
 import argparse
@@ -168,6 +169,44 @@ def check_stacked(c: Checker, dev) -> None:
             c.check("stacked q/k/v, one input row per layer", y, ref, 1e-2, show=True)
 
 
+def check_int8_head(c: Checker, dev) -> None:
+    """The int8 LM head's GEMV (Llama-3 vocabulary) against its dequantized weight: autotuned,
+    every config forced, replayed from a CUDA graph, under torch.compile, and 40 rows (the
+    row-block path)."""
+    from yaqa.nn import kernels_int8
+    from yaqa.nn.int8 import Int8Linear
+
+    m, n = (128256, 4096) if dev.type == "cuda" else (1000, 256)
+    lin = torch.nn.Linear(n, m, bias=False, device=dev, dtype=torch.bfloat16)
+    head = Int8Linear.from_float(lin)
+    del lin
+    W = head.dequantized_weight()  # float32
+    for rows in (1, 3, 40):
+        x = torch.randn(rows, n, device=dev, dtype=torch.bfloat16)
+        with torch.no_grad():
+            c.check(f"int8 head {m}x{n} rows={rows}", head(x), x.float() @ W.T, 1e-2,
+                    show=rows == 1)
+    x = torch.randn(1, n, device=dev, dtype=torch.bfloat16)
+    ref = x.float() @ W.T
+    if dev.type == "cuda":
+        print(f"  autotuned config: {kernels_int8.int8_config(m, n)}", flush=True)
+        for tile in kernels_int8.INT8_CONFIGS:
+            y = kernels_int8.int8_gemv(x, head.weight, head.weight_scale, tile=tile)
+            c.check(f"int8 head config {tile}", y, ref, 1e-2)
+        with torch.no_grad():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                yg = head(x)
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+        c.check("  int8 head, CUDA graph replay on new input", yg, x.float() @ W.T, 1e-2,
+                show=True)
+        ref = x.float() @ W.T
+    with torch.no_grad():
+        compiled = torch.compile(head, backend="eager", fullgraph=True)
+        c.check("  int8 head, torch.compile fullgraph", compiled(x), ref, 1e-2, show=True)
+
+
 def check_decoder(c: Checker, dev) -> None:
     import transformers
 
@@ -211,6 +250,16 @@ def check_decoder(c: Checker, dev) -> None:
                 ref = model.generate(prompt, max_new_tokens=16, min_new_tokens=16,
                                      do_sample=False, pad_token_id=0, disable_compile=True)
             c.expect("GraphDecoder float32 tokens == transformers generate", torch.equal(graph, ref))
+    from yaqa.nn.int8 import quantize_embeddings
+
+    model.to(dtype=torch.float32)
+    quantize_embeddings(model)  # int8 embedding and head: the head's GEMV in the graph
+    graph = GraphDecoder(model, max_len=40, graph=dev.type == "cuda").generate(prompt, 16)
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                             pad_token_id=0, disable_compile=True)
+    c.expect("GraphDecoder float32, int8 embedding + head: tokens == transformers generate",
+             torch.equal(graph, ref))
 
 
 def main() -> int:
@@ -234,6 +283,7 @@ def main() -> int:
     check_gemv_configs(c, dev, args.quick)
     check_stacked(c, dev)
     check_big_and_graphs(c, dev)
+    check_int8_head(c, dev)
     check_decoder(c, dev)
     from yaqa.nn import kernels
 

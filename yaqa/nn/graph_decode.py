@@ -60,7 +60,8 @@ class GraphDecoder:
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         emb = body.embed_tokens.weight
-        dev, dt = emb.device, emb.dtype
+        # An int8 embedding (yaqa.nn.int8) holds int8 weights; the stream's dtype is its output's.
+        dev, dt = emb.device, getattr(body.embed_tokens, "compute_dtype", emb.dtype)
         shape = (1, self.kv_heads, max_len, self.head_dim)
         self.k = [torch.zeros(shape, device=dev, dtype=dt) for _ in layers]
         self.v = [torch.zeros(shape, device=dev, dtype=dt) for _ in layers]
