@@ -101,15 +101,11 @@ def main() -> int:
                           "hout_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32",
                           "N": "constexpr", "BLOCK": "constexpr", "HAS_D": "constexpr"},
         {"N": 4096, "BLOCK": 4096, "HAS_D": True}, {"num_warps": 8})
-    run(dk._rope_cache, {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
-                         "qout_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
-                         "pos_ptr": "*i64", "inv_ptr": "*fp32", "rope_scale": "fp32", "L": "i32",
-                         "H": "constexpr", "KV": "constexpr", "D": "constexpr"},
-        {"H": 32, "KV": 8, "D": 128}, {"num_warps": 4})
-    run(dk._decode_attention, {"q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
-                               "o_ptr": "*bf16", "pos_ptr": "*i64", "sm_scale": "fp32",
-                               "L": "i32", "GROUP": "constexpr", "D": "constexpr",
-                               "BLOCK_L": "constexpr"},
+    run(dk._rope_attention, {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
+                             "kc_ptr": "*bf16", "vc_ptr": "*bf16", "o_ptr": "*bf16",
+                             "pos_ptr": "*i64", "inv_ptr": "*fp32", "rope_scale": "fp32",
+                             "sm_scale": "fp32", "L": "i32", "GROUP": "constexpr",
+                             "D": "constexpr", "BLOCK_L": "constexpr"},
         {"GROUP": 4, "D": 128, "BLOCK_L": 64}, {"num_warps": 4})
     run(dk._silu_mul, {"g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
                        "BLOCK": "constexpr"}, {"BLOCK": 1024}, {"num_warps": 4})

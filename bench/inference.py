@@ -192,7 +192,9 @@ def measure_model(model, dev, args, left) -> dict:
 # Kernel name fragments -> what they are (first match wins), for the per-step breakdown.
 CATEGORIES = (("gemv_words", "packed GEMV"), ("gemv_bytes", "packed GEMV"),
               ("dequant", "dequantize"), ("rotate", "Hadamard rotation"),
-              ("_add_rmsnorm", "add + RMSNorm (fused)"), ("_rope_cache", "rotary + cache (fused)"),
+              ("_add_rmsnorm", "add + RMSNorm (fused)"),
+              ("_rope_attention", "rotary + cache + attention (fused)"),
+              ("_rope_cache", "rotary + cache (fused)"), ("int8_gemv", "int8 GEMV (head)"),
               ("_decode_attention", "attention (fused)"), ("_silu_mul", "SiLU-mul (fused)"),
               ("attention", "attention (torch)"), ("fmha", "attention (torch)"),
               ("softmax", "attention (torch)"), ("gemm", "cuBLAS GEMM/GEMV (bf16 linears, head)"),

@@ -35,30 +35,29 @@ def test_add_rmsnorm_equals_the_residual_add_and_the_transformers_norm():
     torch.testing.assert_close(x0, norm(h), rtol=1e-5, atol=1e-5)
 
 
-def test_rope_cache_and_attention_equal_rotate_half_and_sdpa_with_grouped_heads():
+@pytest.mark.parametrize("pos", [0, 70])  # the first position; two cache blocks, one masked
+def test_rope_attention_equals_rotate_half_cache_write_and_sdpa_with_grouped_heads(pos):
     g = torch.Generator().manual_seed(1)
-    H, KV, D, L, pos = 8, 2, 32, 80, 70  # 71 positions: two blocks of 64, the second masked
+    H, KV, D, L = 8, 2, 32, 80
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
     kc, vc = torch.randn(1, KV, L, D, generator=g), torch.randn(1, KV, L, D, generator=g)
     q, k, v = (torch.randn(n * D, generator=g) for n in (H, KV, KV))
     p = torch.tensor([pos])
     ref_k, ref_v = kc.clone(), vc.clone()
-    qr = dk.rope_cache(q, k, v, kc, vc, p, inv_freq, 1.0)
+    o = dk.rope_attention(q, k, v, kc, vc, p, inv_freq, 0.9)
     f = pos * inv_freq
-    cos, sin = torch.cat((f, f)).cos(), torch.cat((f, f)).sin()
+    cos, sin = torch.cat((f, f)).cos() * 0.9, torch.cat((f, f)).sin() * 0.9
 
     def rot(t, n):
         t = t.view(n, D)
         return t * cos + _rotate_half(t) * sin
 
-    torch.testing.assert_close(qr, rot(q, H), rtol=1e-5, atol=1e-5)
     ref_k[0, :, pos], ref_v[0, :, pos] = rot(k, KV), v.view(KV, D)
     torch.testing.assert_close(kc, ref_k, rtol=1e-5, atol=1e-5)
     assert torch.equal(vc, ref_v)  # only this position's rows written
-    o = dk.decode_attention(qr, kc, vc, p)
     mask = (torch.arange(L) <= pos).view(1, 1, 1, L)
-    ref = F.scaled_dot_product_attention(qr.view(1, H, 1, D), kc, vc, attn_mask=mask,
-                                         enable_gqa=True)
+    ref = F.scaled_dot_product_attention(rot(q, H).view(1, H, 1, D), ref_k, ref_v,
+                                         attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(o, ref.view(H, D), rtol=1e-5, atol=1e-5)
 
 

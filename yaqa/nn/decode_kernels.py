@@ -7,10 +7,9 @@ graph each kernel still costs 2-3 µs of launch gap, so ~40 of them per layer ad
 token on a 32-layer model, as much as the weights.  Here each group is one kernel:
 
 - :func:`add_rmsnorm`: residual add + RMSNorm (+ weight), one read and two writes of the row;
-- :func:`rope_cache`: rotary embedding of q and k, and the k/v cache write at the position held
-  on the device;
-- :func:`decode_attention`: one program per query head over the cached positions up to the
-  device-held position (online softmax in fp32), grouped KV heads by indexing;
+- :func:`rope_attention`: rotary embedding of q and k, the k/v cache write at the position held
+  on the device, and attention: one program per query head over the cached positions up to
+  that position (online softmax in fp32), grouped KV heads by indexing;
 - :func:`silu_mul`: ``silu(gate) * up``.
 
 They round like the eager ops where it is cheap (the normalised row to the model dtype before the
@@ -44,57 +43,54 @@ def _add_rmsnorm(h_ptr, d_ptr, w_ptr, hout_ptr, out_ptr, eps, N: tl.constexpr,
 
 
 @triton.jit
-def _rope_cache(q_ptr, k_ptr, v_ptr, qout_ptr, kc_ptr, vc_ptr, pos_ptr, inv_ptr, rope_scale,
-                L, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr):
+def _rope_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, pos_ptr, inv_ptr, rope_scale,
+                    sm_scale, L, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr):
+    # Program h: query head h.  It rotates its q and its KV head's new k itself (a few hundred
+    # flops), so the rotary embedding and the cache write need no launch of their own.  The new
+    # position's k/v stay in registers: the programs read only positions < pos from the cache,
+    # and the first program of each query group writes position pos, so no program reads a row
+    # another one is writing.
+    h = tl.program_id(0)
+    kvh = h // GROUP
     HALF: tl.constexpr = D // 2
-    pos = tl.load(pos_ptr)
-    j = tl.arange(0, HALF)
-    f = pos.to(tl.float32) * tl.load(inv_ptr + j)
+    d = tl.arange(0, D)
+    partner = (d + HALF) % D
+    # rotate_half convention: [x1, x2] -> [x1·c − x2·s, x2·c + x1·s], as one D-vector.
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    q = tl.load(q_ptr + h * D + d).to(tl.float32)
+    qp = tl.load(q_ptr + h * D + partner).to(tl.float32)
+    k = tl.load(k_ptr + kvh * D + d).to(tl.float32)
+    kp = tl.load(k_ptr + kvh * D + partner).to(tl.float32)
+    ct = kc_ptr.dtype.element_ty
+    v_new = tl.load(v_ptr + kvh * D + d).to(ct)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    f = pos.to(tl.float32) * tl.load(inv_ptr + d % HALF)
     dt = q_ptr.dtype.element_ty
     c = (tl.cos(f) * rope_scale).to(dt).to(tl.float32)
     s = (tl.sin(f) * rope_scale).to(dt).to(tl.float32)
-    # q as (H, D/2) halves: [q1, q2] -> [q1·c − q2·s, q2·c + q1·s] (rotate_half convention).
-    hq = tl.arange(0, H)[:, None] * D + j[None, :]
-    q1 = tl.load(q_ptr + hq).to(tl.float32)
-    q2 = tl.load(q_ptr + hq + HALF).to(tl.float32)
-    tl.store(qout_ptr + hq, (q1 * c[None, :] - q2 * s[None, :]).to(dt))
-    tl.store(qout_ptr + hq + HALF, (q2 * c[None, :] + q1 * s[None, :]).to(dt))
-    hk = tl.arange(0, KV)[:, None] * D + j[None, :]
-    k1 = tl.load(k_ptr + hk).to(tl.float32)
-    k2 = tl.load(k_ptr + hk + HALF).to(tl.float32)
-    # Cache (1, KV, L, D): head h's row for this position.
-    ck = tl.arange(0, KV)[:, None] * (L * D) + pos * D + j[None, :]
-    ct = kc_ptr.dtype.element_ty
-    tl.store(kc_ptr + ck, (k1 * c[None, :] - k2 * s[None, :]).to(ct))
-    tl.store(kc_ptr + ck + HALF, (k2 * c[None, :] + k1 * s[None, :]).to(ct))
-    tl.store(vc_ptr + ck, tl.load(v_ptr + hk).to(ct))
-    tl.store(vc_ptr + ck + HALF, tl.load(v_ptr + hk + HALF).to(ct))
-
-
-@triton.jit
-def _decode_attention(q_ptr, kc_ptr, vc_ptr, o_ptr, pos_ptr, sm_scale, L,
-                      GROUP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr):
-    h = tl.program_id(0)
-    kvh = h // GROUP
-    pos = tl.load(pos_ptr).to(tl.int32)
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + h * D + d).to(tl.float32) * sm_scale
+    q = (q * c + sign * qp * s).to(dt).to(tl.float32) * sm_scale  # rounded as the eager q
+    k_new = (k * c + sign * kp * s).to(ct)
+    row = kvh * L * D + pos * D + d  # cache (1, KV, L, D)
+    if h % GROUP == 0:
+        tl.store(kc_ptr + row, k_new)
+        tl.store(vc_ptr + row, v_new)
+    # Online softmax, starting from the new position (exact in registers), then positions < pos.
+    m = tl.sum(k_new.to(tl.float32) * q, axis=0)
+    l_sum = tl.full((), 1.0, tl.float32)
+    acc = v_new.to(tl.float32)
     base = kvh * L * D
-    m = tl.full((), float("-inf"), tl.float32)
-    l_sum = tl.zeros((), tl.float32)
-    acc = tl.zeros((D,), tl.float32)
     start = tl.zeros((), tl.int32)
-    while start <= pos:  # only the filled part of the cache (a while: its bound is on the device)
+    while start < pos:  # only the filled part of the cache (a while: its bound is on the device)
         t = start + tl.arange(0, BLOCK_L)
-        valid = t <= pos
+        valid = t < pos
         kv = base + t[:, None] * D + d[None, :]
-        k = tl.load(kc_ptr + kv, mask=valid[:, None], other=0.0).to(tl.float32)
-        s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=0))
+        kt = tl.load(kc_ptr + kv, mask=valid[:, None], other=0.0).to(tl.float32)
+        sc = tl.where(valid, tl.sum(kt * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=0))
         alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new)
-        v = tl.load(vc_ptr + kv, mask=valid[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        p = tl.exp(sc - m_new)
+        vt = tl.load(vc_ptr + kv, mask=valid[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
         l_sum = l_sum * alpha + tl.sum(p, axis=0)
         m = m_new
         start += BLOCK_L
@@ -123,27 +119,18 @@ def add_rmsnorm(h: torch.Tensor, d: torch.Tensor | None, weight: torch.Tensor,
     return hout, out
 
 
-def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
-               rope_scale: float) -> torch.Tensor:
-    """Rotary-embedded q (``heads x head_dim``); rotated k and v written to the caches at ``pos``."""
+def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
+                   rope_scale: float) -> torch.Tensor:
+    """Attention output (``heads x head_dim``) of this position's q, k, v (contiguous rows of
+    ``heads·head_dim`` and ``kv_heads·head_dim``): rotary embedding of q and k, k and v written to
+    the caches at ``pos``, softmax attention over cache positions ``0..pos`` (causal for the
+    newest token), grouped KV heads by index.  One launch."""
     kv, L, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     H = q.numel() // D
-    qout = torch.empty(H, D, dtype=q.dtype, device=q.device)
-    _rope_cache[(1,)](q, k, v, qout, k_cache, v_cache, pos, inv_freq, rope_scale, L, H=H, KV=kv,
-                      D=D, num_warps=4)
-    return qout
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     pos: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of one query row per head (``heads x head_dim``) over cache positions
-    ``0..pos`` (causal for the newest token), grouped KV heads by index."""
-    H, D = q.shape
-    kv, L = k_cache.shape[1], k_cache.shape[2]
-    o = torch.empty_like(q)
-    _decode_attention[(H,)](q, k_cache, v_cache, o, pos, D**-0.5, L, GROUP=H // kv, D=D,
-                            BLOCK_L=64, num_warps=4)
+    o = torch.empty(H, D, dtype=q.dtype, device=q.device)
+    _rope_attention[(H,)](q, k, v, k_cache, v_cache, o, pos, inv_freq, rope_scale, D**-0.5, L,
+                          GROUP=H // kv, D=D, BLOCK_L=64, num_warps=4)
     return o
 
 

@@ -177,9 +177,9 @@ class GraphDecoder:
     @torch.no_grad()
     def _fused_step(self) -> None:
         """:meth:`_step` with the small ops fused (:mod:`.decode_kernels`): per layer two
-        norm launches, one rotary + cache write, one attention, one activation, and the linears
+        norm launches, one rotary + cache write + attention, one activation, and the linears
         (with incoherence: one input rotation for q/k/v, one for gate/up)."""
-        from .decode_kernels import add_rmsnorm, decode_attention, rope_cache, silu_mul
+        from .decode_kernels import add_rmsnorm, rope_attention, silu_mul
 
         body, H, D = self.model.model, self.heads, self.head_dim
         h = body.embed_tokens(self.tok)
@@ -187,9 +187,8 @@ class GraphDecoder:
         h, x = add_rmsnorm(h, None, first.weight, first.variance_epsilon)
         for i, layer in enumerate(self.layers):
             a, mlp = layer.self_attn, layer.mlp
-            q = rope_cache(*self._linears(i, 0, [a.q_proj, a.k_proj, a.v_proj], x), self.k[i],
-                           self.v[i], self.pos, self.inv_freq, self.rope_scale)
-            o = decode_attention(q, self.k[i], self.v[i], self.pos)
+            o = rope_attention(*self._linears(i, 0, [a.q_proj, a.k_proj, a.v_proj], x),
+                               self.k[i], self.v[i], self.pos, self.inv_freq, self.rope_scale)
             norm = layer.post_attention_layernorm
             h, x = add_rmsnorm(h, a.o_proj(o.view(1, 1, H * D)), norm.weight,
                                norm.variance_epsilon)
