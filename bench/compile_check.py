@@ -103,10 +103,10 @@ def main() -> int:
         {"N": 4096, "BLOCK": 4096, "HAS_D": True}, {"num_warps": 8})
     run(dk._rope_attention, {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
                              "kc_ptr": "*bf16", "vc_ptr": "*bf16", "o_ptr": "*bf16",
-                             "pos_ptr": "*i64", "inv_ptr": "*fp32", "rope_scale": "fp32",
+                             "ws_ptr": "*fp32", "cnt_ptr": "*i32", "pos_ptr": "*i64", "inv_ptr": "*fp32", "rope_scale": "fp32",
                              "sm_scale": "fp32", "L": "i32", "GROUP": "constexpr",
-                             "D": "constexpr", "BLOCK_L": "constexpr"},
-        {"GROUP": 4, "D": 128, "BLOCK_L": 64}, {"num_warps": 4})
+                             "D": "constexpr", "BLOCK_L": "constexpr", "SPLIT": "constexpr"},
+        {"GROUP": 4, "D": 128, "BLOCK_L": 64, "SPLIT": 4}, {"num_warps": 4})
     run(dk._silu_mul, {"g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
                        "BLOCK": "constexpr"}, {"BLOCK": 1024}, {"num_warps": 4})
     from yaqa.nn import kernels_int8

@@ -35,8 +35,10 @@ def test_add_rmsnorm_equals_the_residual_add_and_the_transformers_norm():
     torch.testing.assert_close(x0, norm(h), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pos", [0, 70])  # the first position; two cache blocks, one masked
-def test_rope_attention_equals_rotate_half_cache_write_and_sdpa_with_grouped_heads(pos):
+# pos 0: the new position alone; 70: two cache blocks of 64, the second masked.  split 1: one
+# program per head; 2: one block each; 4: two programs of each head with no block (merged in).
+@pytest.mark.parametrize("pos,split", [(0, 1), (0, 4), (70, 1), (70, 2), (70, 4)])
+def test_rope_attention_equals_rotate_half_cache_write_and_sdpa_with_grouped_heads(pos, split):
     g = torch.Generator().manual_seed(1)
     H, KV, D, L = 8, 2, 32, 80
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
@@ -44,7 +46,9 @@ def test_rope_attention_equals_rotate_half_cache_write_and_sdpa_with_grouped_hea
     q, k, v = (torch.randn(n * D, generator=g) for n in (H, KV, KV))
     p = torch.tensor([pos])
     ref_k, ref_v = kc.clone(), vc.clone()
-    o = dk.rope_attention(q, k, v, kc, vc, p, inv_freq, 0.9)
+    ws = dk.attention_workspace(H, D, split, "cpu")
+    o = dk.rope_attention(q, k, v, kc, vc, p, inv_freq, 0.9, split, ws)
+    assert not ws[1].any()  # the merging programs reset the counters
     f = pos * inv_freq
     cos, sin = torch.cat((f, f)).cos() * 0.9, torch.cat((f, f)).sin() * 0.9
 
@@ -59,6 +63,15 @@ def test_rope_attention_equals_rotate_half_cache_write_and_sdpa_with_grouped_hea
     ref = F.scaled_dot_product_attention(rot(q, H).view(1, H, 1, D), ref_k, ref_v,
                                          attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(o, ref.view(H, D), rtol=1e-5, atol=1e-5)
+    o2 = dk.rope_attention(q, k, v, kc, vc, p, inv_freq, 0.9, split, ws)  # reused workspace
+    torch.testing.assert_close(o2, o, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_split_covers_the_cache_in_at_most_16_programs():
+    assert [dk.attention_split(n) for n in (1, 64, 65, 168, 1024, 100000)] == [1, 1, 2, 4, 16, 16]
+    with pytest.raises(ValueError, match="power of two"):
+        dk.rope_attention(*(torch.zeros(4) for _ in range(3)), torch.zeros(1, 1, 8, 4),
+                          torch.zeros(1, 1, 8, 4), torch.tensor([0]), torch.ones(2), 1.0, 3)
 
 
 def test_silu_mul_equals_the_gated_activation():
@@ -70,10 +83,13 @@ def test_silu_mul_equals_the_gated_activation():
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_fused_decode_step_gives_the_tokens_of_the_torch_step(family, monkeypatch):
     monkeypatch.setattr(kernels, "FORCE_TRITON", True)
+    # Attention over 15 positions in blocks of 4, two programs per head: each reads two blocks.
+    monkeypatch.setattr(dk, "ATTENTION_BLOCK", 4)
+    monkeypatch.setattr(dk, "MAX_ATTENTION_SPLIT", 2)
     model = tiny_model(family, layers=2)
     prompt = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(0))
     fused = GraphDecoder(model, max_len=32)
-    assert fused.fused
+    assert fused.fused and fused._attn_split == 2
     assert torch.equal(fused.generate(prompt, 10),
                        GraphDecoder(model, max_len=32, fused=False).generate(prompt, 10))
 

@@ -8,8 +8,9 @@ token on a 32-layer model, as much as the weights.  Here each group is one kerne
 
 - :func:`add_rmsnorm`: residual add + RMSNorm (+ weight), one read and two writes of the row;
 - :func:`rope_attention`: rotary embedding of q and k, the k/v cache write at the position held
-  on the device, and attention: one program per query head over the cached positions up to
-  that position (online softmax in fp32), grouped KV heads by indexing;
+  on the device, and attention over the cached positions up to that position (online softmax
+  in fp32; a head's cache blocks split over several programs, merged by the last to finish),
+  grouped KV heads by indexing;
 - :func:`silu_mul`: ``silu(gate) * up``.
 
 They round like the eager ops where it is cheap (the normalised row to the model dtype before the
@@ -43,14 +44,17 @@ def _add_rmsnorm(h_ptr, d_ptr, w_ptr, hout_ptr, out_ptr, eps, N: tl.constexpr,
 
 
 @triton.jit
-def _rope_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, pos_ptr, inv_ptr, rope_scale,
-                    sm_scale, L, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr):
-    # Program h: query head h.  It rotates its q and its KV head's new k itself (a few hundred
-    # flops), so the rotary embedding and the cache write need no launch of their own.  The new
-    # position's k/v stay in registers: the programs read only positions < pos from the cache,
-    # and the first program of each query group writes position pos, so no program reads a row
-    # another one is writing.
+def _rope_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, ws_ptr, cnt_ptr, pos_ptr, inv_ptr,
+                    rope_scale, sm_scale, L, GROUP: tl.constexpr, D: tl.constexpr,
+                    BLOCK_L: tl.constexpr, SPLIT: tl.constexpr):
+    # Program (h, sp): query head h over cache blocks sp, sp + SPLIT, ... (flash-decoding: the
+    # blocks of one head are read in parallel instead of one after the other).  Every program
+    # rotates its q and its KV head's new k itself (a few hundred flops), so the rotary
+    # embedding and the cache write need no launch of their own.  The new position's k/v stay in
+    # registers: programs read only positions < pos from the cache, and program (first head of
+    # the group, 0) writes position pos, so no program reads a row another one is writing.
     h = tl.program_id(0)
+    sp = tl.program_id(1)
     kvh = h // GROUP
     HALF: tl.constexpr = D // 2
     d = tl.arange(0, D)
@@ -70,31 +74,53 @@ def _rope_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, pos_ptr, inv_ptr
     s = (tl.sin(f) * rope_scale).to(dt).to(tl.float32)
     q = (q * c + sign * qp * s).to(dt).to(tl.float32) * sm_scale  # rounded as the eager q
     k_new = (k * c + sign * kp * s).to(ct)
-    row = kvh * L * D + pos * D + d  # cache (1, KV, L, D)
-    if h % GROUP == 0:
-        tl.store(kc_ptr + row, k_new)
-        tl.store(vc_ptr + row, v_new)
-    # Online softmax, starting from the new position (exact in registers), then positions < pos.
-    m = tl.sum(k_new.to(tl.float32) * q, axis=0)
-    l_sum = tl.full((), 1.0, tl.float32)
-    acc = v_new.to(tl.float32)
-    base = kvh * L * D
-    start = tl.zeros((), tl.int32)
+    base = kvh * L * D  # cache (1, KV, L, D)
+    if (h % GROUP == 0) & (sp == 0):
+        tl.store(kc_ptr + base + pos * D + d, k_new)
+        tl.store(vc_ptr + base + pos * D + d, v_new)
+    # Online softmax; program (h, 0) starts from the new position (exact, in registers), the
+    # others from nothing (m = -inf: every block they read has a valid position, so no NaN).
+    first = sp == 0
+    m = tl.where(first, tl.sum(k_new.to(tl.float32) * q, axis=0), float("-inf"))
+    l_sum = tl.where(first, 1.0, 0.0)
+    acc = tl.where(first, v_new.to(tl.float32), 0.0)
+    start = sp * BLOCK_L
     while start < pos:  # only the filled part of the cache (a while: its bound is on the device)
         t = start + tl.arange(0, BLOCK_L)
         valid = t < pos
         kv = base + t[:, None] * D + d[None, :]
         kt = tl.load(kc_ptr + kv, mask=valid[:, None], other=0.0).to(tl.float32)
+        vt = tl.load(vc_ptr + kv, mask=valid[:, None], other=0.0).to(tl.float32)
         sc = tl.where(valid, tl.sum(kt * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, axis=0))
         alpha = tl.exp(m - m_new)
         p = tl.exp(sc - m_new)
-        vt = tl.load(vc_ptr + kv, mask=valid[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
         l_sum = l_sum * alpha + tl.sum(p, axis=0)
         m = m_new
-        start += BLOCK_L
-    tl.store(o_ptr + h * D + d, (acc / l_sum).to(o_ptr.dtype.element_ty))
+        start += SPLIT * BLOCK_L
+    out = o_ptr + h * D + d
+    if SPLIT == 1:
+        tl.store(out, (acc / l_sum).to(o_ptr.dtype.element_ty))
+    else:
+        # Partials (acc, m, l) to the workspace; the head's last program to arrive merges them
+        # in a fixed order and resets the counter (CUDA-graph replays need no zero-fill).
+        W: tl.constexpr = D + 2
+        part = ws_ptr + (h * SPLIT + sp) * W
+        tl.store(part + d, acc)
+        tl.store(part + D, m)
+        tl.store(part + D + 1, l_sum)
+        tl.debug_barrier()  # every thread's partials are written before the release
+        arrived = tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            rows = ws_ptr + (h * SPLIT + tl.arange(0, SPLIT)) * W
+            ms = tl.load(rows + D, cache_modifier=".cg")  # from L2: other SMs wrote them
+            ls = tl.load(rows + D + 1, cache_modifier=".cg")
+            accs = tl.load(rows[:, None] + d[None, :], cache_modifier=".cg")
+            w = tl.exp(ms - tl.max(ms, axis=0))  # split 0 always holds a position: finite max
+            o = tl.sum(w[:, None] * accs, axis=0) / tl.sum(w * ls, axis=0)
+            tl.store(out, o.to(o_ptr.dtype.element_ty))
+            tl.atomic_xchg(cnt_ptr + h, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -119,18 +145,48 @@ def add_rmsnorm(h: torch.Tensor, d: torch.Tensor | None, weight: torch.Tensor,
     return hout, out
 
 
+ATTENTION_BLOCK = 64  # cache positions per step of a program
+MAX_ATTENTION_SPLIT = 16
+
+
+def attention_split(max_len: int) -> int:
+    """Programs per query head for a cache of ``max_len`` positions: one block each where that
+    takes at most 16 (a power of two: the merge's tile)."""
+    blocks = -(-max_len // ATTENTION_BLOCK)
+    return min(triton.next_power_of_2(max(blocks, 1)), MAX_ATTENTION_SPLIT)
+
+
+def attention_workspace(heads: int, head_dim: int, split: int,
+                        device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials, zeroed int32 per-head counters) for :func:`rope_attention`; one serves
+    every layer (their launches run one after the other), and must outlive a captured graph."""
+    return (torch.empty(heads * split * (head_dim + 2), dtype=torch.float32, device=device),
+            torch.zeros(heads, dtype=torch.int32, device=device))
+
+
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
-                   rope_scale: float) -> torch.Tensor:
+                   rope_scale: float, split: int = 1,
+                   workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention output (``heads x head_dim``) of this position's q, k, v (contiguous rows of
     ``heads·head_dim`` and ``kv_heads·head_dim``): rotary embedding of q and k, k and v written to
     the caches at ``pos``, softmax attention over cache positions ``0..pos`` (causal for the
-    newest token), grouped KV heads by index.  One launch."""
+    newest token), grouped KV heads by index.  One launch of ``heads x split`` programs, each
+    over every ``split``-th block of the cache (:func:`attention_split`; ``split > 1`` needs
+    :func:`attention_workspace`, made here when not given)."""
     kv, L, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     H = q.numel() // D
+    if split < 1 or split & (split - 1):
+        raise ValueError(f"attention split must be a power of two, got {split}")
+    if workspace is None:
+        workspace = attention_workspace(H, D, split, q.device)
+    ws, cnt = workspace
+    if ws.numel() < H * split * (D + 2) or cnt.numel() < H:
+        raise ValueError("attention workspace too small for this split")
     o = torch.empty(H, D, dtype=q.dtype, device=q.device)
-    _rope_attention[(H,)](q, k, v, k_cache, v_cache, o, pos, inv_freq, rope_scale, D**-0.5, L,
-                          GROUP=H // kv, D=D, BLOCK_L=64, num_warps=4)
+    _rope_attention[(H, split)](q, k, v, k_cache, v_cache, o, ws, cnt, pos, inv_freq, rope_scale,
+                                D**-0.5, L, GROUP=H // kv, D=D, BLOCK_L=ATTENTION_BLOCK,
+                                SPLIT=split, num_warps=4)
     return o
 
 

@@ -75,9 +75,14 @@ class GraphDecoder:
         self._pos = 0  # host mirror of `pos`: a write past the cache must fail here, not on device
         self._graph: torch.cuda.CUDAGraph | None = None
         self.next_token = torch.zeros(1, dtype=torch.long, device=dev)
-        # The fused small-op kernels (one launch each for norm, rotary + cache write, attention,
+        # The fused small-op kernels (one launch each for norm, rotary + cache write + attention,
         # gated activation) where Triton runs and the model is plain Llama-shaped; else torch ops.
         self.fused = fused if fused is not None else self._can_fuse(cfg)
+        if self.fused:
+            from .decode_kernels import attention_split, attention_workspace
+
+            self._attn_split = attention_split(max_len)
+            self._attn_ws = attention_workspace(self.heads, self.head_dim, self._attn_split, dev)
         # Packed incoherent q/k/v (and gate/up) read the same input: their three (two) input
         # rotations run as one launch, with the sign vectors stacked here once.
         from .quantized_linear import shared_input_signs
@@ -188,7 +193,8 @@ class GraphDecoder:
         for i, layer in enumerate(self.layers):
             a, mlp = layer.self_attn, layer.mlp
             o = rope_attention(*self._linears(i, 0, [a.q_proj, a.k_proj, a.v_proj], x),
-                               self.k[i], self.v[i], self.pos, self.inv_freq, self.rope_scale)
+                               self.k[i], self.v[i], self.pos, self.inv_freq, self.rope_scale,
+                               self._attn_split, self._attn_ws)
             norm = layer.post_attention_layernorm
             h, x = add_rmsnorm(h, a.o_proj(o.view(1, 1, H * D)), norm.weight,
                                norm.variance_epsilon)
