@@ -107,6 +107,10 @@ def main() -> int:
                              "sm_scale": "fp32", "L": "i32", "GROUP": "constexpr",
                              "D": "constexpr", "BLOCK_L": "constexpr", "SPLIT": "constexpr"},
         {"GROUP": 4, "D": 128, "BLOCK_L": 64, "SPLIT": 4}, {"num_warps": 4})
+    run(dk._argmax, {"x_ptr": "*bf16", "N": "i32", "tok_ptr": "*i64", "next_ptr": "*i64",
+                     "val_ptr": "*fp32", "idx_ptr": "*i32", "cnt_ptr": "*i32",
+                     "BLOCK": "constexpr", "P": "constexpr"},
+        {"BLOCK": 1024, "P": 128}, {"num_warps": 4})
     run(dk._silu_mul, {"g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
                        "BLOCK": "constexpr"}, {"BLOCK": 1024}, {"num_warps": 4})
     from yaqa.nn import kernels_int8

@@ -74,6 +74,21 @@ def test_attention_split_covers_the_cache_in_at_most_16_programs():
                           torch.zeros(1, 1, 8, 4), torch.tensor([0]), torch.ones(2), 1.0, 3)
 
 
+@pytest.mark.parametrize("n", [700, 5000])  # one program; five (a masked last block)
+def test_argmax_token_is_the_first_index_of_the_maximum(n):
+    g = torch.Generator().manual_seed(n)
+    tok, nxt = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    ws = dk.argmax_workspace(n, "cpu")
+    for trial in range(3):
+        x = torch.randn(1, 1, n, generator=g).bfloat16()
+        if trial:  # ties, within a block and across blocks: the lowest index wins
+            top = x.max() + 1
+            x[0, 0, [n - 1, n // 2 + trial, n // 2]] = top
+        dk.argmax_token(x, tok, nxt, ws)
+        assert tok.item() == nxt.item() == x.view(-1).argmax().item()
+        assert ws[2].item() == 0  # counter reset for the next launch
+
+
 def test_silu_mul_equals_the_gated_activation():
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(1, 1, 1500, generator=g), torch.randn(1, 1, 1500, generator=g)

@@ -11,7 +11,8 @@ token on a 32-layer model, as much as the weights.  Here each group is one kerne
   on the device, and attention over the cached positions up to that position (online softmax
   in fp32; a head's cache blocks split over several programs, merged by the last to finish),
   grouped KV heads by indexing;
-- :func:`silu_mul`: ``silu(gate) * up``.
+- :func:`silu_mul`: ``silu(gate) * up``;
+- :func:`argmax_token`: the greedy token, written as the next step's input.
 
 They round like the eager ops where it is cheap (the normalised row to the model dtype before the
 weight multiply; cos/sin to the model dtype), otherwise compute in fp32 and round once, so
@@ -124,6 +125,31 @@ def _rope_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, ws_ptr, cnt_ptr,
 
 
 @triton.jit
+def _argmax(x_ptr, N, tok_ptr, next_ptr, val_ptr, idx_ptr, cnt_ptr, BLOCK: tl.constexpr,
+            P: tl.constexpr):
+    # Program i: the first index of the maximum of block i; the last program to arrive reduces
+    # the blocks' (max, index) pairs in a fixed order, writes the token to both outputs and
+    # resets the counter.  Ties go to the lowest index, as torch.argmax.
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < N, other=float("-inf")).to(tl.float32)
+    mx = tl.max(x, axis=0)
+    tl.store(val_ptr + pid, mx)
+    tl.store(idx_ptr + pid, tl.min(tl.where(x == mx, offs, N), axis=0))
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(0) - 1:
+        ps = tl.arange(0, P)
+        pm = ps < tl.num_programs(0)
+        vals = tl.load(val_ptr + ps, mask=pm, other=float("-inf"), cache_modifier=".cg")
+        idxs = tl.load(idx_ptr + ps, mask=pm, other=N, cache_modifier=".cg")
+        best = tl.min(tl.where(vals == tl.max(vals, axis=0), idxs, N), axis=0).to(tl.int64)
+        tl.store(tok_ptr, best)
+        tl.store(next_ptr, best)
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _silu_mul(g_ptr, u_ptr, out_ptr, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -188,6 +214,34 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
                                 D**-0.5, L, GROUP=H // kv, D=D, BLOCK_L=ATTENTION_BLOCK,
                                 SPLIT=split, num_warps=4)
     return o
+
+
+def _argmax_grid(n: int) -> tuple[int, int, int]:
+    """(block, programs, programs rounded up to a power of two): ~128 programs of >= 1024."""
+    block = max(1024, triton.next_power_of_2(-(-n // 128)))
+    programs = -(-n // block)
+    return block, programs, triton.next_power_of_2(programs)
+
+
+def argmax_workspace(n: int, device) -> tuple[torch.Tensor, ...]:
+    """(block maxima, block indices, a zeroed counter) for :func:`argmax_token` over ``n``
+    logits; kept for the decoder's life (a captured graph holds its addresses)."""
+    p = _argmax_grid(n)[2]
+    return (torch.empty(p, dtype=torch.float32, device=device),
+            torch.empty(p, dtype=torch.int32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device))
+
+
+def argmax_token(logits: torch.Tensor, tok: torch.Tensor, next_token: torch.Tensor,
+                 workspace: tuple[torch.Tensor, ...] | None = None) -> None:
+    """The greedy token of one contiguous row of ``logits`` (the first index of its maximum, as
+    ``torch.argmax``; NaNs are not handled), written into both int64 ``tok`` and ``next_token``:
+    one launch instead of a reduction and two copies."""
+    logits = logits.reshape(-1)
+    n = logits.numel()
+    block, programs, p = _argmax_grid(n)
+    ws = workspace if workspace is not None else argmax_workspace(n, logits.device)
+    _argmax[(programs,)](logits, n, tok, next_token, *ws, BLOCK=block, P=p, num_warps=4)
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,7 @@ class GraphDecoder:
 
             self._attn_split = attention_split(max_len)
             self._attn_ws = attention_workspace(self.heads, self.head_dim, self._attn_split, dev)
+            self._argmax_ws = None  # sized by the first step's logits
         # Packed incoherent q/k/v (and gate/up) read the same input: their three (two) input
         # rotations run as one launch, with the sign vectors stacked here once.
         from .quantized_linear import shared_input_signs
@@ -183,8 +184,9 @@ class GraphDecoder:
     def _fused_step(self) -> None:
         """:meth:`_step` with the small ops fused (:mod:`.decode_kernels`): per layer two
         norm launches, one rotary + cache write + attention, one activation, and the linears
-        (with incoherence: one input rotation for q/k/v, one for gate/up)."""
-        from .decode_kernels import add_rmsnorm, rope_attention, silu_mul
+        (with incoherence: one input rotation for q/k/v, one for gate/up); one argmax."""
+        from .decode_kernels import (add_rmsnorm, argmax_token, argmax_workspace, rope_attention,
+                                     silu_mul)
 
         body, H, D = self.model.model, self.heads, self.head_dim
         h = body.embed_tokens(self.tok)
@@ -202,8 +204,9 @@ class GraphDecoder:
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else body.norm
             h, x = add_rmsnorm(h, d, norm.weight, norm.variance_epsilon)
         logits = self.model.lm_head(x)
-        self.next_token.copy_(logits[0, -1].argmax(-1, keepdim=True))
-        self.tok.copy_(self.next_token.view(1, 1))
+        if self._argmax_ws is None:
+            self._argmax_ws = argmax_workspace(logits.numel(), logits.device)
+        argmax_token(logits, self.tok, self.next_token, self._argmax_ws)
         self.pos.add_(1)
 
     def _capture(self) -> None:
