@@ -9,7 +9,8 @@ Llama-8B shape and every autotuner config (split-K) forced in turn; the layer re
 CUDA graph; the layer under ``torch.compile`` with
 ``fullgraph=True`` (no graph break); the int8 LM head's GEMV (every config, graph, compile); and
 :class:`GraphDecoder` greedy tokens, replayed from a CUDA graph, against the same step run eagerly
-and against transformers ``generate`` (also with an int8 embedding and head).
+and against transformers ``generate`` (also with an int8 embedding and head, and with more
+positions than one attention block); the fused rotary + attention kernel with split caches.
 """
 
 import argparse
@@ -207,6 +208,51 @@ def check_int8_head(c: Checker, dev) -> None:
         c.check("  int8 head, torch.compile fullgraph", compiled(x), ref, 1e-2, show=True)
 
 
+def check_attention(c: Checker, dev) -> None:
+    """The fused rotary + cache write + attention kernel at Llama-8B's head shape (32 query heads,
+    8 KV heads, 128 wide) against rotate_half + SDPA, with the cache blocks split over 1-16
+    programs per head (the merge by atomic counter), and the counters left at zero."""
+    import torch.nn.functional as F
+
+    if dev.type != "cuda":
+        return  # tests/test_decode_kernels.py runs it in the interpreter
+    from yaqa.nn import decode_kernels as dk
+    from yaqa.nn.graph_decode import _rotate_half
+
+    H, KV, D, L = 32, 8, 128, 1024
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, D, 2, device=dev).float() / D))
+    for dt in (torch.float32, torch.bfloat16):
+        for pos in (0, 63, 700):
+            kc0 = torch.randn(1, KV, L, D, device=dev, dtype=dt)
+            vc0 = torch.randn(1, KV, L, D, device=dev, dtype=dt)
+            q, k, v = (torch.randn(n * D, device=dev, dtype=dt) for n in (H, KV, KV))
+            f = pos * inv_freq
+            cos = torch.cat((f, f)).cos().to(dt).float()
+            sin = torch.cat((f, f)).sin().to(dt).float()
+
+            def rot(t, n):
+                t = t.float().view(n, D)
+                return (t * cos + _rotate_half(t) * sin).to(dt)
+
+            ref_k, ref_v = kc0.clone(), vc0.clone()
+            ref_k[0, :, pos], ref_v[0, :, pos] = rot(k, KV), v.view(KV, D)
+            mask = (torch.arange(L, device=dev) <= pos).view(1, 1, 1, L)
+            ref = F.scaled_dot_product_attention(rot(q, H).view(1, H, 1, D).double(),
+                                                 ref_k.double(), ref_v.double(), attn_mask=mask,
+                                                 enable_gqa=True).view(H, D)
+            for split in (1, 4, 16):
+                kc, vc = kc0.clone(), vc0.clone()
+                ws = dk.attention_workspace(H, D, split, dev)
+                o = dk.rope_attention(q, k, v, kc, vc, torch.tensor([pos], device=dev),
+                                      inv_freq, 1.0, split, ws)
+                c.check(f"rope+attention {dt} pos={pos} split={split}", o, ref,
+                        1e-2 if dt == torch.bfloat16 else 1e-4, show=pos == 700 and split == 16)
+                if not (torch.allclose(kc.float(), ref_k.float(), atol=1e-2)
+                        and torch.equal(vc, ref_v) and not bool(ws[1].any())):
+                    c.expect(f"  cache rows written, counters reset ({dt} pos={pos} "
+                             f"split={split})", False)
+
+
 def check_decoder(c: Checker, dev) -> None:
     import transformers
 
@@ -260,6 +306,17 @@ def check_decoder(c: Checker, dev) -> None:
                              pad_token_id=0, disable_compile=True)
     c.expect("GraphDecoder float32, int8 embedding + head: tokens == transformers generate",
              torch.equal(graph, ref))
+    # 86 positions: attention reads two cache blocks of 64, split over 4 programs per head.
+    dec = GraphDecoder(model, max_len=200, graph=dev.type == "cuda")
+    graph = dec.generate(prompt, 80)
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=80, min_new_tokens=80, do_sample=False,
+                             pad_token_id=0, disable_compile=True)
+    same = int((graph == ref).sum()) - prompt.shape[1]
+    # A wrong merge of the split attention garbles every token after position 64; float32
+    # rounding may flip a rare near-tie of the random model.
+    c.expect(f"GraphDecoder float32, 80 tokens, attention split "
+             f"{getattr(dec, '_attn_split', None)}: {same}/80 tokens == generate", same >= 72)
 
 
 def main() -> int:
@@ -284,6 +341,7 @@ def main() -> int:
     check_stacked(c, dev)
     check_big_and_graphs(c, dev)
     check_int8_head(c, dev)
+    check_attention(c, dev)
     check_decoder(c, dev)
     from yaqa.nn import kernels
 
