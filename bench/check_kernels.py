@@ -7,8 +7,10 @@ Checks, each against the dense weight: the fused GEMV (1 and 3 activation rows) 
 dequantize + cuBLAS path (40 rows), with and without Hadamard incoherence; the autotuned GEMV on a
 Llama-8B shape and every autotuner config (split-K) forced in turn; the layer replayed from a
 CUDA graph; the layer under ``torch.compile`` with
-``fullgraph=True`` (no graph break); and :class:`GraphDecoder` greedy tokens, replayed from a CUDA
-graph, against the same step run eagerly and against transformers ``generate``.
+``fullgraph=True`` (no graph break); the int8 LM head's GEMV (every config, graph, compile); and
+:class:`GraphDecoder` greedy tokens, replayed from a CUDA graph, against the same step run eagerly
+and against transformers ``generate`` (also with an int8 embedding and head, and with more
+positions than one attention block); the fused rotary + attention kernel with split caches.
 """
 
 import argparse
@@ -168,6 +170,89 @@ def check_stacked(c: Checker, dev) -> None:
             c.check("stacked q/k/v, one input row per layer", y, ref, 1e-2, show=True)
 
 
+def check_int8_head(c: Checker, dev) -> None:
+    """The int8 LM head's GEMV (Llama-3 vocabulary) against its dequantized weight: autotuned,
+    every config forced, replayed from a CUDA graph, under torch.compile, and 40 rows (the
+    row-block path)."""
+    from yaqa.nn import kernels_int8
+    from yaqa.nn.int8 import Int8Linear
+
+    m, n = (128256, 4096) if dev.type == "cuda" else (1000, 256)
+    lin = torch.nn.Linear(n, m, bias=False, device=dev, dtype=torch.bfloat16)
+    head = Int8Linear.from_float(lin)
+    del lin
+    W = head.dequantized_weight()  # float32
+    for rows in (1, 3, 40):
+        x = torch.randn(rows, n, device=dev, dtype=torch.bfloat16)
+        with torch.no_grad():
+            c.check(f"int8 head {m}x{n} rows={rows}", head(x), x.float() @ W.T, 1e-2,
+                    show=rows == 1)
+    x = torch.randn(1, n, device=dev, dtype=torch.bfloat16)
+    ref = x.float() @ W.T
+    if dev.type == "cuda":
+        print(f"  autotuned config: {kernels_int8.int8_config(m, n)}", flush=True)
+        for tile in kernels_int8.INT8_CONFIGS:
+            y = kernels_int8.int8_gemv(x, head.weight, head.weight_scale, tile=tile)
+            c.check(f"int8 head config {tile}", y, ref, 1e-2)
+        with torch.no_grad():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                yg = head(x)
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+        c.check("  int8 head, CUDA graph replay on new input", yg, x.float() @ W.T, 1e-2,
+                show=True)
+        ref = x.float() @ W.T
+    with torch.no_grad():
+        compiled = torch.compile(head, backend="eager", fullgraph=True)
+        c.check("  int8 head, torch.compile fullgraph", compiled(x), ref, 1e-2, show=True)
+
+
+def check_attention(c: Checker, dev) -> None:
+    """The fused rotary + cache write + attention kernel at Llama-8B's head shape (32 query heads,
+    8 KV heads, 128 wide) against rotate_half + SDPA, with the cache blocks split over 1-16
+    programs per head (the merge by atomic counter), and the counters left at zero."""
+    import torch.nn.functional as F
+
+    if dev.type != "cuda":
+        return  # tests/test_decode_kernels.py runs it in the interpreter
+    from yaqa.nn import decode_kernels as dk
+    from yaqa.nn.graph_decode import _rotate_half
+
+    H, KV, D, L = 32, 8, 128, 1024
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, D, 2, device=dev).float() / D))
+    for dt in (torch.float32, torch.bfloat16):
+        for pos in (0, 63, 700):
+            kc0 = torch.randn(1, KV, L, D, device=dev, dtype=dt)
+            vc0 = torch.randn(1, KV, L, D, device=dev, dtype=dt)
+            q, k, v = (torch.randn(n * D, device=dev, dtype=dt) for n in (H, KV, KV))
+            f = pos * inv_freq
+            cos = torch.cat((f, f)).cos().to(dt).float()
+            sin = torch.cat((f, f)).sin().to(dt).float()
+
+            def rot(t, n):
+                t = t.float().view(n, D)
+                return (t * cos + _rotate_half(t) * sin).to(dt)
+
+            ref_k, ref_v = kc0.clone(), vc0.clone()
+            ref_k[0, :, pos], ref_v[0, :, pos] = rot(k, KV), v.view(KV, D)
+            mask = (torch.arange(L, device=dev) <= pos).view(1, 1, 1, L)
+            ref = F.scaled_dot_product_attention(rot(q, H).view(1, H, 1, D).double(),
+                                                 ref_k.double(), ref_v.double(), attn_mask=mask,
+                                                 enable_gqa=True).view(H, D)
+            for split in (1, 4, 16):
+                kc, vc = kc0.clone(), vc0.clone()
+                ws = dk.attention_workspace(H, D, split, dev)
+                o = dk.rope_attention(q, k, v, kc, vc, torch.tensor([pos], device=dev),
+                                      inv_freq, 1.0, split, ws)
+                c.check(f"rope+attention {dt} pos={pos} split={split}", o, ref,
+                        1e-2 if dt == torch.bfloat16 else 1e-4, show=pos == 700 and split == 16)
+                if not (torch.allclose(kc.float(), ref_k.float(), atol=1e-2)
+                        and torch.equal(vc, ref_v) and not bool(ws[1].any())):
+                    c.expect(f"  cache rows written, counters reset ({dt} pos={pos} "
+                             f"split={split})", False)
+
+
 def check_decoder(c: Checker, dev) -> None:
     import transformers
 
@@ -211,6 +296,27 @@ def check_decoder(c: Checker, dev) -> None:
                 ref = model.generate(prompt, max_new_tokens=16, min_new_tokens=16,
                                      do_sample=False, pad_token_id=0, disable_compile=True)
             c.expect("GraphDecoder float32 tokens == transformers generate", torch.equal(graph, ref))
+    from yaqa.nn.int8 import quantize_embeddings
+
+    model.to(dtype=torch.float32)
+    quantize_embeddings(model)  # int8 embedding and head: the head's GEMV in the graph
+    graph = GraphDecoder(model, max_len=40, graph=dev.type == "cuda").generate(prompt, 16)
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                             pad_token_id=0, disable_compile=True)
+    c.expect("GraphDecoder float32, int8 embedding + head: tokens == transformers generate",
+             torch.equal(graph, ref))
+    # 86 positions: attention reads two cache blocks of 64, split over 4 programs per head.
+    dec = GraphDecoder(model, max_len=200, graph=dev.type == "cuda")
+    graph = dec.generate(prompt, 80)
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=80, min_new_tokens=80, do_sample=False,
+                             pad_token_id=0, disable_compile=True)
+    same = int((graph == ref).sum()) - prompt.shape[1]
+    # A wrong merge of the split attention garbles every token after position 64; float32
+    # rounding may flip a rare near-tie of the random model.
+    c.expect(f"GraphDecoder float32, 80 tokens, attention split "
+             f"{getattr(dec, '_attn_split', None)}: {same}/80 tokens == generate", same >= 72)
 
 
 def main() -> int:
@@ -234,6 +340,8 @@ def main() -> int:
     check_gemv_configs(c, dev, args.quick)
     check_stacked(c, dev)
     check_big_and_graphs(c, dev)
+    check_int8_head(c, dev)
+    check_attention(c, dev)
     check_decoder(c, dev)
     from yaqa.nn import kernels
 

@@ -1,6 +1,7 @@
 """Compile the decode kernels for an H100 (sm_90) without a GPU, and show their resources.
 
-    python bench/compile_check.py           # every GEMV config x (K=4096, 14336), decode kernels
+    python bench/compile_check.py           # every GEMV config x (K=4096, 14336), int8 head
+                                            # GEMV configs, decode kernels
     python bench/compile_check.py --quick   # one GEMV config per unpack mode (a CI smoke test)
 
 Triton compiles ahead of time with its bundled ptxas, so a kernel that would fail to build on the
@@ -100,18 +101,28 @@ def main() -> int:
                           "hout_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32",
                           "N": "constexpr", "BLOCK": "constexpr", "HAS_D": "constexpr"},
         {"N": 4096, "BLOCK": 4096, "HAS_D": True}, {"num_warps": 8})
-    run(dk._rope_cache, {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
-                         "qout_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
-                         "pos_ptr": "*i64", "inv_ptr": "*fp32", "rope_scale": "fp32", "L": "i32",
-                         "H": "constexpr", "KV": "constexpr", "D": "constexpr"},
-        {"H": 32, "KV": 8, "D": 128}, {"num_warps": 4})
-    run(dk._decode_attention, {"q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
-                               "o_ptr": "*bf16", "pos_ptr": "*i64", "sm_scale": "fp32",
-                               "L": "i32", "GROUP": "constexpr", "D": "constexpr",
-                               "BLOCK_L": "constexpr"},
-        {"GROUP": 4, "D": 128, "BLOCK_L": 64}, {"num_warps": 4})
+    run(dk._rope_attention, {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
+                             "kc_ptr": "*bf16", "vc_ptr": "*bf16", "o_ptr": "*bf16",
+                             "ws_ptr": "*fp32", "cnt_ptr": "*i32", "pos_ptr": "*i64", "inv_ptr": "*fp32", "rope_scale": "fp32",
+                             "sm_scale": "fp32", "L": "i32", "GROUP": "constexpr",
+                             "D": "constexpr", "BLOCK_L": "constexpr", "SPLIT": "constexpr"},
+        {"GROUP": 4, "D": 128, "BLOCK_L": 64, "SPLIT": 4}, {"num_warps": 4})
+    run(dk._argmax, {"x_ptr": "*bf16", "N": "i32", "tok_ptr": "*i64", "next_ptr": "*i64",
+                     "val_ptr": "*fp32", "idx_ptr": "*i32", "cnt_ptr": "*i32",
+                     "BLOCK": "constexpr", "P": "constexpr"},
+        {"BLOCK": 1024, "P": 128}, {"num_warps": 4})
     run(dk._silu_mul, {"g_ptr": "*bf16", "u_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32",
                        "BLOCK": "constexpr"}, {"BLOCK": 1024}, {"num_warps": 4})
+    from yaqa.nn import kernels_int8
+
+    int8_sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32",
+                "stride_x": "i32", "stride_y": "i32", "K": "constexpr", "BLOCK_N": "constexpr",
+                "BLOCK_K": "constexpr", "EVEN_K": "constexpr"}
+    int8_configs = kernels_int8.INT8_CONFIGS[:1] if args.quick else kernels_int8.INT8_CONFIGS
+    for bn, bk, w, st in int8_configs:  # the Llama-3 head: 128,256 x 4,096
+        run(kernels_int8._kernels()[1], int8_sig, {"K": 4096, "BLOCK_N": bn, "BLOCK_K": bk,
+                                                   "EVEN_K": True},
+            {"num_warps": w, "num_stages": st})
     from yaqa.nn.kernels import _kernels
 
     rotate2, rotate3 = _kernels()[6:8]

@@ -7,7 +7,8 @@
 Builds a Llama-3.1-8B-shaped model with random weights from its config (no download).  The
 quantized variants replace every decoder linear by a packed int4 g128 layer with random codes,
 scales and signs (speed does not depend on the values, and quantizing 8B weights would take a
-minute).  For bf16, int4 and int4 + incoherence:
+minute).  For bf16, int4 and int4 + incoherence (``+int8head``: with the int8 embedding and LM
+head that ``--embeddings int8`` saves):
 
 - GPU memory after loading, and the bytes of the decoder linears alone;
 - batch-1 greedy decode tokens/s with :class:`yaqa.nn.graph_decode.GraphDecoder` (static cache,
@@ -17,7 +18,8 @@ minute).  For bf16, int4 and int4 + incoherence:
 - prefill latency of ``--prefill`` tokens (dequantize to bf16 + cuBLAS for the packed layers);
 - per-layer kernel times for the four Llama shapes: the fused GEMV in GB/s of packed bytes, with
   and without the Hadamard rotations, the dequantize kernel, against bf16, and the GEMV's error
-  against the dense dequantized weight (RTN codes).
+  against the dense dequantized weight (RTN codes); and the LM head as the int8 GEMV against
+  bf16.
 
 ``--budget S`` skips the stages that would start after S seconds (they are reported as skipped)
 and a watchdog ends the process 20 s later whatever happens, so the run cannot hang.  Results are
@@ -190,7 +192,10 @@ def measure_model(model, dev, args, left) -> dict:
 # Kernel name fragments -> what they are (first match wins), for the per-step breakdown.
 CATEGORIES = (("gemv_words", "packed GEMV"), ("gemv_bytes", "packed GEMV"),
               ("dequant", "dequantize"), ("rotate", "Hadamard rotation"),
-              ("_add_rmsnorm", "add + RMSNorm (fused)"), ("_rope_cache", "rotary + cache (fused)"),
+              ("_add_rmsnorm", "add + RMSNorm (fused)"),
+              ("_rope_attention", "rotary + cache + attention (fused)"),
+              ("_rope_cache", "rotary + cache (fused)"), ("int8_gemv", "int8 GEMV (head)"),
+              ("_argmax", "argmax (fused)"),
               ("_decode_attention", "attention (fused)"), ("_silu_mul", "SiLU-mul (fused)"),
               ("attention", "attention (torch)"), ("fmha", "attention (torch)"),
               ("softmax", "attention (torch)"), ("gemm", "cuBLAS GEMM/GEMV (bf16 linears, head)"),
@@ -320,7 +325,30 @@ def kernel_bandwidth(dev, args) -> list[dict]:
                          "speedup": t_d / t_q})
             del W, ql, dense, inc
     rows += stacked_bandwidth(dev, args, shapes, gen)
+    rows += head_bandwidth(dev, args)
     return rows
+
+
+def head_bandwidth(dev, args) -> list[dict]:
+    """The LM head (128,256 x 4,096): the int8 GEMV (one scale per row) against bf16 cuBLAS."""
+    from yaqa.nn.int8 import Int8Linear
+
+    m, n = (LLAMA_8B["vocab_size"], LLAMA_8B["hidden_size"]) if not args.tiny else (8016, 256)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    lin = torch.nn.Linear(n, m, bias=False, device=dev, dtype=dtype)
+    head = Int8Linear.from_float(lin)
+    x = torch.randn(1, n, device=dev, dtype=dtype)
+    with torch.no_grad():
+        ref = x.float() @ head.dequantized_weight().T
+        err = ((head(x).float() - ref).norm() / ref.norm()).item()
+        del ref
+        t_q = _bench(lambda: head(x), dev)
+        t_d = _bench(lambda: lin(x), dev)
+    qbytes = head.weight.numel() + head.weight_scale.numel() * 4
+    return [{"layer": "lm_head int8", "shape": [m, n], "bits": 8, "rel_err": err,
+             "us_packed": t_q * 1e6, "us_packed_inc": float("nan"), "us_bf16": t_d * 1e6,
+             "us_dequant": float("nan"), "GBs_packed": qbytes / t_q / 1e9,
+             "GBs_bf16": m * n * 2 / t_d / 1e9, "speedup": t_d / t_q}]
 
 
 def stacked_bandwidth(dev, args, shapes, gen) -> list[dict]:
@@ -374,6 +402,11 @@ def gemv_configs(dev, args) -> dict:
             cfg = kernels.gemv_config(bits, 128, m, n)
             if cfg:
                 out[f"{name} int{bits}"] = cfg
+    from yaqa.nn import kernels_int8
+
+    cfg = kernels_int8.int8_config(LLAMA_8B["vocab_size"], LLAMA_8B["hidden_size"])
+    if cfg:
+        out["lm_head int8"] = cfg
     for name, m in (("q+k+v stacked", 6144), ("gate+up stacked", 28672)):
         for bits in args.kernel_bits:
             for inc in (False, True):
@@ -503,7 +536,9 @@ def main() -> None:
                     help="also time transformers generate with a static cache (slow: compiles)")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="with --generate: do not let generate compile the forward")
-    ap.add_argument("--variants", default="bf16,int4,int4-inc")
+    ap.add_argument("--variants", default="bf16,int4,int4-inc",
+                    help="comma-separated: bf16, intK, intK-inc, each optionally +int8head (int8 "
+                         "embedding and LM head, as --embeddings int8 saves them)")
     ap.add_argument("--kernel-bits", type=lambda s: [int(b) for b in s.split(",") if b],
                     default=[4], help="bit widths for the per-layer kernel table ('' for none)")
     ap.add_argument("--budget", type=float, default=0,
@@ -559,10 +594,19 @@ def main() -> None:
         t = time.perf_counter()
         try:
             model = build(cfg, dev, dtype)
-            if variant != "bf16":
-                bits = int(variant.split("-")[0].removeprefix("int"))
-                quantize_random(model, bits, 128, variant.endswith("-inc"))
+            base, _, extra = variant.partition("+")
+            if base != "bf16":
+                bits = int(base.split("-")[0].removeprefix("int"))
+                quantize_random(model, bits, 128, base.endswith("-inc"))
                 _TEMPLATES.clear()
+            if extra == "int8head":
+                # As a checkpoint saved with --embeddings int8 loads: int8 embedding and head,
+                # one scale per row; decode runs the head as the int8 GEMV.
+                from yaqa.nn.int8 import quantize_embeddings
+
+                quantize_embeddings(model)
+            elif extra:
+                raise ValueError(f"unknown variant suffix +{extra} (known: +int8head)")
             built = time.perf_counter() - t
             res = measure_model(model, dev, args, left)
             res["build_s"] = built

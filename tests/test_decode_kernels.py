@@ -35,31 +35,58 @@ def test_add_rmsnorm_equals_the_residual_add_and_the_transformers_norm():
     torch.testing.assert_close(x0, norm(h), rtol=1e-5, atol=1e-5)
 
 
-def test_rope_cache_and_attention_equal_rotate_half_and_sdpa_with_grouped_heads():
+# pos 0: the new position alone; 70: two cache blocks of 64, the second masked.  split 1: one
+# program per head; 2: one block each; 4: two programs of each head with no block (merged in).
+@pytest.mark.parametrize("pos,split", [(0, 1), (0, 4), (70, 1), (70, 2), (70, 4)])
+def test_rope_attention_equals_rotate_half_cache_write_and_sdpa_with_grouped_heads(pos, split):
     g = torch.Generator().manual_seed(1)
-    H, KV, D, L, pos = 8, 2, 32, 80, 70  # 71 positions: two blocks of 64, the second masked
+    H, KV, D, L = 8, 2, 32, 80
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
     kc, vc = torch.randn(1, KV, L, D, generator=g), torch.randn(1, KV, L, D, generator=g)
     q, k, v = (torch.randn(n * D, generator=g) for n in (H, KV, KV))
     p = torch.tensor([pos])
     ref_k, ref_v = kc.clone(), vc.clone()
-    qr = dk.rope_cache(q, k, v, kc, vc, p, inv_freq, 1.0)
+    ws = dk.attention_workspace(H, D, split, "cpu")
+    o = dk.rope_attention(q, k, v, kc, vc, p, inv_freq, 0.9, split, ws)
+    assert not ws[1].any()  # the merging programs reset the counters
     f = pos * inv_freq
-    cos, sin = torch.cat((f, f)).cos(), torch.cat((f, f)).sin()
+    cos, sin = torch.cat((f, f)).cos() * 0.9, torch.cat((f, f)).sin() * 0.9
 
     def rot(t, n):
         t = t.view(n, D)
         return t * cos + _rotate_half(t) * sin
 
-    torch.testing.assert_close(qr, rot(q, H), rtol=1e-5, atol=1e-5)
     ref_k[0, :, pos], ref_v[0, :, pos] = rot(k, KV), v.view(KV, D)
     torch.testing.assert_close(kc, ref_k, rtol=1e-5, atol=1e-5)
     assert torch.equal(vc, ref_v)  # only this position's rows written
-    o = dk.decode_attention(qr, kc, vc, p)
     mask = (torch.arange(L) <= pos).view(1, 1, 1, L)
-    ref = F.scaled_dot_product_attention(qr.view(1, H, 1, D), kc, vc, attn_mask=mask,
-                                         enable_gqa=True)
+    ref = F.scaled_dot_product_attention(rot(q, H).view(1, H, 1, D), ref_k, ref_v,
+                                         attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(o, ref.view(H, D), rtol=1e-5, atol=1e-5)
+    o2 = dk.rope_attention(q, k, v, kc, vc, p, inv_freq, 0.9, split, ws)  # reused workspace
+    torch.testing.assert_close(o2, o, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_split_covers_the_cache_in_at_most_16_programs():
+    assert [dk.attention_split(n) for n in (1, 64, 65, 168, 1024, 100000)] == [1, 1, 2, 4, 16, 16]
+    with pytest.raises(ValueError, match="power of two"):
+        dk.rope_attention(*(torch.zeros(4) for _ in range(3)), torch.zeros(1, 1, 8, 4),
+                          torch.zeros(1, 1, 8, 4), torch.tensor([0]), torch.ones(2), 1.0, 3)
+
+
+@pytest.mark.parametrize("n", [700, 5000])  # one program; five (a masked last block)
+def test_argmax_token_is_the_first_index_of_the_maximum(n):
+    g = torch.Generator().manual_seed(n)
+    tok, nxt = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    ws = dk.argmax_workspace(n, "cpu")
+    for trial in range(3):
+        x = torch.randn(1, 1, n, generator=g).bfloat16()
+        if trial:  # ties, within a block and across blocks: the lowest index wins
+            top = x.max() + 1
+            x[0, 0, [n - 1, n // 2 + trial, n // 2]] = top
+        dk.argmax_token(x, tok, nxt, ws)
+        assert tok.item() == nxt.item() == x.view(-1).argmax().item()
+        assert ws[2].item() == 0  # counter reset for the next launch
 
 
 def test_silu_mul_equals_the_gated_activation():
@@ -71,10 +98,13 @@ def test_silu_mul_equals_the_gated_activation():
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_fused_decode_step_gives_the_tokens_of_the_torch_step(family, monkeypatch):
     monkeypatch.setattr(kernels, "FORCE_TRITON", True)
+    # Attention over 15 positions in blocks of 4, two programs per head: each reads two blocks.
+    monkeypatch.setattr(dk, "ATTENTION_BLOCK", 4)
+    monkeypatch.setattr(dk, "MAX_ATTENTION_SPLIT", 2)
     model = tiny_model(family, layers=2)
     prompt = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(0))
     fused = GraphDecoder(model, max_len=32)
-    assert fused.fused
+    assert fused.fused and fused._attn_split == 2
     assert torch.equal(fused.generate(prompt, 10),
                        GraphDecoder(model, max_len=32, fused=False).generate(prompt, 10))
 

@@ -60,6 +60,19 @@ def test_every_autotuner_tile_computes_the_same_gemv(bits):
         torch.testing.assert_close(y, x @ W.T, rtol=1e-4, atol=1e-4, msg=f"tile {tile}")
 
 
+def test_tiles_of_long_k_slices_compute_the_same_gemv():
+    # The configs whose split-K slices do not fit K=1024 (split 32, 512-wide steps): at K=4096.
+    m, n, bits, group = 8, 4096, 4, 128
+    qw, scale, zero, W = _layer(bits, group, m, n, seed=5)
+    x = torch.randn(1, n, generator=torch.Generator().manual_seed(0))
+    tiles = [t for t in kernels._GEMV_CONFIGS if not kernels.config_fits(t, bits, group, 1024)
+             and kernels.config_fits(t, bits, group, n) and not t[5]]
+    assert tiles
+    for tile in tiles:
+        y = kernels.gemv(x, qw, scale, zero, bits, group, m, n, tile=tile)
+        torch.testing.assert_close(y, x @ W.T, rtol=1e-4, atol=1e-4, msg=f"tile {tile}")
+
+
 def test_gemv_writes_the_activation_dtype_and_keeps_leading_dims():
     m, n, bits, group = 16, 128, 4, 64
     qw, scale, zero, W = _layer(bits, group, m, n)

@@ -7,11 +7,12 @@ graph each kernel still costs 2-3 µs of launch gap, so ~40 of them per layer ad
 token on a 32-layer model, as much as the weights.  Here each group is one kernel:
 
 - :func:`add_rmsnorm`: residual add + RMSNorm (+ weight), one read and two writes of the row;
-- :func:`rope_cache`: rotary embedding of q and k, and the k/v cache write at the position held
-  on the device;
-- :func:`decode_attention`: one program per query head over the cached positions up to the
-  device-held position (online softmax in fp32), grouped KV heads by indexing;
-- :func:`silu_mul`: ``silu(gate) * up``.
+- :func:`rope_attention`: rotary embedding of q and k, the k/v cache write at the position held
+  on the device, and attention over the cached positions up to that position (online softmax
+  in fp32; a head's cache blocks split over several programs, merged by the last to finish),
+  grouped KV heads by indexing;
+- :func:`silu_mul`: ``silu(gate) * up``;
+- :func:`argmax_token`: the greedy token, written as the next step's input.
 
 They round like the eager ops where it is cheap (the normalised row to the model dtype before the
 weight multiply; cos/sin to the model dtype), otherwise compute in fp32 and round once, so
@@ -44,61 +45,108 @@ def _add_rmsnorm(h_ptr, d_ptr, w_ptr, hout_ptr, out_ptr, eps, N: tl.constexpr,
 
 
 @triton.jit
-def _rope_cache(q_ptr, k_ptr, v_ptr, qout_ptr, kc_ptr, vc_ptr, pos_ptr, inv_ptr, rope_scale,
-                L, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr):
+def _rope_attention(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, ws_ptr, cnt_ptr, pos_ptr, inv_ptr,
+                    rope_scale, sm_scale, L, GROUP: tl.constexpr, D: tl.constexpr,
+                    BLOCK_L: tl.constexpr, SPLIT: tl.constexpr):
+    # Program (h, sp): query head h over cache blocks sp, sp + SPLIT, ... (flash-decoding: the
+    # blocks of one head are read in parallel instead of one after the other).  Every program
+    # rotates its q and its KV head's new k itself (a few hundred flops), so the rotary
+    # embedding and the cache write need no launch of their own.  The new position's k/v stay in
+    # registers: programs read only positions < pos from the cache, and program (first head of
+    # the group, 0) writes position pos, so no program reads a row another one is writing.
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    kvh = h // GROUP
     HALF: tl.constexpr = D // 2
-    pos = tl.load(pos_ptr)
-    j = tl.arange(0, HALF)
-    f = pos.to(tl.float32) * tl.load(inv_ptr + j)
+    d = tl.arange(0, D)
+    partner = (d + HALF) % D
+    # rotate_half convention: [x1, x2] -> [x1·c − x2·s, x2·c + x1·s], as one D-vector.
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    q = tl.load(q_ptr + h * D + d).to(tl.float32)
+    qp = tl.load(q_ptr + h * D + partner).to(tl.float32)
+    k = tl.load(k_ptr + kvh * D + d).to(tl.float32)
+    kp = tl.load(k_ptr + kvh * D + partner).to(tl.float32)
+    ct = kc_ptr.dtype.element_ty
+    v_new = tl.load(v_ptr + kvh * D + d).to(ct)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    f = pos.to(tl.float32) * tl.load(inv_ptr + d % HALF)
     dt = q_ptr.dtype.element_ty
     c = (tl.cos(f) * rope_scale).to(dt).to(tl.float32)
     s = (tl.sin(f) * rope_scale).to(dt).to(tl.float32)
-    # q as (H, D/2) halves: [q1, q2] -> [q1·c − q2·s, q2·c + q1·s] (rotate_half convention).
-    hq = tl.arange(0, H)[:, None] * D + j[None, :]
-    q1 = tl.load(q_ptr + hq).to(tl.float32)
-    q2 = tl.load(q_ptr + hq + HALF).to(tl.float32)
-    tl.store(qout_ptr + hq, (q1 * c[None, :] - q2 * s[None, :]).to(dt))
-    tl.store(qout_ptr + hq + HALF, (q2 * c[None, :] + q1 * s[None, :]).to(dt))
-    hk = tl.arange(0, KV)[:, None] * D + j[None, :]
-    k1 = tl.load(k_ptr + hk).to(tl.float32)
-    k2 = tl.load(k_ptr + hk + HALF).to(tl.float32)
-    # Cache (1, KV, L, D): head h's row for this position.
-    ck = tl.arange(0, KV)[:, None] * (L * D) + pos * D + j[None, :]
-    ct = kc_ptr.dtype.element_ty
-    tl.store(kc_ptr + ck, (k1 * c[None, :] - k2 * s[None, :]).to(ct))
-    tl.store(kc_ptr + ck + HALF, (k2 * c[None, :] + k1 * s[None, :]).to(ct))
-    tl.store(vc_ptr + ck, tl.load(v_ptr + hk).to(ct))
-    tl.store(vc_ptr + ck + HALF, tl.load(v_ptr + hk + HALF).to(ct))
+    q = (q * c + sign * qp * s).to(dt).to(tl.float32) * sm_scale  # rounded as the eager q
+    k_new = (k * c + sign * kp * s).to(ct)
+    base = kvh * L * D  # cache (1, KV, L, D)
+    if (h % GROUP == 0) & (sp == 0):
+        tl.store(kc_ptr + base + pos * D + d, k_new)
+        tl.store(vc_ptr + base + pos * D + d, v_new)
+    # Online softmax; program (h, 0) starts from the new position (exact, in registers), the
+    # others from nothing (m = -inf: every block they read has a valid position, so no NaN).
+    first = sp == 0
+    m = tl.where(first, tl.sum(k_new.to(tl.float32) * q, axis=0), float("-inf"))
+    l_sum = tl.where(first, 1.0, 0.0)
+    acc = tl.where(first, v_new.to(tl.float32), 0.0)
+    start = sp * BLOCK_L
+    while start < pos:  # only the filled part of the cache (a while: its bound is on the device)
+        t = start + tl.arange(0, BLOCK_L)
+        valid = t < pos
+        kv = base + t[:, None] * D + d[None, :]
+        kt = tl.load(kc_ptr + kv, mask=valid[:, None], other=0.0).to(tl.float32)
+        vt = tl.load(vc_ptr + kv, mask=valid[:, None], other=0.0).to(tl.float32)
+        sc = tl.where(valid, tl.sum(kt * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(sc - m_new)
+        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+        l_sum = l_sum * alpha + tl.sum(p, axis=0)
+        m = m_new
+        start += SPLIT * BLOCK_L
+    out = o_ptr + h * D + d
+    if SPLIT == 1:
+        tl.store(out, (acc / l_sum).to(o_ptr.dtype.element_ty))
+    else:
+        # Partials (acc, m, l) to the workspace; the head's last program to arrive merges them
+        # in a fixed order and resets the counter (CUDA-graph replays need no zero-fill).
+        W: tl.constexpr = D + 2
+        part = ws_ptr + (h * SPLIT + sp) * W
+        tl.store(part + d, acc)
+        tl.store(part + D, m)
+        tl.store(part + D + 1, l_sum)
+        tl.debug_barrier()  # every thread's partials are written before the release
+        arrived = tl.atomic_add(cnt_ptr + h, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:
+            rows = ws_ptr + (h * SPLIT + tl.arange(0, SPLIT)) * W
+            ms = tl.load(rows + D, cache_modifier=".cg")  # from L2: other SMs wrote them
+            ls = tl.load(rows + D + 1, cache_modifier=".cg")
+            accs = tl.load(rows[:, None] + d[None, :], cache_modifier=".cg")
+            w = tl.exp(ms - tl.max(ms, axis=0))  # split 0 always holds a position: finite max
+            o = tl.sum(w[:, None] * accs, axis=0) / tl.sum(w * ls, axis=0)
+            tl.store(out, o.to(o_ptr.dtype.element_ty))
+            tl.atomic_xchg(cnt_ptr + h, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _decode_attention(q_ptr, kc_ptr, vc_ptr, o_ptr, pos_ptr, sm_scale, L,
-                      GROUP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr):
-    h = tl.program_id(0)
-    kvh = h // GROUP
-    pos = tl.load(pos_ptr).to(tl.int32)
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + h * D + d).to(tl.float32) * sm_scale
-    base = kvh * L * D
-    m = tl.full((), float("-inf"), tl.float32)
-    l_sum = tl.zeros((), tl.float32)
-    acc = tl.zeros((D,), tl.float32)
-    start = tl.zeros((), tl.int32)
-    while start <= pos:  # only the filled part of the cache (a while: its bound is on the device)
-        t = start + tl.arange(0, BLOCK_L)
-        valid = t <= pos
-        kv = base + t[:, None] * D + d[None, :]
-        k = tl.load(kc_ptr + kv, mask=valid[:, None], other=0.0).to(tl.float32)
-        s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new)
-        v = tl.load(vc_ptr + kv, mask=valid[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l_sum = l_sum * alpha + tl.sum(p, axis=0)
-        m = m_new
-        start += BLOCK_L
-    tl.store(o_ptr + h * D + d, (acc / l_sum).to(o_ptr.dtype.element_ty))
+def _argmax(x_ptr, N, tok_ptr, next_ptr, val_ptr, idx_ptr, cnt_ptr, BLOCK: tl.constexpr,
+            P: tl.constexpr):
+    # Program i: the first index of the maximum of block i; the last program to arrive reduces
+    # the blocks' (max, index) pairs in a fixed order, writes the token to both outputs and
+    # resets the counter.  Ties go to the lowest index, as torch.argmax.
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < N, other=float("-inf")).to(tl.float32)
+    mx = tl.max(x, axis=0)
+    tl.store(val_ptr + pid, mx)
+    tl.store(idx_ptr + pid, tl.min(tl.where(x == mx, offs, N), axis=0))
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(0) - 1:
+        ps = tl.arange(0, P)
+        pm = ps < tl.num_programs(0)
+        vals = tl.load(val_ptr + ps, mask=pm, other=float("-inf"), cache_modifier=".cg")
+        idxs = tl.load(idx_ptr + ps, mask=pm, other=N, cache_modifier=".cg")
+        best = tl.min(tl.where(vals == tl.max(vals, axis=0), idxs, N), axis=0).to(tl.int64)
+        tl.store(tok_ptr, best)
+        tl.store(next_ptr, best)
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -123,28 +171,77 @@ def add_rmsnorm(h: torch.Tensor, d: torch.Tensor | None, weight: torch.Tensor,
     return hout, out
 
 
-def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
-               rope_scale: float) -> torch.Tensor:
-    """Rotary-embedded q (``heads x head_dim``); rotated k and v written to the caches at ``pos``."""
+ATTENTION_BLOCK = 64  # cache positions per step of a program
+MAX_ATTENTION_SPLIT = 16
+
+
+def attention_split(max_len: int) -> int:
+    """Programs per query head for a cache of ``max_len`` positions: one block each where that
+    takes at most 16 (a power of two: the merge's tile)."""
+    blocks = -(-max_len // ATTENTION_BLOCK)
+    return min(triton.next_power_of_2(max(blocks, 1)), MAX_ATTENTION_SPLIT)
+
+
+def attention_workspace(heads: int, head_dim: int, split: int,
+                        device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials, zeroed int32 per-head counters) for :func:`rope_attention`; one serves
+    every layer (their launches run one after the other), and must outlive a captured graph."""
+    return (torch.empty(heads * split * (head_dim + 2), dtype=torch.float32, device=device),
+            torch.zeros(heads, dtype=torch.int32, device=device))
+
+
+def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
+                   rope_scale: float, split: int = 1,
+                   workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention output (``heads x head_dim``) of this position's q, k, v (contiguous rows of
+    ``heads·head_dim`` and ``kv_heads·head_dim``): rotary embedding of q and k, k and v written to
+    the caches at ``pos``, softmax attention over cache positions ``0..pos`` (causal for the
+    newest token), grouped KV heads by index.  One launch of ``heads x split`` programs, each
+    over every ``split``-th block of the cache (:func:`attention_split`; ``split > 1`` needs
+    :func:`attention_workspace`, made here when not given)."""
     kv, L, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     H = q.numel() // D
-    qout = torch.empty(H, D, dtype=q.dtype, device=q.device)
-    _rope_cache[(1,)](q, k, v, qout, k_cache, v_cache, pos, inv_freq, rope_scale, L, H=H, KV=kv,
-                      D=D, num_warps=4)
-    return qout
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     pos: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of one query row per head (``heads x head_dim``) over cache positions
-    ``0..pos`` (causal for the newest token), grouped KV heads by index."""
-    H, D = q.shape
-    kv, L = k_cache.shape[1], k_cache.shape[2]
-    o = torch.empty_like(q)
-    _decode_attention[(H,)](q, k_cache, v_cache, o, pos, D**-0.5, L, GROUP=H // kv, D=D,
-                            BLOCK_L=64, num_warps=4)
+    if split < 1 or split & (split - 1):
+        raise ValueError(f"attention split must be a power of two, got {split}")
+    if workspace is None:
+        workspace = attention_workspace(H, D, split, q.device)
+    ws, cnt = workspace
+    if ws.numel() < H * split * (D + 2) or cnt.numel() < H:
+        raise ValueError("attention workspace too small for this split")
+    o = torch.empty(H, D, dtype=q.dtype, device=q.device)
+    _rope_attention[(H, split)](q, k, v, k_cache, v_cache, o, ws, cnt, pos, inv_freq, rope_scale,
+                                D**-0.5, L, GROUP=H // kv, D=D, BLOCK_L=ATTENTION_BLOCK,
+                                SPLIT=split, num_warps=4)
     return o
+
+
+def _argmax_grid(n: int) -> tuple[int, int, int]:
+    """(block, programs, programs rounded up to a power of two): ~128 programs of >= 1024."""
+    block = max(1024, triton.next_power_of_2(-(-n // 128)))
+    programs = -(-n // block)
+    return block, programs, triton.next_power_of_2(programs)
+
+
+def argmax_workspace(n: int, device) -> tuple[torch.Tensor, ...]:
+    """(block maxima, block indices, a zeroed counter) for :func:`argmax_token` over ``n``
+    logits; kept for the decoder's life (a captured graph holds its addresses)."""
+    p = _argmax_grid(n)[2]
+    return (torch.empty(p, dtype=torch.float32, device=device),
+            torch.empty(p, dtype=torch.int32, device=device),
+            torch.zeros(1, dtype=torch.int32, device=device))
+
+
+def argmax_token(logits: torch.Tensor, tok: torch.Tensor, next_token: torch.Tensor,
+                 workspace: tuple[torch.Tensor, ...] | None = None) -> None:
+    """The greedy token of one contiguous row of ``logits`` (the first index of its maximum, as
+    ``torch.argmax``; NaNs are not handled), written into both int64 ``tok`` and ``next_token``:
+    one launch instead of a reduction and two copies."""
+    logits = logits.reshape(-1)
+    n = logits.numel()
+    block, programs, p = _argmax_grid(n)
+    ws = workspace if workspace is not None else argmax_workspace(n, logits.device)
+    _argmax[(programs,)](logits, n, tok, next_token, *ws, BLOCK=block, P=p, num_warps=4)
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

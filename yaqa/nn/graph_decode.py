@@ -60,7 +60,8 @@ class GraphDecoder:
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         emb = body.embed_tokens.weight
-        dev, dt = emb.device, emb.dtype
+        # An int8 embedding (yaqa.nn.int8) holds int8 weights; the stream's dtype is its output's.
+        dev, dt = emb.device, getattr(body.embed_tokens, "compute_dtype", emb.dtype)
         shape = (1, self.kv_heads, max_len, self.head_dim)
         self.k = [torch.zeros(shape, device=dev, dtype=dt) for _ in layers]
         self.v = [torch.zeros(shape, device=dev, dtype=dt) for _ in layers]
@@ -74,9 +75,15 @@ class GraphDecoder:
         self._pos = 0  # host mirror of `pos`: a write past the cache must fail here, not on device
         self._graph: torch.cuda.CUDAGraph | None = None
         self.next_token = torch.zeros(1, dtype=torch.long, device=dev)
-        # The fused small-op kernels (one launch each for norm, rotary + cache write, attention,
+        # The fused small-op kernels (one launch each for norm, rotary + cache write + attention,
         # gated activation) where Triton runs and the model is plain Llama-shaped; else torch ops.
         self.fused = fused if fused is not None else self._can_fuse(cfg)
+        if self.fused:
+            from .decode_kernels import attention_split, attention_workspace
+
+            self._attn_split = attention_split(max_len)
+            self._attn_ws = attention_workspace(self.heads, self.head_dim, self._attn_split, dev)
+            self._argmax_ws = None  # sized by the first step's logits
         # Packed incoherent q/k/v (and gate/up) read the same input: their three (two) input
         # rotations run as one launch, with the sign vectors stacked here once.
         from .quantized_linear import shared_input_signs
@@ -176,9 +183,10 @@ class GraphDecoder:
     @torch.no_grad()
     def _fused_step(self) -> None:
         """:meth:`_step` with the small ops fused (:mod:`.decode_kernels`): per layer two
-        norm launches, one rotary + cache write, one attention, one activation, and the linears
-        (with incoherence: one input rotation for q/k/v, one for gate/up)."""
-        from .decode_kernels import add_rmsnorm, decode_attention, rope_cache, silu_mul
+        norm launches, one rotary + cache write + attention, one activation, and the linears
+        (with incoherence: one input rotation for q/k/v, one for gate/up); one argmax."""
+        from .decode_kernels import (add_rmsnorm, argmax_token, argmax_workspace, rope_attention,
+                                     silu_mul)
 
         body, H, D = self.model.model, self.heads, self.head_dim
         h = body.embed_tokens(self.tok)
@@ -186,9 +194,9 @@ class GraphDecoder:
         h, x = add_rmsnorm(h, None, first.weight, first.variance_epsilon)
         for i, layer in enumerate(self.layers):
             a, mlp = layer.self_attn, layer.mlp
-            q = rope_cache(*self._linears(i, 0, [a.q_proj, a.k_proj, a.v_proj], x), self.k[i],
-                           self.v[i], self.pos, self.inv_freq, self.rope_scale)
-            o = decode_attention(q, self.k[i], self.v[i], self.pos)
+            o = rope_attention(*self._linears(i, 0, [a.q_proj, a.k_proj, a.v_proj], x),
+                               self.k[i], self.v[i], self.pos, self.inv_freq, self.rope_scale,
+                               self._attn_split, self._attn_ws)
             norm = layer.post_attention_layernorm
             h, x = add_rmsnorm(h, a.o_proj(o.view(1, 1, H * D)), norm.weight,
                                norm.variance_epsilon)
@@ -196,8 +204,9 @@ class GraphDecoder:
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else body.norm
             h, x = add_rmsnorm(h, d, norm.weight, norm.variance_epsilon)
         logits = self.model.lm_head(x)
-        self.next_token.copy_(logits[0, -1].argmax(-1, keepdim=True))
-        self.tok.copy_(self.next_token.view(1, 1))
+        if self._argmax_ws is None:
+            self._argmax_ws = argmax_workspace(logits.numel(), logits.device)
+        argmax_token(logits, self.tok, self.next_token, self._argmax_ws)
         self.pos.add_(1)
 
     def _capture(self) -> None:

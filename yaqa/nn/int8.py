@@ -6,8 +6,10 @@ linears).  Stored as int8 with a float32 scale per row (per token for the embedd
 output row for the head), they take about half of that.
 
 - :class:`Int8Embedding` dequantizes only the rows it looks up.
-- :class:`Int8Linear` (the head) dequantizes a block of rows at a time and multiplies, so
-  memory stays int8; on CUDA the blocks are larger (fewer launches), the arithmetic the same.
+- :class:`Int8Linear` (the head): at decode on CUDA (a few activation rows) one Triton GEMV
+  that reads each int8 byte once (:mod:`.kernels_int8`); otherwise (CPU, prefill) it
+  dequantizes a block of rows at a time and multiplies, so memory stays int8; on CUDA the
+  blocks are larger (fewer launches), the arithmetic the same.
 - A tied head shares the embedding's ``weight`` parameter (and reads its scales), so a
   checkpoint stores them once, and transformers ties them as it ties a 16-bit embedding.
 
@@ -26,6 +28,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import kernels
 from .kernels import row_block_matmul
 
 # The values of ``embeddings=`` (save_quantized, quantize_one) and ``--embeddings``.
@@ -184,9 +187,18 @@ class Int8Linear(_Int8Rows):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m, n = self.out_features, self.in_features
         scales = self.scales()
-        out = row_block_matmul(x, m, n,
-                               lambda r0, r1: dequantize_rows(self.weight[r0:r1], scales[r0:r1]),
-                               max(1, (CUDA_BLOCK if x.is_cuda else CPU_BLOCK) // n))
+        if x.numel() <= kernels.GEMV_MAX_ROWS * n and kernels.use_triton(x):
+            from . import kernels_int8  # decode: one GEMV launch, each int8 byte read once
+
+            gemv = kernels_int8.supports(self.weight, scales)
+        else:
+            gemv = False
+        if gemv:
+            out = kernels_int8.int8_matmul(x, self.weight, scales)
+        else:
+            out = row_block_matmul(x, m, n, lambda r0, r1: dequantize_rows(self.weight[r0:r1],
+                                                                           scales[r0:r1]),
+                                   max(1, (CUDA_BLOCK if x.is_cuda else CPU_BLOCK) // n))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out

@@ -166,6 +166,11 @@ _GEMV_CONFIGS = (
     (64, 256, 8, 4, 2, False), (64, 256, 4, 4, 3, False), (64, 256, 8, 8, 1, False),
     (128, 256, 8, 8, 1, False), (128, 256, 16, 8, 1, False), (64, 128, 8, 4, 1, False),
     (64, 128, 16, 4, 1, False), (128, 128, 8, 4, 1, False), (128, 128, 16, 4, 2, False),
+    # The second H100 autotune again picked the largest split for K=4096 (q/o: 64x256x16, k/v:
+    # 32x256x16) and pipelined 2-3 stages for K=14336: one step of 128 per program (split 32),
+    # one wide step of 512, and 3 stages over 128-wide steps.
+    (64, 128, 32, 4, 1, False), (32, 128, 32, 4, 1, False), (64, 512, 8, 4, 1, False),
+    (64, 128, 16, 4, 3, False),
     # 3-D tiles: activations as 16-byte vectors, the weight words moved into their layout.
     # (Splits 1-2 were never picked on the H100; dropped to keep the autotune short.)
     (16, 256, 4, 4, 1, True), (32, 256, 4, 8, 1, True), (64, 128, 4, 8, 1, True),
