@@ -110,3 +110,29 @@ def test_graph_decoder_with_an_int8_head_gives_the_tokens_of_generate(monkeypatc
     assert dec.fused and dec.k[0].dtype == torch.float32
     assert torch.equal(dec.generate(prompt, 6), ref)
     assert calls
+
+
+def test_int8_head_compiles_fullgraph_and_a_misaligned_view_takes_the_row_blocks(monkeypatch):
+    # the H100 check caught storage_offset() in the Python dispatch: torch.compile(fullgraph)
+    # cannot trace it, so the alignment check lives inside the custom op
+    m, n = 24, 64
+    head = Int8Linear.from_float(torch.nn.Linear(n, m, bias=False))
+    monkeypatch.setattr(kernels, "FORCE_TRITON", True)
+    x = torch.randn(1, n)
+    with torch.no_grad():
+        ref = x @ head.dequantized_weight().T
+        torch.testing.assert_close(torch.compile(head, fullgraph=True, backend="eager")(x), ref,
+                                   rtol=1e-5, atol=1e-5)
+        calls = []
+        real = kernels_int8.int8_gemv
+        monkeypatch.setattr(kernels_int8, "int8_gemv",
+                            lambda *a, **k: calls.append(1) or real(*a, **k))
+        buf = torch.zeros(m * n + 1, dtype=torch.int8)
+        view = buf[1:].view(m, n)  # contiguous, but one byte off a word boundary
+        view.copy_(head.weight)
+        s = head.scales()
+        torch.testing.assert_close(kernels_int8.int8_matmul(x, view, s), ref, rtol=1e-5,
+                                   atol=1e-5)
+        assert not calls
+        kernels_int8.int8_matmul(x, head.weight, s)
+        assert calls == [1]

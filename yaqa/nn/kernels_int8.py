@@ -35,10 +35,12 @@ def default_tile(m: int, n: int) -> tuple[int, int, int, int]:
 
 
 def supports(weight: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether the kernel can read ``weight`` as int32 words (rows of whole words, aligned) with
-    one float32 ``scale`` per row."""
+    """Whether the kernel can read ``weight`` as int32 words (rows of whole words) with one
+    float32 ``scale`` per row. The word alignment of the storage is checked inside
+    :func:`int8_matmul`, where torch.compile does not trace it (``storage_offset`` breaks a
+    fullgraph capture)."""
     return (weight.dtype == torch.int8 and weight.dim() == 2 and weight.is_contiguous()
-            and weight.shape[1] % 4 == 0 and weight.storage_offset() % 4 == 0
+            and weight.shape[1] % 4 == 0
             and scale.dtype == torch.float32 and scale.shape == weight.shape[:1]
             and scale.is_contiguous())
 
@@ -141,6 +143,8 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
                                                                    * scale[r0:r1, None]),
                                         max(1, (1 << 26) // n))
 
+    if weight.storage_offset() % 4:  # a view off a word boundary: no int32 reads
+        return blocks().reshape(*x.shape[:-1], m)
     y = kernels._guarded("int8_gemv", (m, n, x.dtype), lambda: int8_gemv(x2, weight, scale),
                          blocks)
     return y.reshape(*x.shape[:-1], m)
