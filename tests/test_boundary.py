@@ -10,6 +10,7 @@ from yaqa.hessians import HessianCollector
 from yaqa.hessians.boundary import CACHE_DIR, choose_boundary_cache
 from yaqa.plan import CollectionRequest, ModelShape, make_plan
 
+from hessian_checks import assert_same_hessians as _assert_same
 from tiny_models import tiny_model
 
 SEED = 3
@@ -42,16 +43,6 @@ def _collect(model, ids, block=0, **kw):
     finally:
         calls.close()
     return out, calls.n
-
-
-def _assert_same(a, b):
-    assert set(a) == set(b)
-    for name in a:
-        for k in ("H_in", "H_out", "H_x"):
-            x, y = getattr(a[name], k), getattr(b[name], k)
-            assert (x is None) == (y is None), (name, k)
-            if x is not None:
-                assert torch.equal(x, y), (name, k, (x - y).abs().max().item())
 
 
 @pytest.mark.parametrize("sketch,iters,bpp", [("B", 1, 1), ("B", 2, 3), ("A", 2, 2)])

@@ -10,6 +10,7 @@ import yaqa
 from yaqa.hessians import HessianCollector, run_collection
 from yaqa.plan import CollectionRequest, LiveTensorBytes, ModelShape, accumulator_bytes
 
+from hessian_checks import assert_same_hessians as _assert_same
 from tiny_models import tiny_model
 
 SEED = 5
@@ -34,16 +35,6 @@ def _interrupt_in(monkeypatch, group: list[int], after: int) -> None:
 def _collect(model, ids, out_dir, **kw):
     return yaqa.collect_hessians(model, ids, seed=SEED, batch_size=2, progress=False,
                                  out_dir=out_dir, checkpoint_every=1, **kw)
-
-
-def _assert_same(a, b):
-    assert set(a) == set(b)
-    for name in a:
-        for k in ("H_in", "H_out", "H_x"):
-            x, y = getattr(a[name], k), getattr(b[name], k)
-            assert (x is None) == (y is None), (name, k)
-            if x is not None:
-                assert torch.equal(x, y), (name, k, (x - y).abs().max().item())
 
 
 @pytest.mark.parametrize("sketch,group,mode,refills", [

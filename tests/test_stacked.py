@@ -4,18 +4,12 @@ the layers one by one.
 Skipped where Triton is not installed or a GPU is present (bench/check_kernels.py covers the GPU).
 """
 
-import os
-import sys
-
 import pytest
 import torch
 
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton was imported before the interpreter could be selected, or a GPU is "
-                "present (bench/check_kernels.py covers the GPU)", allow_module_level=True)
+from triton_interpreter import require_interpreter
+
+require_interpreter()
 
 import yaqa  # noqa: E402
 from yaqa.nn import QuantizedLinear, kernels  # noqa: E402

@@ -216,6 +216,19 @@ class HessianCollector:
         for acc in self.acc.values():
             acc.begin_pass(kind)
 
+    def _start_from_cache(self, bc: BoundaryCache, ids: Tensor, index: int) -> None:
+        """Arrange the next forward to start at the deepest cached state at or before this
+        group's first block (skipping needs the blocks' output form), and to record the states
+        the cache still wants after it."""
+        start = bc.best_start(self.blocks[0], index)
+        if start is not None and bc.returns_tuple is not None:
+            h = bc.get(start, index, self.device)
+            self._inject = (start, h.view(ids.shape[0], ids.shape[1], -1))
+            self._skip_below, self._skip_tuple = start, bc.returns_tuple
+        else:
+            start = 0
+        self._record = (index, bc.wanted(index, after=start))
+
     def step(self, ids: Tensor, seq_indices: Sequence[int], index: int | None = None) -> None:
         """One micro-batch ``ids`` [b, T] whose rows are the global sequences ``seq_indices``;
         ``index``: its position in the data (the key of the boundary cache).
@@ -232,15 +245,7 @@ class HessianCollector:
         bc = self.boundary if index is not None else None
         top_grad = None
         if bc is not None:
-            start = bc.best_start(lo, index)
-            known = bc.returns_tuple is not None  # skipping needs the blocks' output form
-            if start is not None and known:
-                h = bc.get(start, index, self.device)
-                self._inject = (start, h.view(ids.shape[0], ids.shape[1], -1))
-                self._skip_below, self._skip_tuple = start, bc.returns_tuple
-            else:
-                start = 0
-            self._record = (index, bc.wanted(index, after=start))
+            self._start_from_cache(bc, ids, index)
             # (stopping needs no knowledge of the blocks' output form: the stop hook sees it)
             if self.kind != "hx" and bc.has(hi + 1, index, "g"):
                 top_grad = bc.get(hi + 1, index, self.device, "g").view(ids.shape[0],
@@ -308,14 +313,7 @@ class HessianCollector:
             raise RuntimeError("refill_gradient runs before the group's passes begin")
         ids = ids.to(self.device)
         self._batch = ids.shape[0]
-        start = bc.best_start(self.blocks[0], index)
-        if start is not None and bc.returns_tuple is not None:
-            h = bc.get(start, index, self.device)
-            self._inject = (start, h.view(ids.shape[0], ids.shape[1], -1))
-            self._skip_below, self._skip_tuple = start, bc.returns_tuple
-        else:
-            start = 0
-        self._record = (index, bc.wanted(index, after=start))
+        self._start_from_cache(bc, ids, index)
         above = self.block_list[hi + 1:]
         handles = [above[0].register_forward_pre_hook(self._make_refill_leaf, with_kwargs=True)]
         patched = [] if self.gradient_checkpointing else above  # else already checkpointed
