@@ -229,6 +229,8 @@ def test_default_gemv_config_splits_k_for_short_layers():
     assert kernels._default_tile(1024, 4096, 128)[2] > 1   # k/v_proj: 256 blocks alone
     for m, n in ((1024, 4096), (14336, 4096), (4096, 14336), (22, 256)):
         assert kernels.config_fits(kernels._default_tile(m, n, 128), 4, 128, n)
+    # a few rows over a very long K: the split stops at what the split-K workspace holds
+    assert kernels._default_tile(4, 1 << 17, 128)[2] == kernels.MAX_SPLIT
 
 
 @pytest.mark.parametrize("n", [256, 6144])

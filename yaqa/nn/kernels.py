@@ -220,7 +220,7 @@ def _default_tile(m: int, n: int, group: int, bits: int = 4,
     sk = 1
     # Split K while the grid is short of ~4 programs per SM and each slice keeps 2+ steps.
     while (-(-m // bn) * sk * 2 <= _TARGET_PROGRAMS and n % (bk * sk * 2) == 0
-           and n // (bk * sk * 2) >= 2):
+           and n // (bk * sk * 2) >= 2 and sk * 2 <= MAX_SPLIT):  # the workspace's bound
         sk *= 2
     return bn, bk, sk, 4, 1, False
 
@@ -514,7 +514,7 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
         if forced is not None and forced[1] % cpc == 0:
             bn, bk, sk = forced[:3]
         while (triton.cdiv(m, bn) * sk * 2 <= _TARGET_PROGRAMS and n % (bk * sk * 2) == 0
-               and forced is None):
+               and forced is None and sk * 2 <= MAX_SPLIT):
             sk *= 2
         gemv_bytes[(triton.cdiv(m, bn), sk, rows)](
             x2, qweight, scale, zero, y, *common, BITS=bits, CPC=cpc, NB=nb, GROUP=group,
