@@ -93,3 +93,14 @@ def test_fused_bf16_accumulation_is_refused_cleanly_where_unsupported():
     # CPU has no addmm with an fp32 output for bf16 operands: the check says no, raises nothing
     for batched in (False, True):
         assert acc_mod._fused_addmm_works(torch.device("cpu"), torch.bfloat16, batched) is False
+
+
+def test_auto_precision_is_bf16_on_cuda_and_full_elsewhere():
+    from yaqa.hessians.accumulators import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cuda"), torch.float32) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu"), torch.float32) == "full"
+    # fp64 sums ask for fp64 products as well
+    assert resolve_precision("auto", torch.device("cuda"), torch.float64) == "full"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8", torch.device("cpu"), torch.float32)

@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration sequences (default 1024 on a GPU, 32 on CPU)")
     p.add_argument("--out", required=True, help="directory for the Hessian files (resumable)")
     p.add_argument("--precision", default="auto", choices=("auto", "full", "tf32", "mixed", "bf16"),
-                   help="statistics arithmetic: auto = tf32 on CUDA, fp32 on CPU")
+                   help="statistics arithmetic: auto = bf16 operands with fp32 sums on CUDA, "
+                        "fp32 on CPU")
     p.add_argument("--fp64", action="store_true", help="accumulate in float64")
     p.add_argument("--blocks", default=None, help="block range to collect, e.g. 0:16")
     p.add_argument("--blocks-per-pass", type=int, default=None,

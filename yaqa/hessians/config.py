@@ -19,7 +19,7 @@ class CollectConfig:
     dtype: accumulation and result dtype (float32, or float64 for exact sums).
     blocks: decoder block indices to collect (default: all).
     batch_size: rows per micro-batch when the data is one tensor.
-    precision: "auto" (TF32 / bf16 tensor cores on CUDA, full precision on CPU), "full",
+    precision: "auto" (bf16 operands with fp32 sums on CUDA, full precision on CPU), "full",
         "tf32", "mixed" or "bf16" — see :class:`yaqa.hessians.accumulators.Products` (sums are
         always fp32; on CPU the bf16 levels are emulated exactly, to measure their effect).
     blocks_per_pass: collect this many blocks at a time (bounds accumulator memory; each group
