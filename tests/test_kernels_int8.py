@@ -7,7 +7,7 @@ the CPU row-block path of :class:`Int8Linear` is covered by test_int8_embeddings
 import pytest
 import torch
 
-from triton_interpreter import require_interpreter
+from triton_interpreter import kernels_rebuilt, require_interpreter
 
 require_interpreter()
 
@@ -15,11 +15,7 @@ from yaqa.nn import kernels, kernels_int8  # noqa: E402
 from yaqa.nn.int8 import Int8Embedding, Int8Linear, dequantize_rows, quantize_rows  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def interpreter():
-    kernels_int8._kernels.cache_clear()  # build the kernel under the interpreter
-    yield
-    kernels_int8._kernels.cache_clear()
+interpreter = kernels_rebuilt(kernels_int8._kernels)  # build the kernels under the interpreter
 
 
 def _head(m, n, seed=0):

@@ -11,16 +11,12 @@ import torch
 from yaqa.nn import kernels
 from yaqa.nn.packing import pack_codes
 
-from triton_interpreter import require_interpreter
+from triton_interpreter import kernels_rebuilt, require_interpreter
 
 require_interpreter()
 
 
-@pytest.fixture(autouse=True)
-def interpreter():
-    kernels._kernels.cache_clear()  # build the kernels under the interpreter
-    yield
-    kernels._kernels.cache_clear()
+interpreter = kernels_rebuilt(kernels._kernels)  # build the kernels under the interpreter
 
 
 def _layer(bits, group, m, n, seed=0):

@@ -7,7 +7,7 @@ Skipped where Triton is not installed or a GPU is present (bench/check_kernels.p
 import pytest
 import torch
 
-from triton_interpreter import require_interpreter
+from triton_interpreter import kernels_rebuilt, require_interpreter
 
 require_interpreter()
 
@@ -21,11 +21,7 @@ from yaqa.rounding import round_weight  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def interpreter():
-    kernels._kernels.cache_clear()  # build the kernels under the interpreter
-    yield
-    kernels._kernels.cache_clear()
+interpreter = kernels_rebuilt(kernels._kernels)  # build the kernels under the interpreter
 
 
 def _layers(bits, group, sizes, n, incoherence, bias=False):

@@ -20,3 +20,19 @@ def require_interpreter() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton was imported before the interpreter could be selected, or a GPU is "
                     "present (bench/check_kernels.py covers the GPU)", allow_module_level=True)
+
+
+def kernels_rebuilt(*builders):
+    """An autouse fixture for a module: clears the ``functools.lru_cache`` of each kernel
+    builder before and after every test, so the kernels are built under the interpreter (and
+    no interpreted kernel outlives the module). Assign it to a module-level name."""
+
+    @pytest.fixture(autouse=True)
+    def _rebuilt():
+        for b in builders:
+            b.cache_clear()
+        yield
+        for b in builders:
+            b.cache_clear()
+
+    return _rebuilt
