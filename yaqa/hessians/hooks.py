@@ -381,15 +381,14 @@ class HessianCollector:
             meta[bi]["layers"][rel] = {"counts": acc.counts, "hx_shared": acc.hx_shared}
         return tensors, meta
 
-    def load_block_state(self, states: Mapping[int, tuple[Mapping[str, Tensor], dict]],
+    def load_block_state(self, states: Mapping[int, tuple[LazyTensors, dict]],
                          kind: str | None) -> None:
         """Restore a checkpoint (:func:`~yaqa.hessians.storage.load_checkpoint`). Its tensors
         are taken one at a time (a lazy mapping reads each from disk only then), so nothing
         but the accumulators stays on the device."""
         for name, (bi, rel, _) in self.layers.items():
             tensors, meta = states[bi]
-            mine = (tensors.sub(rel + ".") if isinstance(tensors, LazyTensors) else
-                    {k[len(rel) + 1:]: v for k, v in tensors.items() if k.startswith(rel + ".")})
+            mine = tensors.sub(rel + ".")
             counts = meta["layers"][rel]["counts"]
             if D.rank_and_world()[0] != 0:
                 # the checkpoint's sums are global; rank 0 alone carries them forward
