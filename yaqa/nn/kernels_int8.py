@@ -19,6 +19,7 @@ import functools
 import torch
 
 from . import kernels
+from .int8 import CPU_BLOCK, CUDA_BLOCK, dequantize_rows
 
 # (BLOCK_N, BLOCK_K, warps, stages): the autotuner's candidates on large heads.  The head has
 # enough rows to fill the GPU without splitting K (128,256 rows / 16 = 8,016 programs).
@@ -138,10 +139,11 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     if not x2.is_contiguous():
         x2 = x2.contiguous()
 
-    def blocks():  # a machine where the kernel does not build: dequantize row blocks
-        return kernels.row_block_matmul(x2, m, n, lambda r0, r1: (weight[r0:r1].float()
-                                                                   * scale[r0:r1, None]),
-                                        max(1, (1 << 26) // n))
+    def blocks():  # a machine where the kernel does not build: Int8Linear's row blocks
+        block = CUDA_BLOCK if x2.is_cuda else CPU_BLOCK
+        return kernels.row_block_matmul(
+            x2, m, n, lambda r0, r1: dequantize_rows(weight[r0:r1], scale[r0:r1]),
+            max(1, block // n))
 
     if weight.storage_offset() % 4:  # a view off a word boundary: no int32 reads
         return blocks().reshape(*x.shape[:-1], m)
