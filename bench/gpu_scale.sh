@@ -12,6 +12,7 @@
 #   bash bench/gpu_scale.sh report
 #   bash bench/gpu_scale.sh throughput  # Sketch B vs plain at 8 and 32 layers, < 4 min
 #   bash bench/gpu_scale.sh throughput-full-grams  # the same with the previous statistics (A/B)
+#   bash bench/gpu_scale.sh throughput-unpacked    # the same with full n x n sums (A/B)
 #   bash bench/gpu_scale.sh project     # the 70B projection from the newest throughput file
 #
 # CPU check of the same sequence: TINY=1 OUT=/tmp/out bash bench/gpu_scale.sh all
@@ -41,6 +42,10 @@ case "${1:-}" in
     timeout 240 "$PY" bench/scale.py --stage throughput --device cuda --layers-list 8,32 \
       --batch-size 2 --steps 2 --precisions bf16 --work "$WORK-throughput" --margin 0.12 \
       --tag "${TAG}_cache" --copy-to "$OUT" --quiet ;;
+  throughput-unpacked)  # full n x n sums (before packing): 3 passes of 11 blocks at 32 layers
+    timeout 240 "$PY" bench/scale.py --stage throughput --device cuda --layers-list 8,32 \
+      --batch-size 2 --steps 2 --precisions bf16 --packed-sums off --margin 0.12 \
+      --work "$WORK-throughput" --tag "${TAG}_cache_unpacked" --copy-to "$OUT" --quiet ;;
   throughput-full-grams)  # the previous statistics (whole T x T Grams, one GEMM per leaf)
     timeout 240 "$PY" bench/scale.py --stage throughput --device cuda --layers-list 8,32 \
       --batch-size 2 --steps 2 --precisions bf16 --gram-scheme full --leaf-batch off --margin 0.12 \
@@ -57,6 +62,6 @@ case "${1:-}" in
     done
     stage save; stage report; rm -f /tmp/gpu_scale_$$.log ;;
   *) echo "usage: bash bench/gpu_scale.sh plan|collect|round|save|report|throughput|" \
-          "throughput-full-grams|project|all"
+          "throughput-unpacked|throughput-full-grams|project|all"
      exit 2 ;;
 esac

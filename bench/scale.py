@@ -778,6 +778,10 @@ def main(argv=None) -> int:
     ap.add_argument("--leaf-batch", default="on", choices=["on", "off"],
                     help="one batched GEMM for the diagonal leaves of every symmetric product "
                          "(on) or one GEMM each (off, the previous statistics)")
+    ap.add_argument("--packed-sums", default="on", choices=["on", "off"],
+                    help="symmetric sums stored packed, about half of n x n (on), or as full "
+                         "n x n matrices (off, the previous layout; the plan then fits fewer "
+                         "blocks per pass)")
     ap.add_argument("--throughput-json", type=Path, default=None,
                     help="project from this throughput file (default: "
                          "bench/results/scale_throughput_h100_i14.json)")
@@ -799,6 +803,7 @@ def main(argv=None) -> int:
 
     accumulators._GRAM_SCHEME = args.gram_scheme
     accumulators._BATCH_LEAVES = args.leaf_batch == "on"
+    accumulators._PACKED_SUMS = args.packed_sums == "on"
     state = load_state(args.work)
     stages = (["plan", "collect", "round", "save", "throughput", "project", "report"]
               if args.stage == "all" else [args.stage])

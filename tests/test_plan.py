@@ -93,8 +93,9 @@ def test_plan_for_an_8b_model_splits_the_blocks_to_fit_80_gb():
     assert 1 < plan.blocks_per_pass < 32
     assert plan.collection_peak_bytes <= 72 * 10**9
     assert sum(len(g) for g in plan.groups) == 32
-    # one more block per pass would not fit
-    bigger = make_plan(shape, req, budget_bytes=10**15, blocks_per_pass=plan.blocks_per_pass + 1)
+    # one pass fewer would not fit (group sizes are ceil(32 / passes): 32, 16, 11, 8, ...)
+    fewer = -(-32 // (len(plan.groups) - 1))
+    bigger = make_plan(shape, req, budget_bytes=10**15, blocks_per_pass=fewer)
     assert bigger.collection_peak_bytes > plan.limit_bytes
     assert "pass(es)" in plan.summary()
 

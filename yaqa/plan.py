@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .hessians.accumulators import choose_route, sym_blocks
+from .hessians.accumulators import choose_route, sum_shape, sym_blocks
 from .hessians.boundary import (BoundaryChoice, boundary_bytes, choose_boundary_cache,
                                 host_available_bytes)
 from .hessians.collect import pass_kinds
@@ -126,7 +126,7 @@ class MemoryPlan:
     blocks_per_pass: int
     groups: list[list[int]]
     collection_peak_bytes: int            # the worst group's estimated peak
-    collection_terms: dict[str, int]      # that peak, term by term
+    collection_terms: dict[str, int]      # its peak during a pass, term by term
     rounding_peak_bytes: int
     rounding_terms: dict[str, int]
     factor_bytes_per_block: int           # finished fp32 factors of one block (full matrices)
@@ -140,6 +140,9 @@ class MemoryPlan:
     boundary_cache: dict[str, Any] = field(default_factory=dict)
     model_work: float = 0.0               # the model's own work over all passes, in plain
                                           # forward+backward passes over the data
+    # right after a pass: weights + the group's finished factors, full (the packed sums
+    # unpacked); collection_peak_bytes is the larger of this and the sum of collection_terms
+    end_of_pass_peak_bytes: int = 0
 
     def fits(self) -> bool:
         return max(self.collection_peak_bytes, self.rounding_peak_bytes) <= self.limit_bytes
@@ -157,6 +160,10 @@ class MemoryPlan:
                  f"over {self.tokens} tokens ({self.passes_over_data} data passes), "
                  f"peak {g(self.collection_peak_bytes)}"]
         lines += [f"    {k:<24}{g(v):>12}" for k, v in self.collection_terms.items()]
+        if self.end_of_pass_peak_bytes:
+            lines.append(f"    {'(during a pass)':<24}{g(sum(self.collection_terms.values())):>12}"
+                         f"; right after one, with the group's factors full: "
+                         f"{g(self.end_of_pass_peak_bytes)}")
         bc = self.boundary_cache
         if bc and bc["mode"] != "off":
             where = "in host memory" if bc["mode"] == "memory" else "on disk"
@@ -182,26 +189,57 @@ class MemoryPlan:
 
 # -- terms ----------------------------------------------------------------------------------------
 
-def _sums_per_pass(kind: str, collect_hx: bool) -> tuple[int, int, int]:
-    """(n×n, m×m, hx n×n) matrices alive during one pass kind, per linear (sums + frozen +
-    finished factors kept from earlier passes)."""
-    return {"b": (1, 1, int(collect_hx)),
+def _matrices_per_pass(kind: str, collect_hx: bool,
+                       power_iters: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Matrices alive during one pass kind, per linear: ((full, packed) n×n, (full, packed) m×m).
+
+    Packed: the sums being accumulated (:func:`yaqa.hessians.accumulators.sum_shape`, about
+    half of a full matrix). Full: finished factors kept from earlier passes and frozen unit-norm
+    copies. The plain Hessian H_x (n×n) counts as a sum in the pass that collects it, as a full
+    finished factor after."""
+    hx, later = int(collect_hx), int(power_iters > 1)
+    # Sketch A: H_in is H_x itself until an a_in pass gives it its own matrix (its worst
+    # occurrence counts: a later a_out keeps that H_in and the previous H_out)
+    return {"b": ((0, 1 + hx), (0, 1)),
             # factors of the last pass + frozen unit-norm copies + new sums
-            "b_iter": (3, 3, int(collect_hx)),
-            "hx": (0, 0, 1),
-            "a_out": (1, 1, 1),   # H_in (= H_x) frozen copy, H_out sum
-            "a_in": (1, 2, 1)}[kind]
+            "b_iter": ((2 + hx, 1), (2, 1)),
+            "hx": ((0, 1), (0, 0)),
+            "a_out": ((2 + later, 0), (later, 1)),   # H_x, H_in, frozen H_in; H_out sum
+            "a_in": ((1 + int(power_iters > 2), 1), (2, 0)),  # H_x, H_in sum; H_out, frozen
+            }[kind]
+
+
+def _factors_after_pass(kind: str, collect_hx: bool, power_iters: int) -> tuple[int, int]:
+    """Full n×n and m×m finished factors per linear once a pass of ``kind`` has ended (before
+    the next pass or the store takes them)."""
+    return {"b": (1 + int(collect_hx), 1), "b_iter": (1 + int(collect_hx), 1), "hx": (1, 0),
+            "a_out": (1 + int(power_iters > 1), 1), "a_in": (2, 1)}[kind]
+
+
+def _sum_numel(n: int) -> int:
+    return math.prod(sum_shape(n))
 
 
 def accumulator_bytes(shape: ModelShape, req: CollectionRequest) -> int:
-    """Peak accumulator bytes of one block over the passes of the sketch."""
+    """Peak accumulator bytes of one block during the passes of the sketch (packed sums, full
+    factors and frozen copies)."""
     worst = 0
     for kind in pass_kinds(req.sketch, req.power_iters):
-        nn_, mm_, hx = _sums_per_pass(kind, req.collect_hx)
-        if kind in ("a_out", "a_in") and req.power_iters > 1:
-            mm_ = max(mm_, 2)  # H_out of the previous half-iteration is kept
-        b = sum((nn_ + hx) * n * n + mm_ * m * m for _, m, n in shape.linears)
+        (nf, np_), (mf, mp) = _matrices_per_pass(kind, req.collect_hx, req.power_iters)
+        b = sum(nf * n * n + np_ * _sum_numel(n) + mf * m * m + mp * _sum_numel(m)
+                for _, m, n in shape.linears)
         worst = max(worst, b)
+    return worst * req.acc_bytes
+
+
+def end_of_pass_bytes(shape: ModelShape, req: CollectionRequest) -> int:
+    """Finished factors of one block right after a pass: each packed sum is unpacked into its
+    full symmetric factor (and freed), so all of a group's factors are full at once before the
+    store takes them, while the pass's activations are gone."""
+    worst = 0
+    for kind in pass_kinds(req.sketch, req.power_iters):
+        nf, mf = _factors_after_pass(kind, req.collect_hx, req.power_iters)
+        worst = max(worst, sum(nf * n * n + mf * m * m for _, m, n in shape.linears))
     return worst * req.acc_bytes
 
 
@@ -247,7 +285,8 @@ def workspace_bytes(shape: ModelShape, req: CollectionRequest) -> int:
         worst = max(worst, ws)
     if req.collect_hx:
         big = max(n for _, _, n in shape.linears)
-        worst += 2 * big * big * a  # cached X^T X of a shared input (and its recycled buffer)
+        # cached X^T X of a shared input (and its recycled buffer), packed like the sums
+        worst += 2 * _sum_numel(big) * a
     return worst
 
 
@@ -271,6 +310,18 @@ def collection_terms(shape: ModelShape, req: CollectionRequest, group: list[int]
         "logits + gradient": head_bytes(shape, req) if head else 0,
         "statistic workspace": workspace_bytes(shape, req),
     }
+
+
+def end_of_pass_terms(shape: ModelShape, req: CollectionRequest,
+                      group: list[int]) -> dict[str, int]:
+    """The other peak of a group: right after a pass, its finished factors full (see
+    :func:`end_of_pass_bytes`) beside the weights and the last linear's packed sums still
+    being unpacked."""
+    last = max(_sum_numel(n) * (1 + int(req.collect_hx)) + _sum_numel(m)
+               for _, m, n in shape.linears)
+    return {"weights": shape.param_bytes,
+            "finished factors": end_of_pass_bytes(shape, req) * len(group),
+            "packed sums of one linear": last * req.acc_bytes}
 
 
 def rounding_terms(shape: ModelShape, method: str = "yaqa") -> dict[str, int]:
@@ -354,8 +405,9 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
                                      max(disk_bytes - stored_bytes(shape, req.collect_hx), 0),
                                      world=req.world)
 
-    def peak(size: int) -> tuple[int, dict[str, int]]:
-        worst = (0, {})
+    def peak(size: int) -> tuple[int, dict[str, int], int]:
+        """(peak, its terms during a pass, peak right after a pass) of the worst group."""
+        worst, end = (0, {}), 0
         bc = cache_choice(size)
         gs = _groups(blocks, size)
         for g in gs:
@@ -363,10 +415,13 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
             # cached gradient (when the group above is adjacent)
             own = bc.mode != "off" and g is not gs[-1] and g[-1] + 1 in blocks
             t = collection_terms(shape, req, g, own_blocks_only=own)
+            e = sum(end_of_pass_terms(shape, req, g).values())
             if on_host and bc.mode == "memory":
                 t["boundary cache"] = bc.bytes  # host memory is the device's here
+                e += bc.bytes
             worst = max(worst, (sum(t.values()), t), key=lambda x: x[0])
-        return worst
+            end = max(end, e)
+        return max(worst[0], end), worst[1], end
 
     if blocks_per_pass is None:
         # fewest passes first: k passes of ceil(len/k) blocks, k = 1, 2, ...
@@ -375,7 +430,7 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
         size = next((s for s in sizes if peak(s)[0] <= limit), 1)
     else:
         size = max(1, min(blocks_per_pass, len(blocks)))
-    coll, terms = peak(size)
+    coll, terms, end = peak(size)
     rterms = rounding_terms(shape, method)
     groups = _groups(blocks, size)
     tokens = req.n_seqs * req.ctx
@@ -386,24 +441,29 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
         factor_bytes_per_block=factor_bytes_per_block(shape, req.collect_hx),
         stored_bytes=stored_bytes(shape, req.collect_hx),
         passes_over_data=len(groups) * len(pass_kinds(req.sketch, req.power_iters)),
-        tokens=tokens)
+        tokens=tokens, end_of_pass_peak_bytes=end)
     bc = cache_choice(size)
     plan.boundary_cache = {"mode": bc.mode, "bytes": bc.bytes, "reason": bc.reason,
                            "starts": [g[0] for g in groups if g[0] > 0]}
     n_kinds = len(pass_kinds(req.sketch, req.power_iters))
     plan.model_work = n_kinds * sum(_model_shares(plan, shape.n_blocks))
     if coll > limit:
-        biggest = max(terms, key=terms.get)
+        parts = dict(terms)
+        if end > sum(terms.values()):  # right after a pass: the group's factors, full
+            parts = {"finished factors": end - shape.param_bytes}
+        biggest = max(parts, key=parts.get)
         advice = {"activations": "lower --batch-size or --ctx, or add --gradient-checkpointing",
                   "logits + gradient": "lower --batch-size",
                   "accumulators": "collect fewer --blocks at once (no smaller group exists), or "
                                   "skip the plain Hessian",
+                  "finished factors": "collect fewer --blocks at once (no smaller group exists),"
+                                      " or skip the plain Hessian",
                   "weights": "use a smaller model dtype or a larger device",
                   "boundary cache": "use boundary_cache='disk' or 'off'",
                   "statistic workspace": "lower --batch-size or --ctx"}[biggest]
         raise PlanError(f"collection needs about {coll / GiB:.1f} GiB even at {size} block(s) per "
                         f"pass, over the {limit / GiB:.1f} GiB limit; the largest part is "
-                        f"{biggest} ({terms[biggest] / GiB:.1f} GiB): {advice}")
+                        f"{biggest} ({parts[biggest] / GiB:.1f} GiB): {advice}")
     if plan.rounding_peak_bytes > limit:
         raise PlanError(f"rounding one linear needs about {plan.rounding_peak_bytes / GiB:.1f} GiB,"
                         f" over the {limit / GiB:.1f} GiB limit: round on a larger device")

@@ -9,8 +9,10 @@ gradients G [b, T, m]; the per-sequence weight gradient is ∇W_b = G_b^T X_b.
 * Plain GPTQ Hessian: ``H_x += Σ_t x_t^T x_t``.
 
 Sums stay sums until :meth:`LayerAccumulator.end_pass` divides by the sample count; only the lower
-block triangle of each symmetric sum is accumulated (see :func:`sym_addmm`) and the upper half is
-mirrored at the end of a pass.
+block triangle of each symmetric sum is accumulated (see :func:`sym_addmm`), and only that part is
+stored: a flat buffer holding each rectangle of :func:`sym_blocks` contiguously (see
+:func:`packed_layout`), about half of n×n. The end of a pass unpacks it into the full symmetric
+factor.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -268,6 +271,111 @@ def _sym_blocks(n: int, scheme: str, tile: int,
     return tuple(out)
 
 
+# Symmetric sums live packed (the rectangles sym_addmm writes, nothing else): a block's sums take
+# about half the memory, so the memory plan fits about twice the blocks in one pass. False keeps
+# full n×n sums (the earlier layout; bench/scale.py --packed-sums off compares both).
+_PACKED_SUMS = True
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each rectangle of :func:`sym_blocks` (n) lives in a flat packed buffer.
+
+    ``offsets[i]``: start of ``sym_blocks(n)[i]``, stored row-major and contiguous. With equal
+    diagonal leaves (:func:`_uniform_leaf`), the leaves come first, in order along the diagonal,
+    so ``buf[:k*t*t].view(k, t, t)`` is the batch the leaves' batched GEMM adds into; the other
+    rectangles follow in sym_blocks order.
+    """
+
+    n: int
+    blocks: tuple[tuple[int, int, int, int], ...]
+    offsets: tuple[int, ...]
+    numel: int
+    leaf: int | None  # the uniform leaf size t, or None
+
+    def view(self, buf: Tensor, i: int) -> Tensor:
+        r0, r1, c0, c1 = self.blocks[i]
+        o = self.offsets[i]
+        return buf[o:o + (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+
+    def leaves(self, buf: Tensor) -> Tensor:
+        """The diagonal leaves as one contiguous [k, t, t] batch (uniform leaves only)."""
+        t = self.leaf
+        k = self.n // t
+        return buf[:k * t * t].view(k, t, t)
+
+
+def packed_layout(n: int) -> PackedLayout:
+    """The packed layout of an n×n symmetric sum under the current blocking scheme."""
+    return _packed_layout(n, _SYM_SCHEME, _SYM_TILE, _OLD_TILE)
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_layout(n: int, scheme: str, tile: int, old_tile: int) -> PackedLayout:
+    blocks = _sym_blocks(n, scheme, tile, old_tile)
+    t = _uniform_leaf_of(blocks, n)
+    order = list(range(len(blocks)))
+    if t is not None:  # leaves first, by position on the diagonal; the rest keep their order
+        order.sort(key=lambda i: (0, blocks[i][0]) if blocks[i][0] == blocks[i][2] else (1, 0))
+    offsets = [0] * len(blocks)
+    o = 0
+    for i in order:
+        r0, r1, c0, c1 = blocks[i]
+        offsets[i] = o
+        o += (r1 - r0) * (c1 - c0)
+    return PackedLayout(n, blocks, tuple(offsets), o, t)
+
+
+def sum_shape(n: int) -> tuple[int, ...]:
+    """The shape of an n×n symmetric sum as accumulated: packed (1-D) or the full square."""
+    return (packed_layout(n).numel,) if _PACKED_SUMS else (n, n)
+
+
+def sym_zeros(n: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """A zero symmetric sum of size n for :func:`sym_addmm`, in the shape of :func:`sum_shape`."""
+    return torch.zeros(sum_shape(n), dtype=dtype, device=device)
+
+
+def pack_sym(full: Tensor) -> Tensor:
+    """The lower block triangle of an n×n matrix in the packed layout (what sym_addmm wrote)."""
+    n = full.shape[0]
+    if full.dim() != 2 or full.shape[1] != n:
+        raise ValueError(f"pack_sym takes a square matrix, got shape {tuple(full.shape)}")
+    lay = packed_layout(n)
+    out = torch.empty(lay.numel, dtype=full.dtype, device=full.device)
+    for i, (r0, r1, c0, c1) in enumerate(lay.blocks):
+        lay.view(out, i).copy_(full[r0:r1, c0:c1])
+    return out
+
+
+def scatter_sym(buf: Tensor, n: int) -> Tensor:
+    """A packed sum as an n×n matrix: its lower block triangle, zeros above (the full layout
+    of a sum in the middle of a pass)."""
+    lay = _checked_layout(buf, n)
+    out = torch.zeros(n, n, dtype=buf.dtype, device=buf.device)
+    for i, (r0, r1, c0, c1) in enumerate(lay.blocks):
+        out[r0:r1, c0:c1] = lay.view(buf, i)
+    return out
+
+
+def unpack_sym(buf: Tensor, n: int) -> Tensor:
+    """A finished packed sum as the full symmetric n×n matrix: the same values, bit for bit,
+    as accumulating into a full matrix and :func:`mirror_lower`."""
+    lay = _checked_layout(buf, n)
+    out = torch.empty(n, n, dtype=buf.dtype, device=buf.device)  # every element is written
+    for i, (r0, r1, c0, c1) in enumerate(lay.blocks):
+        out[r0:r1, c0:c1] = lay.view(buf, i)
+    return mirror_lower(out)
+
+
+def _checked_layout(buf: Tensor, n: int) -> PackedLayout:
+    lay = packed_layout(n)
+    if buf.dim() != 1 or buf.numel() != lay.numel:
+        raise ValueError(f"a packed {n}x{n} sum has {lay.numel} values, got a tensor of shape "
+                         f"{tuple(buf.shape)} (written with another blocking scheme?)")
+    return lay
+
+
 def sym_flop_fraction(n: int) -> float:
     """Flops of :func:`sym_addmm` relative to the full n×n product."""
     return sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in sym_blocks(n)) / (n * n)
@@ -277,21 +385,27 @@ def sym_addmm(acc: Tensor, a: Tensor, b: Tensor, prod: Products, level: str) -> 
     """``acc += a^T b`` for a product known to be symmetric, lower block triangle only.
 
     a, b: [K, n]. Only the rectangles of :func:`sym_blocks` are multiplied (about half the flops
-    of the full product for large n); :func:`mirror_lower` restores the upper half.
+    of the full product for large n). ``acc`` is either packed (1-D, :func:`packed_layout`: each
+    rectangle a contiguous view) or a full n×n matrix, whose upper half :func:`mirror_lower`
+    restores; both receive the same products in the same order.
     """
     a, b = prod.gemm_operand(a, level), prod.gemm_operand(b, level)
-    n = acc.shape[0]
-    t = _uniform_leaf(n) if _BATCH_LEAVES and acc.is_contiguous() else None
+    n = a.shape[1]
+    packed = acc.dim() == 1
+    lay = packed_layout(n) if packed else None
+    t = _uniform_leaf(n) if _BATCH_LEAVES and (packed or acc.is_contiguous()) else None
     # in place into views of the sum: one GEMM per rectangle, no product temporaries
-    for r0, r1, c0, c1 in sym_blocks(n):
+    for i, (r0, r1, c0, c1) in enumerate(sym_blocks(n)):
         if t is None or r0 != c0:
-            prod.addmm_(acc[r0:r1, c0:c1], a[:, r0:r1].T, b[:, c0:c1], level)
+            view = lay.view(acc, i) if packed else acc[r0:r1, c0:c1]
+            prod.addmm_(view, a[:, r0:r1].T, b[:, c0:c1], level)
     if t is not None:
         # the diagonal leaves are equal squares at a constant stride through the sum, the
         # operands' column slices likewise: one batched GEMM for all of them instead of one
         # small GEMM each (small outputs leave most of a GPU idle)
         k, K = n // t, a.shape[0]
-        diag = acc.as_strided((k, t, t), (t * (n + 1), n, 1), acc.storage_offset())
+        diag = (lay.leaves(acc) if packed else
+                acc.as_strided((k, t, t), (t * (n + 1), n, 1), acc.storage_offset()))
         at = a.as_strided((k, t, K), (t * a.stride(1), a.stride(1), a.stride(0)),
                           a.storage_offset())
         bt = b.as_strided((k, K, t), (t * b.stride(1), b.stride(0), b.stride(1)),
@@ -303,10 +417,13 @@ def sym_addmm(acc: Tensor, a: Tensor, b: Tensor, prod: Products, level: str) -> 
 _BATCH_LEAVES = True
 
 
-@functools.lru_cache(maxsize=64)
 def _uniform_leaf(n: int) -> int | None:
     """The leaf size when sym_addmm's diagonal leaves are equal squares tiling n (else None)."""
-    leaves = [(r0, r1) for r0, r1, c0, c1 in sym_blocks(n) if r0 == c0]
+    return packed_layout(n).leaf
+
+
+def _uniform_leaf_of(blocks: tuple[tuple[int, int, int, int], ...], n: int) -> int | None:
+    leaves = [(r0, r1) for r0, r1, c0, c1 in blocks if r0 == c0]
     t = leaves[0][1] - leaves[0][0]
     ok = len(leaves) > 1 and all(r0 == i * t and r1 == r0 + t
                                  for i, (r0, r1) in enumerate(sorted(leaves)))
@@ -399,8 +516,9 @@ class ProductCache:
         return vals[what]
 
     def zeros(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        free = self._pool.get((n, dtype, device))
-        return free.pop().zero_() if free else torch.zeros(n, n, dtype=dtype, device=device)
+        """A zero symmetric sum of size n (:func:`sym_zeros`), recycled where one is free."""
+        free = self._pool.get((sum_shape(n), dtype, device))
+        return free.pop().zero_() if free else sym_zeros(n, dtype, device)
 
     def _recycle(self, vals: dict[str, Any]) -> None:
         users = vals.get("users", [])
@@ -409,7 +527,7 @@ class ProductCache:
             u.hx_shared = len(users) > 1
         for k, t in vals.items():
             if k == "xtx":
-                self._pool.setdefault((t.shape[0], t.dtype, t.device), []).append(t)
+                self._pool.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
 
     def clear(self) -> None:
         for _, _, vals in self._entries:
@@ -453,8 +571,9 @@ class LayerAccumulator:
             raise ValueError(f"unknown pass kind {kind!r}")
         self.kind = kind
         self.counts = {"seqs": 0, "tokens": 0}
-        size = {"H_x": self.n, "H_in": self.n, "H_out": self.m, "seq_sq": 1}
-        self.sums = {s: torch.zeros(size[s], size[s], device=self.device, dtype=self.dtype)
+        # symmetric sums packed (sym_zeros); the 1×1 statistic stays a plain matrix
+        self.sums = {s: torch.zeros(1, 1, device=self.device, dtype=self.dtype) if s == "seq_sq"
+                     else sym_zeros(self._size(s), self.dtype, self.device)
                      for s in self.sum_names(kind)}
         self._frozen = None
         if kind == "a_out":
@@ -468,12 +587,18 @@ class LayerAccumulator:
             self._frozen_out = _unit_frobenius(self.factors["H_out"])
             self._prev_in_norm = self.factors["H_in"].norm()
 
+    def _size(self, name: str) -> int:
+        return {"H_x": self.n, "H_in": self.n, "H_out": self.m, "seq_sq": 1}[name]
+
     def end_pass(self) -> None:
         """Turn this pass's (already reduced) sums into means and store them as factors."""
         seqs, tokens = max(self.counts["seqs"], 1), max(self.counts["tokens"], 1)
         per_seq = self.kind in ("b", "b_iter")
-        for name, s in self.sums.items():
-            mirror_lower(s)
+        for name in list(self.sums):
+            # one at a time, each packed sum freed once unpacked: the finished full factor is
+            # the only n×n matrix this makes
+            s = self.sums.pop(name)
+            s = unpack_sym(s, self._size(name)) if s.dim() == 1 else mirror_lower(s)
             s /= tokens if (name == "H_x" or not per_seq) else seqs
             self.factors[name] = s
         if self.kind == "hx":
@@ -597,8 +722,24 @@ class LayerAccumulator:
             self.begin_pass(kind)
             for k in tensors:
                 if k.startswith("sum."):
-                    self.sums[k[len("sum."):]].copy_(tensors[k])
+                    name = k[len("sum."):]
+                    self.sums[name].copy_(self._as_sum(name, tensors[k]))
             self.counts = dict(counts)
+
+    def _as_sum(self, name: str, t: Tensor) -> Tensor:
+        """A checkpointed sum in this accumulator's layout: checkpoints of earlier versions hold
+        full n×n sums (lower block triangle filled, zeros above), newer ones packed sums."""
+        want, n = self.sums[name], self._size(name)
+        if t.shape == want.shape:
+            return t
+        if name != "seq_sq" and t.dim() == 2 and tuple(t.shape) == (n, n):
+            return pack_sym(t.to(want.device))
+        if name != "seq_sq" and t.dim() == 1 and t.numel() == packed_layout(n).numel:
+            return scatter_sym(t.to(want.device), n)
+        raise ValueError(f"checkpointed sum {name} has shape {tuple(t.shape)}, neither "
+                         f"{tuple(want.shape)} nor another layout of a {n}x{n} sum (written "
+                         "with another blocking scheme?); collect this group again with a fresh "
+                         "out_dir or overwrite=True")
 
 
 def _full_gram(x2: Tensor, prod: Products, cache: ProductCache) -> Tensor:
