@@ -137,17 +137,19 @@ class HessianCollector:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.stats.drain()  # the sums and cached products may be freed from here on
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        for block in self._patched:
-            del block.forward  # the instance attribute shadowed the class method
-        self._patched.clear()
-        for p, rg in self._saved_grad:
-            p.requires_grad_(rg)
-        self.model.train(self._was_training)
-        self.cache.release()
+        try:
+            self.stats.drain()  # the sums and cached products may be freed from here on
+        finally:  # (a failed kernel raises here too: the model is restored all the same)
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            for block in self._patched:
+                del block.forward  # the instance attribute shadowed the class method
+            self._patched.clear()
+            for p, rg in self._saved_grad:
+                p.requires_grad_(rg)
+            self.model.train(self._was_training)
+            self.cache.release()
 
     def _make_leaf(self, module: nn.Module, args: tuple, kwargs: dict):
         # backward stops here: nothing below the first collected block needs gradients
