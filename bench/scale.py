@@ -367,7 +367,8 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
             "peak_gpu_gib": (gpu_peak_bytes(args.device) or 0) / GiB,
             "fused_bf16_accumulation": sorted(str(f) for f in fused)}
         m = row["modes"][_mode_key(prec, ov, args)]
-        print(f"{layers} layers, batch {args.batch_size}, {prec}, stream {ov}: plain {t_plain * 1e3:.1f} ms, "
+        print(f"{layers} layers, batch {args.batch_size}, {prec}, stream {ov}: plain "
+              f"{t_plain * 1e3:.1f} ms, "
               f"Sketch B {sb * 1e3:.1f} ms over {len(plan.groups)} pass(es), boundary cache "
               f"{row['boundary_cache']} = {m['x_plain']:.2f}x plain ({m['x_plain_if_one_pass']:.2f}x "
               f"if every accumulator fit one pass); statistics {stat_s / layers * 1e3:.1f} ms per "

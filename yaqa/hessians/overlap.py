@@ -22,7 +22,6 @@ receives the same products in the same order as without the stream. On CPU (or w
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import deque
 from collections.abc import Callable
@@ -30,8 +29,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-log = logging.getLogger(__name__)
 
 ENV_VAR = "YAQA_STATS_STREAM"
 # updates (one per linear layer and micro-batch) in flight at most: a Llama block has 7 linears,
