@@ -147,7 +147,7 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
                                          precision=cfg.precision, route=cfg.route,
                                          collect_hx=cfg.collect_hx,
                                          gradient_checkpointing=cfg.gradient_checkpointing,
-                                         boundary=boundary)
+                                         boundary=boundary, stats_stream=cfg.stats_stream)
             summary = run_group(collector, batches, cfg, kinds, out_path, identity, bar,
                                 writer, store_dtype)
             if boundary is not None:
