@@ -222,3 +222,48 @@ def test_stored_factors_of_another_draw_count_are_never_reused(llama, ids, tmp_p
         yaqa.collect_hessians(llama, ids, out_dir=tmp_path, label_draws=3, **kw)
     with pytest.raises(StaleHessiansError, match="label_draws"):
         yaqa.collect_hessians(llama, ids, out_dir=tmp_path, **kw)
+
+
+def test_recipes_carry_the_draw_count_into_their_identity_and_the_run_keys_it():
+    from yaqa.pipeline import RunConfig, _hessian_plan, _hessians_key
+    from yaqa.recipe import Recipe, RecipeError, get_recipe
+
+    base = get_recipe("yaqa-b")
+    assert "label_draws" not in base.identity()  # one draw: every earlier identity holds
+    two = get_recipe("yaqa-b", label_draws=2)
+    assert two.label_draws == 2 and two.identity()["label_draws"] == 2
+    assert two.identity_hash() != base.identity_hash()
+    # a run passes one value to every method: only Sketch B takes it
+    assert get_recipe("ldlq", label_draws=4).label_draws == 1
+    assert get_recipe("yaqa-a", label_draws=4).label_draws == 1
+    with pytest.raises(RecipeError, match="Sketch B only"):
+        Recipe("x", "yaqa", "A", power_iters=2, label_draws=2)
+    cfg = RunConfig(label_draws=3)
+    recipes = [cfg.recipe(m, 4) for m in ("ldlq", "yaqa-b")]
+    assert [r.label_draws for r in recipes] == [1, 3]
+    plan = _hessian_plan(recipes)
+    assert list(plan) == ["B1d3"]  # its own Hessian directory, LDLQ's H_x from the same pass
+    assert {_hessians_key(plan, r) for r in recipes} == {"B1d3"}
+    assert list(_hessian_plan([RunConfig().recipe("yaqa-b", 4)])) == ["B1"]  # as before
+
+
+def test_cli_collects_with_label_draws_and_refuses_them_for_sketch_a(tmp_path, capsys):
+    from tiny_models import tiny_tokenizer
+
+    from yaqa.cli import main
+
+    tok = tiny_tokenizer("the quick brown fox jumps over the lazy dog " * 20)
+    model = tiny_model("llama", hidden=32, intermediate=48, vocab=len(tok))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    common = ["-q", "hessians", "--model", str(tmp_path / "m"), "--device", "cpu", "--ctx", "8",
+              "--n-seqs", "3", "--calib", "generated"]
+    assert main([*common, "--sketch", "A", "--label-draws", "2",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "Sketch B only" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert main([*common, "--label-draws", "2", "--out", str(tmp_path / "b")]) == 0
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["label_draws"] == 2 and meta["data"]["n_seqs"] == 3
+    hs = load_hessians(tmp_path / "b")
+    assert all("mean_sq_out" in h.shrinkage for h in hs.values())

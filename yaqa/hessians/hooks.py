@@ -264,7 +264,8 @@ class HessianCollector:
         no blocks above the group. The gradients are the ones the full backward would give.
         """
         ids = ids.to(self.device)
-        draws = self.label_draws if self.kind in ("b", "b_iter") else 1
+        # (also with no pass begun: the plan's timing of the model's own work then counts them)
+        draws = self.label_draws if self.kind != "hx" else 1
         if draws > 1:
             # every sequence D times in a row, each copy with its own draw of labels: D forward
             # and backward passes, simple and exact (the accumulators regroup the copies)
