@@ -660,7 +660,7 @@ class LayerAccumulator:
             if b % draws:
                 raise ValueError(f"{b} rows are not whole sequences of {draws} label draws")
             b //= draws
-            X = X.view(b, draws, T, n)[:, 0]  # one copy per sequence: H_x and the Gram route
+            X = X.reshape(b, draws, T, n)[:, 0]  # one copy per sequence: H_x and the Gram route
         x2, g2 = X.reshape(b * T, n), G.reshape(-1, m)
         if "H_x" in self.sums:
             if self.hx_shared is False:
@@ -686,7 +686,7 @@ class LayerAccumulator:
                     # S_in,b = (1/D) Σ_d ∇W_d^T ∇W_d = (1/D) V^T V with V the ∇W_d stacked
                     # (rows); S_out,b = (1/D) C C^T with C = [∇W_1 … ∇W_D] (columns)
                     V = D.reshape(b, draws * m, n)
-                    C = D.view(b, draws, m, n).transpose(1, 2).reshape(b, m, draws * n)
+                    C = D.reshape(b, draws, m, n).transpose(1, 2).reshape(b, m, draws * n)
                     self.sums["seq_sq_in"] += (seq_sq_norms_direct(V).sum()
                                                / draws ** 2).to(self.dtype)
                     self.sums["seq_sq_out"] += (seq_sq_norms_direct(C).sum()
@@ -729,7 +729,7 @@ class LayerAccumulator:
                           for_level="mid")
         else:
             GH = prod.mm(G.reshape(b * draws * T, m), Hout, "mid", for_level="mid")
-            GH = _side_by_side(GH.view(b * draws, T, m), b) if draws > 1 else GH.reshape(b, T, m)
+            GH = _side_by_side(GH.reshape(b * draws, T, m), b) if draws > 1 else GH.reshape(b, T, m)
             SG = prod.mm(GH, Gc.transpose(1, 2), "mid", for_level="mid")
             del GH
         Y = prod.mm(SG, X, "mid", for_level="final").reshape(b * T, n)
@@ -752,7 +752,7 @@ class LayerAccumulator:
         del SG
         Z = prod.mm(SX, Gc, "mid", for_level="final")
         if draws > 1:  # back to one row block per draw, as G's rows are
-            Z = Z.view(b, T, draws, m).transpose(1, 2)
+            Z = Z.reshape(b, T, draws, m).transpose(1, 2)
         Z = Z.reshape(b * draws * T, m)
         if stats and draws > 1:
             self.sums["seq_sq_out"] += (self._out_statistic(Z, G, b)
@@ -764,7 +764,7 @@ class LayerAccumulator:
         time (Z_s, G_s: [D·T, m]), ``U = Z_s G_s^T`` has blocks X X^T G_d G_e^T and the norm is
         ``tr(U²)``. One sequence at a time: U is (D·T)²."""
         m = G.shape[-1]
-        Zs, Gs = Z.view(b, -1, m), G.reshape(b, -1, m)
+        Zs, Gs = Z.reshape(b, -1, m), G.reshape(b, -1, m)
         total = torch.zeros((), dtype=torch.float64, device=Z.device)
         for i in range(b):
             U = self.prod.mm(Zs[i:i + 1], Gs[i:i + 1].transpose(1, 2), "mid")
@@ -818,7 +818,7 @@ _STATISTICS = ("seq_sq", "seq_sq_in", "seq_sq_out")
 def _side_by_side(G: Tensor, b: int) -> Tensor:
     """[b·D, T, m] with a sequence's D draws in consecutive rows -> [b, T, D·m] (``G_cat``)."""
     rows, T, m = G.shape
-    return G.view(b, rows // b, T, m).transpose(1, 2).reshape(b, T, rows // b * m)
+    return G.reshape(b, rows // b, T, m).transpose(1, 2).reshape(b, T, rows // b * m)
 
 
 def _full_gram(x2: Tensor, prod: Products, cache: ProductCache) -> Tensor:
