@@ -15,6 +15,10 @@ shrinkage setting quantized from them; writes bench/results/quality_shrinkage<ta
     python bench/quality.py --device cuda --bits 4,3 --calib-sizes 32x512,64x256,256x512 \
         --shrinkage off,auto,auto-out --tag _a
 
+    # several label draws per sequence for Sketch B (4x its forward+backward work)
+    python bench/quality.py --device cuda --bits 4,3 --calib-sizes 1024x512 \
+        --methods ldlq,yaqa-b --label-draws 4 --tag _draws4
+
     # the serving table: incoherence modes x (LDLQ, YAQA-B) at 4 bits, one Hessian collection
     python bench/quality.py --device cuda --n-calib 1024 --bits 4 --methods ldlq,yaqa-b \
         --incoherence-modes per-layer,shared,block,none --tag _incoherence
@@ -87,7 +91,8 @@ def write_outputs(rows: list[dict], metas: list[dict], stem: str) -> list[str]:
         c = meta["config"]
         lines += [f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
                   f"- calibration: {c['n_calib']} x {c['calib_ctx']} tokens of {c['calib']} "
-                  "(random windows, seed 0); Hessians: Sketch B (1 pass), Sketch A "
+                  f"(random windows, seed 0); Hessians: Sketch B (1 pass, "
+                  f"{c.get('label_draws', 1)} label draw(s) per sequence), Sketch A "
                   f"({c['power_iters']} power iterations = {2 * c['power_iters']} passes)",
                   f"- evaluation: {c['n_eval']} x {c['eval_ctx']}-token windows of "
                   f"{c['eval_data']}; KL = mean per-token KL(original || quantized), nats",
@@ -202,6 +207,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sigma", type=float, default=0.01)
     ap.add_argument("--ldlq-block-size", type=int, default=None)
     ap.add_argument("--b-power-iters", type=int, default=1)
+    ap.add_argument("--label-draws", type=int, default=1,
+                    help="Sketch B: label draws per calibration sequence (their mean is each "
+                         "sequence's term; costs that many forward+backward passes)")
     ap.add_argument("--n-calib", type=int, default=256)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--power-iters", type=int, default=2)
@@ -243,7 +251,7 @@ def main(argv=None) -> int:
                     calib_ctx=args.ctx, power_iters=args.power_iters, eval_data="wikitext2-test",
                     eval_ctx=args.eval_ctx, n_eval=args.n_eval, batch_size=args.batch_size,
                     device=args.device, out_dir=args.out, save=True, progress=False,
-                    shrinkage=args.shrinkage, overwrite=True)
+                    shrinkage=args.shrinkage, overwrite=True, label_draws=args.label_draws)
     if args.incoherence_modes:
         return incoherence_table(cfg, args)
     t = time.perf_counter()
@@ -290,23 +298,28 @@ def sweep(args) -> int:
                             eval_data="wikitext2-test", eval_ctx=args.eval_ctx,
                             n_eval=args.n_eval, batch_size=args.batch_size, device=args.device,
                             out_dir=args.out, save=False, progress=False,
+                            label_draws=args.label_draws,
                             # a benchmark recomputes whatever an earlier (killed) run left that
                             # does not match; same-calibration Hessians are still reused
                             overwrite=True)
             t = time.perf_counter()
             for r in run_pipeline(cfg):
                 if r.method != "original":
+                    yb = r.method == "yaqa-b"
                     rows.append({**asdict(r), "n_calib": n, "ctx": ctx,
-                                 "shrinkage": shrink if r.method == "yaqa-b" else None})
+                                 "shrinkage": shrink if yb else None,
+                                 "label_draws": args.label_draws if yb else None})
             timings.append({"n_calib": n, "ctx": ctx, "shrinkage": shrink,
+                            "label_draws": args.label_draws,
                             "seconds": time.perf_counter() - t})
             logging.info("%dx%d shrinkage %s: %.0f s", n, ctx, shrink, timings[-1]["seconds"])
     meta = {"machine": machine(), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
             "eval": f"{args.n_eval} x {args.eval_ctx} tokens of wikitext2-test",
             "quantizer": f"int-k g{args.group_size}, scales {args.scale_search}, incoherence "
-                         f"{args.incoherence}", "timings": timings,
+                         f"{args.incoherence}", "label_draws": args.label_draws,
+            "timings": timings,
             "total_seconds": time.perf_counter() - t0}
-    lines = sweep_table(rows, settings, meta)
+    lines = sweep_table(rows, [(s, args.label_draws) for s in settings], meta)
     RESULTS.mkdir(exist_ok=True)
     stem = f"quality_shrinkage{args.tag}"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"runs": [meta], "rows": rows}, indent=2))
@@ -327,7 +340,8 @@ def merge_sweeps(paths: list[str], stem: str) -> list[str]:
         data = json.loads(Path(p).read_text())
         rows += data["rows"]
         runs += data["runs"]
-    settings = list(dict.fromkeys(r["shrinkage"] for r in rows if r["shrinkage"] is not None))
+    settings = list(dict.fromkeys((r["shrinkage"], r.get("label_draws") or 1) for r in rows
+                                  if r["shrinkage"] is not None))
     meta = {**runs[0], "command": " ; ".join(r["command"] for r in runs),
             "total_seconds": sum(r["total_seconds"] for r in runs)}
     lines = sweep_table(rows, settings, meta)
@@ -336,15 +350,18 @@ def merge_sweeps(paths: list[str], stem: str) -> list[str]:
     return lines
 
 
-def sweep_table(rows: list[dict], settings: list[str], meta: dict) -> list[str]:
-    """One line per (size, bits): LDLQ KL, then YAQA-B KL / ratio to LDLQ / mean amounts."""
+def sweep_table(rows: list[dict], settings: list[tuple[str, int]], meta: dict) -> list[str]:
+    """One line per (size, bits): LDLQ KL, then YAQA-B KL / ratio to LDLQ / mean amounts, one
+    column per (shrinkage setting, label draws per sequence)."""
     lines = [f"# YAQA-B vs LDLQ by calibration size and shrinkage", "",
              f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
              f"- evaluation: {meta['eval']}; quantizer: {meta['quantizer']}",
              f"- total time: {meta['total_seconds']:.0f} s", "",
              "KL(original || quantized) in nats; YAQA-B cells: KL (KL / LDLQ) [mean shrinkage "
-             "amount H_in / H_out].", ""]
-    head = "| calibration | bits | LDLQ KL | " + " | ".join(f"YAQA-B {s}" for s in settings) + " |"
+             "amount H_in / H_out]; Sketch B with D label draws per sequence where it says "
+             "\"D draws\" (else 1).", ""]
+    head = "| calibration | bits | LDLQ KL | " + " | ".join(
+        f"YAQA-B {s}" + (f", {d} draws" if d != 1 else "") for s, d in settings) + " |"
     lines += [head, "|" + "---|" * (3 + len(settings))]
     keys = sorted({(r["n_calib"], r["ctx"], r["bits"]) for r in rows},
                   key=lambda k: (k[0] * k[1], -k[2]))
@@ -352,8 +369,9 @@ def sweep_table(rows: list[dict], settings: list[str], meta: dict) -> list[str]:
         sel = [r for r in rows if (r["n_calib"], r["ctx"], r["bits"]) == (n, ctx, bits)]
         ldlq = next((r["kl"] for r in sel if r["method"] == "ldlq"), None)
         cells = []
-        for s in settings:
-            y = next((r for r in sel if r["method"] == "yaqa-b" and r["shrinkage"] == s), None)
+        for s, d in settings:
+            y = next((r for r in sel if r["method"] == "yaqa-b" and r["shrinkage"] == s
+                      and (r.get("label_draws") or 1) == d), None)
             if y is None:
                 cells.append("-")
                 continue

@@ -25,13 +25,18 @@ def _data() -> torch.Tensor:
     return torch.randint(0, 128, (7, 10), generator=torch.Generator().manual_seed(5))
 
 
-def _run(sketch: str, power_iters: int, out_dir: str | None) -> dict[str, dict[str, torch.Tensor]]:
+def _run(sketch: str, power_iters: int, out_dir: str | None,
+         label_draws: int = 1) -> dict[str, dict[str, torch.Tensor]]:
     model = tiny_model("llama", dtype=torch.float64)
     hs = yaqa.collect_hessians(model, _data(), sketch=sketch, power_iters=power_iters, seed=SEED,
                                dtype=torch.float64, batch_size=2, out_dir=out_dir,
-                               checkpoint_every=2 if out_dir else None, progress=False)
+                               checkpoint_every=2 if out_dir else None, progress=False,
+                               label_draws=label_draws)
     return {n: {"H_in": h.H_in, "H_out": h.H_out, "H_x": h.H_x,
-                "n": torch.tensor([h.n_seqs, h.n_tokens])} for n, h in hs.items()}
+                "n": torch.tensor([h.n_seqs, h.n_tokens]),
+                "stats": torch.tensor([(h.shrinkage or {}).get(k, 0.0)
+                                       for k in ("mean_sq", "mean_sq_out")])}
+            for n, h in hs.items()}
 
 
 def _worker(rank: int, world: int, port: int, out: str, ckpt_dir: str) -> None:
@@ -39,7 +44,8 @@ def _worker(rank: int, world: int, port: int, out: str, ckpt_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        res = {"B": _run("B", 1, None), "A": _run("A", 2, None), "B_ckpt": _run("B", 1, ckpt_dir)}
+        res = {"B": _run("B", 1, None), "A": _run("A", 2, None), "B_ckpt": _run("B", 1, ckpt_dir),
+               "B_draws": _run("B", 1, None, label_draws=2)}
         torch.save(res, f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()
@@ -90,3 +96,19 @@ def test_two_rank_run_with_checkpoints_writes_the_single_process_factors(two_ran
     for name, h in loaded.items():
         assert torch.equal(h.H_in, r0["B_ckpt"][name]["H_in"])
         assert (h.n_seqs, h.n_tokens) == (7, 70)
+
+
+def test_two_ranks_with_two_label_draws_equal_one_process(two_rank_results):
+    (r0, r1), _ = two_rank_results
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _run("B", 1, None, label_draws=2)
+    finally:
+        torch.set_num_threads(old)
+    for r in (r0, r1):
+        _assert_close(r["B_draws"], single)
+        for name in single:  # the in and out noise statistics are reduced too
+            assert torch.allclose(r["B_draws"][name]["stats"], single[name]["stats"],
+                                  rtol=1e-12), name
+            assert (single[name]["stats"] > 0).all()

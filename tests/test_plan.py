@@ -39,6 +39,9 @@ def test_live_tensor_bytes_counts_new_storage_once_and_frees_it():
          hx=False, iters=1, bpp=2),
     dict(hidden=64, intermediate=192, layers=2, vocab=256, batch=2, ctx=24, dtype=torch.bfloat16,
          hx=True, iters=2, bpp=1),
+    # several label draws: every micro-batch runs as batch · draws rows
+    dict(hidden=64, intermediate=128, layers=2, vocab=256, batch=2, ctx=32, dtype=torch.float32,
+         hx=True, iters=1, bpp=None, draws=3),
 ])
 def test_collection_estimate_is_within_20_percent_of_the_measured_peak(cfg):
     model = tiny_model("llama", hidden=cfg["hidden"], intermediate=cfg["intermediate"],
@@ -48,9 +51,11 @@ def test_collection_estimate_is_within_20_percent_of_the_measured_peak(cfg):
     with LiveTensorBytes(list(model.parameters()) + [ids]) as lv:
         yaqa.collect_hessians(model, ids, sketch="B", power_iters=cfg["iters"],
                               batch_size=cfg["batch"], collect_hx=cfg["hx"],
-                              blocks_per_pass=cfg["bpp"], progress=False)
+                              blocks_per_pass=cfg["bpp"], progress=False,
+                              label_draws=cfg.get("draws", 1))
     req = CollectionRequest(power_iters=cfg["iters"], n_seqs=ids.shape[0], ctx=cfg["ctx"],
-                            batch_size=cfg["batch"], collect_hx=cfg["hx"])
+                            batch_size=cfg["batch"], collect_hx=cfg["hx"],
+                            label_draws=cfg.get("draws", 1))
     plan = make_plan(ModelShape.from_model(model), req, budget_bytes=1 << 40, device="cpu",
                      blocks_per_pass=cfg["bpp"])
     # collect_hessians keeps every finished group's factors: the last group peaks with the
@@ -176,3 +181,22 @@ def test_timed_warmup_estimates_a_cached_plan(tmp_path):
                      blocks_per_pass=1, boundary_cache="memory", host_bytes=1 << 40)
     secs = timed_warmup(model, ids, plan, req, steps=1)
     assert 0 < secs == plan.seconds_estimate and "min of collection" in plan.summary()
+
+
+def test_label_draws_scale_the_plan_and_turn_the_boundary_cache_off():
+    shape = llama8b_shape()
+    kw = dict(budget_bytes=10**15, device="cuda", blocks_per_pass=8, disk_bytes=None,
+              host_bytes=1 << 50)
+    one = make_plan(shape, CollectionRequest(n_seqs=64, ctx=512, batch_size=4), **kw)
+    four = make_plan(shape, CollectionRequest(n_seqs=64, ctx=512, batch_size=4, label_draws=4),
+                     **kw)
+    wide = make_plan(shape, CollectionRequest(n_seqs=64, ctx=512, batch_size=16),
+                     **{**kw, "host_bytes": 1})  # uncached too: the same worst group
+    assert one.boundary_cache["mode"] == "memory" and four.boundary_cache["mode"] == "off"
+    # the model runs 4 rows per sequence: activations and logits as a batch of 16
+    for term in ("activations", "logits + gradient"):
+        assert four.collection_terms[term] == wide.collection_terms[term]
+    uncached = make_plan(shape, CollectionRequest(n_seqs=64, ctx=512, batch_size=4),
+                         **{**kw, "host_bytes": 1})
+    assert four.model_work == pytest.approx(4 * uncached.model_work)
+    assert "4 label draws" in four.summary()

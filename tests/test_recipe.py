@@ -20,7 +20,7 @@ def test_every_field_changes_the_identity_and_the_name_does_not():
     r = get_recipe("yaqa-b")
     other = {"rounding": "ldlq", "hessian": "A", "power_iters": 3, "quantizer": "int3",
              "group_size": 32, "symmetric": True, "scale_search": "mse", "incoherence": False,
-             "block_size": 8, "sigma": 0.1, "seed": 1, "shrinkage": "off"}
+             "block_size": 8, "sigma": 0.1, "seed": 1, "shrinkage": "off", "label_draws": 2}
     fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
     # fused_global_scale only matters (and only joins the identity) for nvfp4
     assert set(other) | {"fused_global_scale"} == fields  # a new field must be added here

@@ -85,6 +85,10 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="power iterations of every sketch: Sketch A default 2 (4 passes), "
                         "Sketch B default 1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-draws", type=int, default=1,
+                   help="Sketch B: label draws per calibration sequence, averaged (less label "
+                        "noise at the same data; costs that many forward+backward passes per "
+                        "sequence). Default 1")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dry-run", action="store_true",
                    help="print the memory plan (passes, memory per pass) and stop")
@@ -102,6 +106,7 @@ def _memory_plan(args, model, n_seqs: int, sketch: str = "B", blocks=None):
     req = CollectionRequest(sketch=sketch, power_iters=_power_iters(args, sketch) or
                             (2 if sketch == "A" else 1), n_seqs=n_seqs, ctx=args.ctx,
                             batch_size=args.batch_size,
+                            label_draws=args.label_draws if sketch == "B" else 1,
                             acc_bytes=8 if getattr(args, "fp64", False) else 4,
                             gradient_checkpointing=getattr(args, "gradient_checkpointing", False),
                             world=torch.distributed.get_world_size()
@@ -241,6 +246,9 @@ def cmd_hessians(args) -> int:
     from .store import check_output_dir
 
     check_output_dir(args.out)
+    from .hessians.config import check_label_draws
+
+    check_label_draws(args.label_draws, args.sketch)  # before the model loads
     blocks = None
     if args.blocks:
         lo, _, hi = args.blocks.partition(":")
@@ -265,6 +273,7 @@ def cmd_hessians(args) -> int:
     try:
         out = run_collection(model, calib.ids, args.out, sketch=args.sketch,
                              power_iters=_power_iters(args, args.sketch), seed=args.seed,
+                             label_draws=args.label_draws,
                              dtype=torch.float64 if args.fp64 else torch.float32, blocks=blocks,
                              batch_size=args.batch_size, precision=args.precision,
                              blocks_per_pass=plan.blocks_per_pass,
@@ -304,7 +313,8 @@ def recipe_from_args(args, method: str, quantizer: int | str):
     from .recipe import get_recipe
 
     qname = f"int{quantizer}" if isinstance(quantizer, int) else quantizer.lower()
-    return get_recipe(method, power_iters=args.power_iters, quantizer=qname,
+    return get_recipe(method, power_iters=args.power_iters,
+                      label_draws=getattr(args, "label_draws", None), quantizer=qname,
                       group_size=args.group_size, symmetric=args.symmetric,
                       scale_search=args.scale_search, incoherence=args.incoherence,
                       seed=args.seed, shrinkage=getattr(args, "shrinkage", "auto"),
@@ -386,7 +396,8 @@ def cmd_run(args) -> int:
                     scale_search=args.scale_search, incoherence=args.incoherence,
                     fused_global_scale=args.fused_global_scale,
                     calib=args.calib, n_calib=args.n_calib, calib_ctx=args.ctx,
-                    power_iters=args.power_iters, eval_data=args.eval_data,
+                    power_iters=args.power_iters, label_draws=args.label_draws,
+                    eval_data=args.eval_data,
                     eval_ctx=args.eval_ctx, n_eval=args.n_eval or None,
                     batch_size=args.batch_size, seed=args.seed, device=args.device,
                     dtype=args.dtype, out_dir=args.out, save=args.save,

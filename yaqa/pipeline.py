@@ -79,6 +79,7 @@ class RunConfig:
     n_calib: int = 64
     calib_ctx: int = 512
     power_iters: int | None = None  # Sketch A (and Sketch B unless sketch_b_power_iters is set)
+    label_draws: int = 1  # Sketch B: label draws per sequence (D× its forward+backward work)
     eval_data: str = "auto"
     eval_ctx: int = 512
     n_eval: int | None = 64
@@ -116,7 +117,8 @@ class RunConfig:
         block = self.ldlq_block_size if base.rounding == "ldlq" and self.ldlq_block_size \
             else self.block_size
         qname = f"int{quantizer}" if isinstance(quantizer, int) else quantizer
-        return get_recipe(method, power_iters=iters, quantizer=qname, group_size=self.group_size,
+        return get_recipe(method, power_iters=iters, label_draws=self.label_draws,
+                          quantizer=qname, group_size=self.group_size,
                           symmetric=self.symmetric, scale_search=self.scale_search,
                           incoherence=self.incoherence, block_size=block, sigma=self.sigma,
                           seed=self.seed, shrinkage=str(self.shrinkage),
@@ -219,11 +221,12 @@ def collect_for(model: nn.Module, recipe: Recipe, calib: Calibration, out_dir: s
     plan = make_plan(ModelShape.from_model(model),
                      CollectionRequest(sketch=recipe.hessian, power_iters=recipe.power_iters,
                                        n_seqs=calib.ids.shape[0], ctx=calib.ids.shape[1],
-                                       batch_size=batch_size),
+                                       batch_size=batch_size, label_draws=recipe.label_draws),
                      budget_bytes=device_budget(device), device=str(device))
     log.info("%s", plan.summary())
     run_collection(model, calib.ids, out_dir, sketch=recipe.hessian,
                    power_iters=recipe.power_iters, seed=recipe.seed, batch_size=batch_size,
+                   label_draws=recipe.label_draws,
                    blocks_per_pass=plan.blocks_per_pass, overwrite=overwrite,
                    progress=progress)
     hs = load_hessians(out_dir, model, device=device, stream=True)
@@ -296,7 +299,7 @@ def _hessian_plan(recipes: list[Recipe]) -> dict[str, Recipe]:
     plan: dict[str, Recipe] = {}
     for r in recipes:
         if r.hessian != "none":
-            plan.setdefault(f"{r.hessian}{r.power_iters}", r)
+            plan.setdefault(_request_key(r), r)
     sketches = [k for k, r in plan.items() if r.sketch]
     if sketches:
         for k in [k for k, r in plan.items() if r.hessian == "hx"]:
@@ -304,8 +307,14 @@ def _hessian_plan(recipes: list[Recipe]) -> dict[str, Recipe]:
     return plan
 
 
+def _request_key(r: Recipe) -> str:
+    """One collection per key: sketch, ALS steps and (where several) label draws."""
+    draws = f"d{r.label_draws}" if r.label_draws != 1 else ""
+    return f"{r.hessian}{r.power_iters}{draws}"
+
+
 def _hessians_key(plan: dict[str, Recipe], r: Recipe) -> str:
-    key = f"{r.hessian}{r.power_iters}"
+    key = _request_key(r)
     if key in plan:
         return key
     # LDLQ's H_x: from Sketch B's pass when there is one (the same pass GPTQ would make)
@@ -510,7 +519,9 @@ def _finish(q: _Quantized, row: ResultRow, ev_res, suite, stages, tok) -> None:
 def _report_settings(cfg: RunConfig, calib_src: str, eval_src: str, ev, model) -> dict:
     tasks = ", ".join(cfg.tasks) or "none"
     return {"model": cfg.model or "SmolLM2-135M-Instruct (embedded)",
-            "calibration": f"{calib_src}, {cfg.n_calib} x {cfg.calib_ctx}",
+            "calibration": f"{calib_src}, {cfg.n_calib} x {cfg.calib_ctx}"
+                           + (f", {cfg.label_draws} label draws per sequence (Sketch B)"
+                              if cfg.label_draws != 1 else ""),
             "evaluation": f"{eval_src}, {ev.shape[0]} x {ev.shape[1]}",
             "quantizer": f"{','.join(cfg.formats())} g{cfg.group_size or 'row'} "
                          f"{'sym' if cfg.symmetric else 'asym'} {cfg.scale_search}",

@@ -111,6 +111,7 @@ class CollectionRequest:
     n_seqs: int = 64
     ctx: int = 512
     batch_size: int = 4
+    label_draws: int = 1            # Sketch B: each sequence runs as this many rows
     acc_bytes: int = 4              # float32 sums (8 for float64)
     collect_hx: bool = True
     gradient_checkpointing: bool = False
@@ -271,20 +272,25 @@ def activation_bytes_per_token(shape: ModelShape, ctx: int, gradient_checkpointi
 def head_bytes(shape: ModelShape, req: CollectionRequest) -> int:
     """Logits and their gradient (both alive through backward) + one sequence's fp32 softmax."""
     d, tv = shape.dtype_bytes, req.ctx * shape.vocab
-    return 2 * req.batch_size * tv * d + tv * 4 * (2 if d == 4 else 3)
+    return 2 * req.batch_size * req.label_draws * tv * d + tv * 4 * (2 if d == 4 else 3)
 
 
 def workspace_bytes(shape: ModelShape, req: CollectionRequest) -> int:
     """The largest statistic workspace of one layer's backward hook."""
-    b, T, a = req.batch_size, req.ctx, req.acc_bytes
+    b, T, a, D = req.batch_size, req.ctx, req.acc_bytes, req.label_draws
+    rows = b * D  # several label draws: every sequence's G (and ∇W) D times
     worst = 0
     for _, m, n in shape.linears:
         if choose_route(T, m, n) == "gram":
             # T×T Grams (own + cached X X^T), Y = S X (or Z), fp32 copies of X and G, one product
             rect = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in sym_blocks(max(n, m)))
-            ws = 2 * b * T * T * a + b * T * (2 * max(n, m) + n + m) * a + rect * a
+            ws = 2 * b * T * T * a + rows * T * (2 * max(n, m) + n + m) * a + rect * a
+            if D > 1:  # the draws side by side (G_cat), and one sequence's (D·T)² statistic
+                ws += rows * T * m * a + (D * T) ** 2 * a
         else:
-            ws = 2 * b * m * n * a + max(n, m) ** 2 * a
+            ws = 2 * rows * m * n * a + max(n, m) ** 2 * a
+            if D > 1:  # the draws' ∇W side by side, for H_out's statistic
+                ws += rows * m * n * a
         worst = max(worst, ws)
     if req.collect_hx:
         big = max(n for _, _, n in shape.linears)
@@ -298,7 +304,7 @@ def collection_terms(shape: ModelShape, req: CollectionRequest, group: list[int]
     """The peak of one group's passes, term by term. ``own_blocks_only``: the group runs from a
     cached state to a cached gradient (a lower group under the boundary cache): no head, and
     only its own blocks keep activations."""
-    tokens_mb = req.batch_size * req.ctx
+    tokens_mb = req.batch_size * req.label_draws * req.ctx
     with_grad = shape.n_blocks - group[0]  # backward stops at the first collected block
     if own_blocks_only:
         with_grad = group[-1] + 1 - group[0]
@@ -401,6 +407,9 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
 
     def cache_choice(size: int) -> BoundaryChoice:
         starts = [g[0] for g in _groups(blocks, size) if g[0] > 0]
+        if req.label_draws > 1 and starts:
+            return BoundaryChoice("off", 0, f"label_draws={req.label_draws}: every pass "
+                                  "recomputes the forward below its blocks")
         # at its peak: every later group's state + the top group's gradient
         nbytes = boundary_bytes(req.n_seqs * req.ctx, shape.hidden, shape.dtype_bytes,
                                 len(starts) + 1 if starts else 0)
@@ -456,7 +465,8 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
     plan.boundary_cache = {"mode": bc.mode, "bytes": bc.bytes, "reason": bc.reason,
                            "starts": [g[0] for g in groups if g[0] > 0]}
     n_kinds = len(pass_kinds(req.sketch, req.power_iters))
-    plan.model_work = n_kinds * sum(_model_shares(plan, shape.n_blocks))
+    # several label draws run every sequence that many times through the model
+    plan.model_work = n_kinds * req.label_draws * sum(_model_shares(plan, shape.n_blocks))
     if coll > limit:
         parts = dict(terms)
         if end > sum(terms.values()):  # right after a pass: the group's factors, full
@@ -478,6 +488,10 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
     if plan.rounding_peak_bytes > limit:
         raise PlanError(f"rounding one linear needs about {plan.rounding_peak_bytes / GiB:.1f} GiB,"
                         f" over the {limit / GiB:.1f} GiB limit: round on a larger device")
+    if req.label_draws > 1:
+        plan.notes.append(f"{req.label_draws} label draws per sequence: every micro-batch runs "
+                          f"as {req.batch_size * req.label_draws} rows, {req.label_draws}x the "
+                          "forward+backward work of one draw")
     if req.world > 1:
         plan.notes.append(f"{req.world} ranks split the micro-batches of every pass; each rank "
                           "holds the whole group's accumulators")
@@ -512,7 +526,7 @@ def timed_warmup(model: nn.Module, ids: Tensor, plan: MemoryPlan, req: Collectio
         return (time.perf_counter() - t) / max(sum(m.numel() for m in mbs[1:]), 1)
 
     with HessianCollector(model, group, seed=seed, precision=precision,
-                          collect_hx=req.collect_hx,
+                          collect_hx=req.collect_hx, label_draws=req.label_draws,
                           gradient_checkpointing=req.gradient_checkpointing,
                           stats_stream=req.stats_stream) as col:
         n_blocks = len(col.block_list)

@@ -51,6 +51,8 @@ class Recipe:
     block_size: int = DEFAULT_BLOCK_SIZE  # tile of the LDL/YAQA feedback
     sigma: float = DEFAULT_SIGMA     # relative damping of the Hessian factors
     seed: int = 0                    # incoherence signs and sampled labels
+    # Sketch B only: label draws per sequence (their mean is each sequence's term; D× the passes)
+    label_draws: int = 1
     # YAQA only: shrink the Sketch-B factors towards LDLQ's (auto | auto-out | off | an amount)
     shrinkage: str = "auto"
     # NVFP4: one global scale per group of linears that vLLM fuses (q/k/v, gate/up), so the
@@ -89,6 +91,12 @@ class Recipe:
             object.__setattr__(self, "fused_global_scale", None)
         if self.power_iters < 1:
             raise RecipeError(f"power_iters must be >= 1, got {self.power_iters}")
+        from .hessians.config import check_label_draws
+
+        try:
+            check_label_draws(self.label_draws, self.hessian)
+        except ValueError as e:
+            raise RecipeError(f"{self.name}: {e}") from None
         if self.block_size < 1:
             raise RecipeError(f"block_size must be >= 1, got {self.block_size}")
         if not self.sigma >= 0:
@@ -127,6 +135,8 @@ class Recipe:
         d.pop("fused_global_scale")
         if self.fused_scale:
             d["fused_global_scale"] = True
+        if self.label_draws == 1:  # likewise: one draw keeps every earlier identity
+            d.pop("label_draws")
         return d
 
     def identity_hash(self) -> str:
@@ -173,11 +183,12 @@ def canonical_name(name: str) -> str:
 
 
 def get_recipe(name: str, *, bits: int | None = None, power_iters: int | None = None,
-               **overrides: Any) -> Recipe:
+               label_draws: int | None = None, **overrides: Any) -> Recipe:
     """The registered recipe ``name`` (case-insensitive), with ``overrides`` applied.
 
     ``bits=3`` is short for ``quantizer="int3"``.  ``power_iters`` applies to the sketches (A and
-    B) and is ignored by recipes without one, so a run over several methods can pass one value.
+    B) and is ignored by recipes without one, so a run over several methods can pass one value;
+    ``label_draws`` likewise reaches the Sketch-B recipes only.
     ``group_size=None`` means one scale per output row; leave a field out to keep its default.
     """
     base = _REGISTRY[canonical_name(name)]
@@ -186,6 +197,8 @@ def get_recipe(name: str, *, bits: int | None = None, power_iters: int | None = 
         changes["quantizer"] = f"int{bits}"
     if power_iters is not None and base.sketch is not None:
         changes["power_iters"] = power_iters
+    if label_draws is not None and base.hessian == "B":
+        changes["label_draws"] = label_draws
     unknown = set(changes) - {f.name for f in dataclasses.fields(Recipe)}
     if unknown:
         raise RecipeError(f"unknown recipe fields {sorted(unknown)}")

@@ -7,6 +7,11 @@ gradients G [b, T, m]; the per-sequence weight gradient is ∇W_b = G_b^T X_b.
   Later passes are ALS steps ``H_in ← Σ_b ∇W_b^T Ĥ_out ∇W_b`` (Ĥ = H / ||H||_F²) and likewise.
 * Sketch A: ``H_out += Σ_t (x_t Ĥ_in x_t^T) g_t^T g_t`` or ``H_in += Σ_t (g_t Ĥ_out g_t^T) x_t^T x_t``.
 * Plain GPTQ Hessian: ``H_x += Σ_t x_t^T x_t``.
+* Several label draws (``label_draws`` D > 1, Sketch B): each sequence arrives as D consecutive
+  rows with identical X_b and the gradients G_{b,d} of D label draws; its terms are the draw
+  means ``(1/D) Σ_d ∇W_{b,d}^T ∇W_{b,d}`` (and the mirror image), and it still counts as one
+  sample. With ``G_cat = [G_{b,1}, …, G_{b,D}]`` (features side by side), ``G_cat G_cat^T =
+  Σ_d G_{b,d} G_{b,d}^T``: the Gram route then needs one ``X^T S_G X`` per sequence.
 
 Sums stay sums until :meth:`LayerAccumulator.end_pass` divides by the sample count; only the lower
 block triangle of each symmetric sum is accumulated (see :func:`sym_addmm`), and only that part is
@@ -543,8 +548,12 @@ class LayerAccumulator:
     """Sums, counts and finished factors of one linear layer across the passes of a sketch."""
 
     def __init__(self, n: int, m: int, *, device: torch.device, dtype: torch.dtype = torch.float32,
-                 precision: str = "auto", route: str = "auto", collect_hx: bool = True):
+                 precision: str = "auto", route: str = "auto", collect_hx: bool = True,
+                 label_draws: int = 1):
         self.n, self.m = n, m
+        if label_draws < 1:
+            raise ValueError(f"label_draws must be >= 1, got {label_draws}")
+        self.label_draws = label_draws
         self.device, self.dtype = torch.device(device), dtype
         self.precision = resolve_precision(precision, self.device, dtype)
         self.prod = Products(self.precision, dtype, self.device)
@@ -561,19 +570,23 @@ class LayerAccumulator:
 
     # -- pass bookkeeping -------------------------------------------------------------------
     def sum_names(self, kind: str) -> tuple[str, ...]:
-        # "seq_sq": Σ_b ‖S_b‖²_F, the per-sequence noise statistic of yaqa.hessians.shrinkage
-        return {"hx": ("H_x",), "b": ("H_in", "H_out", "seq_sq")
+        # "seq_sq": Σ_b ‖S_b‖²_F, the per-sequence noise statistic of yaqa.hessians.shrinkage;
+        # with several label draws ‖S_in,b‖ ≠ ‖S_out,b‖, so each side has its own
+        stats = ("seq_sq",) if self.label_draws == 1 else ("seq_sq_in", "seq_sq_out")
+        return {"hx": ("H_x",), "b": ("H_in", "H_out") + stats
                 + (("H_x",) if self.collect_hx else ()),
                 "b_iter": ("H_in", "H_out"), "a_out": ("H_out",), "a_in": ("H_in",)}[kind]
 
     def begin_pass(self, kind: str) -> None:
         if kind not in PASS_KINDS:
             raise ValueError(f"unknown pass kind {kind!r}")
+        if self.label_draws > 1 and kind in ("a_out", "a_in"):
+            raise ValueError("label_draws > 1 applies to Sketch B only")
         self.kind = kind
         self.counts = {"seqs": 0, "tokens": 0}
-        # symmetric sums packed (sym_zeros); the 1×1 statistic stays a plain matrix
-        self.sums = {s: torch.zeros(1, 1, device=self.device, dtype=self.dtype) if s == "seq_sq"
-                     else sym_zeros(self._size(s), self.dtype, self.device)
+        # symmetric sums packed (sym_zeros); the 1×1 statistics stay plain matrices
+        self.sums = {s: torch.zeros(1, 1, device=self.device, dtype=self.dtype)
+                     if s in _STATISTICS else sym_zeros(self._size(s), self.dtype, self.device)
                      for s in self.sum_names(kind)}
         self._frozen = None
         if kind == "a_out":
@@ -588,7 +601,7 @@ class LayerAccumulator:
             self._prev_in_norm = self.factors["H_in"].norm()
 
     def _size(self, name: str) -> int:
-        return {"H_x": self.n, "H_in": self.n, "H_out": self.m, "seq_sq": 1}[name]
+        return 1 if name in _STATISTICS else {"H_x": self.n, "H_in": self.n, "H_out": self.m}[name]
 
     def end_pass(self) -> None:
         """Turn this pass's (already reduced) sums into means and store them as factors."""
@@ -599,7 +612,9 @@ class LayerAccumulator:
             # the only n×n matrix this makes
             s = self.sums.pop(name)
             s = unpack_sym(s, self._size(name)) if s.dim() == 1 else mirror_lower(s)
-            s /= tokens if (name == "H_x" or not per_seq) else seqs
+            # H_in/H_out sum every draw's term: the draw mean per sequence divides by D too
+            draws = self.label_draws if name in ("H_in", "H_out") else 1
+            s /= tokens if (name == "H_x" or not per_seq) else seqs * draws
             self.factors[name] = s
         if self.kind == "hx":
             self.factors["H_in"] = self.factors["H_x"]  # Sketch A starts from E[x^T x]
@@ -620,7 +635,10 @@ class LayerAccumulator:
             self._update_forward(X)
 
     def update_backward(self, X: Tensor, G: Tensor, cache: ProductCache | None = None) -> None:
-        """One micro-batch of layer inputs X [b, T, n] and output gradients G [b, T, m]."""
+        """One micro-batch of layer inputs X [b, T, n] and output gradients G [b, T, m].
+
+        With ``label_draws`` D > 1 (Sketch B), b = s·D rows: the D draws of each of s sequences
+        in consecutive rows, whose X rows are copies of one another (the first is used)."""
         with self.prod.scope():
             self._update_backward(X, G, cache)
 
@@ -636,7 +654,14 @@ class LayerAccumulator:
         m = G.shape[-1]
         cache = cache if cache is not None else ProductCache(0)
         kind, prod = self.kind, self.prod
-        x2, g2 = X.reshape(b * T, n), G.reshape(b * T, m)
+        draws = self.label_draws
+        Xd = X  # every row (for D > 1: each sequence's copies)
+        if draws > 1:
+            if b % draws:
+                raise ValueError(f"{b} rows are not whole sequences of {draws} label draws")
+            b //= draws
+            X = X.reshape(b, draws, T, n)[:, 0]  # one copy per sequence: H_x and the Gram route
+        x2, g2 = X.reshape(b * T, n), G.reshape(-1, m)
         if "H_x" in self.sums:
             if self.hx_shared is False:
                 sym_addmm(self.sums["H_x"], x2, x2, prod, "first")
@@ -648,15 +673,28 @@ class LayerAccumulator:
             if route == "gram":
                 self._gram_step(X, G, None, None, cache)
             else:
-                # [b, m, n] per-sequence ∇W_b, in the dtype the final products consume
-                D = prod.mm(G.transpose(1, 2), X, "first", for_level="final")
-                sym_addmm(self.sums["H_in"], D.reshape(b * m, n), D.reshape(b * m, n), prod,
-                          "final")
-                Dt = D.transpose(1, 2).reshape(b * n, m)
+                # [b·D, m, n] per-sequence (per-draw) ∇W_b, in the dtype the final products consume
+                D = prod.mm(G.transpose(1, 2), Xd, "first", for_level="final")
+                rows = D.shape[0]
+                sym_addmm(self.sums["H_in"], D.reshape(rows * m, n), D.reshape(rows * m, n),
+                          prod, "final")
+                Dt = D.transpose(1, 2).reshape(rows * n, m)
                 sym_addmm(self.sums["H_out"], Dt, Dt, prod, "final")
-                self.sums["seq_sq"] += seq_sq_norms_direct(D).sum().to(self.dtype)
+                if draws == 1:
+                    self.sums["seq_sq"] += seq_sq_norms_direct(D).sum().to(self.dtype)
+                else:
+                    # S_in,b = (1/D) Σ_d ∇W_d^T ∇W_d = (1/D) V^T V with V the ∇W_d stacked
+                    # (rows); S_out,b = (1/D) C C^T with C = [∇W_1 … ∇W_D] (columns)
+                    V = D.reshape(b, draws * m, n)
+                    C = D.reshape(b, draws, m, n).transpose(1, 2).reshape(b, m, draws * n)
+                    self.sums["seq_sq_in"] += (seq_sq_norms_direct(V).sum()
+                                               / draws ** 2).to(self.dtype)
+                    self.sums["seq_sq_out"] += (seq_sq_norms_direct(C).sum()
+                                                / draws ** 2).to(self.dtype)
         elif kind == "b_iter":
             self._gram_step(X, G, self._frozen_in, self._frozen_out, cache)
+        elif kind in ("a_out", "a_in") and draws > 1:
+            raise ValueError("label_draws > 1 applies to Sketch B only")
         elif kind == "a_out":
             w = (prod.mm(x2, self._frozen, "mid") * x2).sum(-1)  # x_t Ĥ_in x_t^T
             sym_addmm(self.sums["H_out"], g2, w[:, None] * g2, prod, "final")
@@ -674,18 +712,26 @@ class LayerAccumulator:
 
         With M = I (first Sketch-B pass) this costs 4T²(m+n) + 2T(n²+m²) per sequence instead of
         2Tmn + 2mn(m+n): cheaper whenever the context is shorter than the layer is wide.
+
+        X: one [b, T, n] per sequence; G: [b·D, T, m], the D label draws of a sequence in
+        consecutive rows. Then ``S_G = G_cat M G_cat^T`` sums the draws' T×T Grams.
         """
         b, T, n = X.shape
         m = G.shape[-1]
+        draws = G.shape[0] // b
         prod = self.prod
         X0, G0 = X, G  # as the model gave them: first-level products and the cache key
         if prod.same_operand("mid", "final"):  # one conversion serves both levels
             X, G = prod.operand(X, "mid"), prod.operand(G, "mid")
+        Gc = _side_by_side(G, b) if draws > 1 else G
         if Hout is None:
-            SG = sym_gram(G0, prod, "first", for_level="mid")
+            SG = sym_gram(_side_by_side(G0, b) if draws > 1 else G0, prod, "first",
+                          for_level="mid")
         else:
-            SG = prod.mm(prod.mm(G.reshape(b * T, m), Hout, "mid", for_level="mid")
-                         .reshape(b, T, m), G.transpose(1, 2), "mid", for_level="mid")
+            GH = prod.mm(G.reshape(b * draws * T, m), Hout, "mid", for_level="mid")
+            GH = _side_by_side(GH.reshape(b * draws, T, m), b) if draws > 1 else GH.reshape(b, T, m)
+            SG = prod.mm(GH, Gc.transpose(1, 2), "mid", for_level="mid")
+            del GH
         Y = prod.mm(SG, X, "mid", for_level="final").reshape(b * T, n)
         sym_addmm(self.sums["H_in"], X.reshape(b * T, n), Y, prod, "final")
         del Y
@@ -694,13 +740,36 @@ class LayerAccumulator:
         else:
             SX = prod.mm(prod.mm(X.reshape(b * T, n), Hin, "mid", for_level="mid")
                          .reshape(b, T, n), X.transpose(1, 2), "mid", for_level="mid")
-        if "seq_sq" in self.sums and Hin is None and Hout is None:
+        stats = Hin is None and Hout is None and self.kind == "b"
+        if stats:
             M = prod.mm(SX, SG, "mid")  # fp32: the statistic squares it
-            self.sums["seq_sq"] += seq_sq_norms_of_gram_product(M).sum().to(self.dtype)
+            if draws == 1:
+                self.sums["seq_sq"] += seq_sq_norms_of_gram_product(M).sum().to(self.dtype)
+            else:  # ‖S_in,b‖² = tr((X X^T · Σ_d G_d G_d^T)²) / D²
+                self.sums["seq_sq_in"] += (seq_sq_norms_of_gram_product(M).sum()
+                                           / draws ** 2).to(self.dtype)
             del M
         del SG
-        Z = prod.mm(SX, G, "mid", for_level="final").reshape(b * T, m)
-        sym_addmm(self.sums["H_out"], G.reshape(b * T, m), Z, prod, "final")
+        Z = prod.mm(SX, Gc, "mid", for_level="final")
+        if draws > 1:  # back to one row block per draw, as G's rows are
+            Z = Z.reshape(b, T, draws, m).transpose(1, 2)
+        Z = Z.reshape(b * draws * T, m)
+        if stats and draws > 1:
+            self.sums["seq_sq_out"] += (self._out_statistic(Z, G, b)
+                                        / draws ** 2).to(self.dtype)
+        sym_addmm(self.sums["H_out"], G.reshape(b * draws * T, m), Z, prod, "final")
+
+    def _out_statistic(self, Z: Tensor, G: Tensor, b: int) -> Tensor:
+        """``Σ_b ‖Σ_d G_d^T X X^T G_d‖²_F`` from Z_d = X X^T G_d: with the draws stacked along
+        time (Z_s, G_s: [D·T, m]), ``U = Z_s G_s^T`` has blocks X X^T G_d G_e^T and the norm is
+        ``tr(U²)``. One sequence at a time: U is (D·T)²."""
+        m = G.shape[-1]
+        Zs, Gs = Z.reshape(b, -1, m), G.reshape(b, -1, m)
+        total = torch.zeros((), dtype=torch.float64, device=Z.device)
+        for i in range(b):
+            U = self.prod.mm(Zs[i:i + 1], Gs[i:i + 1].transpose(1, 2), "mid")
+            total += seq_sq_norms_of_gram_product(U).sum()
+        return total
 
     # -- state ---------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
@@ -732,14 +801,24 @@ class LayerAccumulator:
         want, n = self.sums[name], self._size(name)
         if t.shape == want.shape:
             return t
-        if name != "seq_sq" and t.dim() == 2 and tuple(t.shape) == (n, n):
+        if name not in _STATISTICS and t.dim() == 2 and tuple(t.shape) == (n, n):
             return pack_sym(t.to(want.device))
-        if name != "seq_sq" and t.dim() == 1 and t.numel() == packed_layout(n).numel:
+        if name not in _STATISTICS and t.dim() == 1 and t.numel() == packed_layout(n).numel:
             return scatter_sym(t.to(want.device), n)
         raise ValueError(f"checkpointed sum {name} has shape {tuple(t.shape)}, neither "
                          f"{tuple(want.shape)} nor another layout of a {n}x{n} sum (written "
                          "with another blocking scheme?); collect this group again with a fresh "
                          "out_dir or overwrite=True")
+
+
+# the 1×1 noise statistics of yaqa.hessians.shrinkage (one for both sides, or one per side)
+_STATISTICS = ("seq_sq", "seq_sq_in", "seq_sq_out")
+
+
+def _side_by_side(G: Tensor, b: int) -> Tensor:
+    """[b·D, T, m] with a sequence's D draws in consecutive rows -> [b, T, D·m] (``G_cat``)."""
+    rows, T, m = G.shape
+    return G.reshape(b, rows // b, T, m).transpose(1, 2).reshape(b, T, rows // b * m)
 
 
 def _full_gram(x2: Tensor, prod: Products, cache: ProductCache) -> Tensor:

@@ -56,7 +56,7 @@ def collect_hessians(model: nn.Module, batches: Batches, sketch: str = "B", powe
         out_dir: store one safetensors file per block there and resume from it. Stored results
             are reused only for the same model weights, data and options; otherwise
             :class:`~yaqa.hessians.storage.StaleHessiansError` says what differs.
-        config / options: a :class:`CollectConfig`, or its fields as keywords (seed, dtype,
+        config / options: a :class:`CollectConfig`, or its fields as keywords (seed, label_draws, dtype,
             blocks, batch_size, precision, blocks_per_pass, gradient_checkpointing,
             checkpoint_every, checkpoint_interval_s, collect_hx, route, overwrite, progress).
 
@@ -107,6 +107,8 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
         "collect_hx": cfg.collect_hx,
         "calibration": calibration_identity(batches),
     }
+    if cfg.label_draws != 1:  # (absent at 1: identities from before the option stay valid)
+        identity["label_draws"] = cfg.label_draws
     if identity["calibration"] is None and out_path is not None:
         log.warning("the calibration data is a one-shot iterator, so stored Hessians in %s "
                     "cannot be checked against it; pass a tensor or list to make sure", out_path)
@@ -147,7 +149,8 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
                                          precision=cfg.precision, route=cfg.route,
                                          collect_hx=cfg.collect_hx,
                                          gradient_checkpointing=cfg.gradient_checkpointing,
-                                         boundary=boundary, stats_stream=cfg.stats_stream)
+                                         boundary=boundary, stats_stream=cfg.stats_stream,
+                                         label_draws=cfg.label_draws)
             summary = run_group(collector, batches, cfg, kinds, out_path, identity, bar,
                                 writer, store_dtype)
             if boundary is not None:
@@ -198,6 +201,11 @@ def _boundary_cache(model: nn.Module, batches: Batches, cfg: CollectConfig,
     # (only gradients: the groups still to collect are the lowest, resumed in a new command)
     if not (starts or grads) or cfg.boundary_cache == "off" \
             or not isinstance(batches, (Tensor, list, tuple)):
+        return None
+    if cfg.label_draws > 1:
+        # its slots hold one copy of each micro-batch; with several draws every group
+        # recomputes the forward below it instead
+        log.info("boundary cache: off (label_draws=%d)", cfg.label_draws)
         return None
     rank, world = D.rank_and_world()
     mb_tokens = [int(ids.numel()) for ids in _micro_batches(batches, cfg.batch_size)]

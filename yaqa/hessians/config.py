@@ -16,6 +16,10 @@ class CollectConfig:
         (forward passes only: the plain GPTQ Hessian E[x^T x], for LDLQ).
     power_iters: ALS steps; for "A", the number of H_out updates (2·power_iters passes).
     seed: seeds the labels sampled from the model's own distribution (per sequence).
+    label_draws: Sketch B only: label draws per sequence. Each sequence's terms become the mean
+        over D draws of sampled labels (less label noise at the same data; the sample count stays
+        the number of sequences). Costs D forward+backward passes per sequence: the micro-batch
+        runs as batch_size·D rows. 1 is the classic single draw.
     dtype: accumulation and result dtype (float32, or float64 for exact sums).
     blocks: decoder block indices to collect (default: all).
     batch_size: rows per micro-batch when the data is one tensor.
@@ -46,6 +50,7 @@ class CollectConfig:
     sketch: str = "B"
     power_iters: int = 1
     seed: int = 0
+    label_draws: int = 1
     dtype: torch.dtype = torch.float32
     blocks: range | Sequence[int] | None = None
     batch_size: int = 4
@@ -75,6 +80,11 @@ class CollectConfig:
                              f"got {self.boundary_cache!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        check_label_draws(self.label_draws, self.sketch)
+        if self.label_draws > 1 and self.boundary_cache in ("memory", "disk"):
+            raise ValueError(f"boundary_cache={self.boundary_cache!r} does not support "
+                             "label_draws > 1 (the cached states hold one copy per sequence); "
+                             "use boundary_cache='auto' or 'off'")
 
     @classmethod
     def from_options(cls, **options) -> CollectConfig:
@@ -83,3 +93,13 @@ class CollectConfig:
         if unknown:
             raise TypeError(f"unknown collection options {unknown}; see CollectConfig")
         return cls(**options)
+
+
+def check_label_draws(label_draws: int, sketch: str) -> None:
+    """Several label draws average Sketch B's per-sequence terms; nothing else samples labels
+    per sequence (Sketch A's terms are per token, "hx" samples none)."""
+    if not isinstance(label_draws, int) or isinstance(label_draws, bool) or label_draws < 1:
+        raise ValueError(f"label_draws must be an integer >= 1, got {label_draws!r}")
+    if label_draws > 1 and sketch != "B":
+        raise ValueError(f"label_draws={label_draws} applies to Sketch B only, not sketch "
+                         f"{sketch!r}; use label_draws=1")

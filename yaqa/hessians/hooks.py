@@ -61,8 +61,16 @@ class HessianCollector:
                  dtype: torch.dtype = torch.float32, precision: str = "auto",
                  route: str = "auto", collect_hx: bool = True,
                  gradient_checkpointing: bool = False, boundary: BoundaryCache | None = None,
-                 stats_stream: bool | None = None, stats_backlog: int = DEFAULT_BACKLOG):
+                 stats_stream: bool | None = None, stats_backlog: int = DEFAULT_BACKLOG,
+                 label_draws: int = 1):
         self.model = model
+        if label_draws < 1:
+            raise ValueError(f"label_draws must be >= 1, got {label_draws}")
+        if label_draws > 1 and boundary is not None:
+            raise ValueError("the boundary cache holds one copy of each sequence: it does not "
+                             "support label_draws > 1")
+        # Sketch B: each sequence runs as this many consecutive rows, one per label draw
+        self.label_draws = label_draws
         # hidden states at pass boundaries: start the forward at this group's first block
         self.boundary = boundary
         self.adapter = get_adapter(model)
@@ -83,7 +91,8 @@ class HessianCollector:
                 self.layers[name] = (bi, rel, mod)
                 self.acc[name] = LayerAccumulator(
                     mod.in_features, mod.out_features, device=mod.weight.device, dtype=dtype,
-                    precision=precision, route=route, collect_hx=collect_hx)
+                    precision=precision, route=route, collect_hx=collect_hx,
+                    label_draws=label_draws)
         self.precision = resolve_precision(precision, self.device, dtype)
         self.kind: str | None = None
         self.cache = ProductCache()
@@ -255,6 +264,12 @@ class HessianCollector:
         no blocks above the group. The gradients are the ones the full backward would give.
         """
         ids = ids.to(self.device)
+        # (also with no pass begun: the plan's timing of the model's own work then counts them)
+        draws = self.label_draws if self.kind != "hx" else 1
+        if draws > 1:
+            # every sequence D times in a row, each copy with its own draw of labels: D forward
+            # and backward passes, simple and exact (the accumulators regroup the copies)
+            ids = ids.repeat_interleave(draws, dim=0)
         self._batch = ids.shape[0]
         lo, hi = self.blocks[0], self.blocks[-1]
         bc = self.boundary if index is not None else None
@@ -287,7 +302,7 @@ class HessianCollector:
                 else:
                     logits = self.model(input_ids=ids, use_cache=False).logits
                     grad, _ = sampled_label_grad(logits.detach(), seq_indices, self.seed,
-                                                 self._generator)
+                                                 self._generator, draws=draws)
                     logits.backward(grad)
                 leaf = self._leaf
                 if (bc is not None and self.boundary is not None and leaf is not None

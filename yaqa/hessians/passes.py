@@ -150,6 +150,8 @@ def final_block_files(col: HessianCollector, identity: dict[str, Any], summary: 
         meta[b] = {**{k: identity[k] for k in IDENTITY_KEYS}, "block": b,
                    "block_prefix": f"{col.adapter.blocks_path}.{b}.", "layers": {},
                    "ctx": summary["ctx"], "data_sha256": summary["data_sha256"]}
+        if "label_draws" in identity:
+            meta[b]["label_draws"] = identity["label_draws"]
     for name, (bi, rel, mod) in col.layers.items():
         acc = col.acc[name]
         for k in ("H_in", "H_out", "H_x"):

@@ -16,6 +16,11 @@ For Sketch B ``‖∇W_b ∇W_b^T‖_F = ‖∇W_b^T ∇W_b‖_F`` (both are Σ�
 sequence serves both factors; through the T×T Grams it is ``tr((X_b X_b^T · G_b G_b^T)²)``.
 The noise of ``H_x`` (a per-token mean over N·T tokens) is ignored.
 
+With several label draws per sequence (D > 1) the terms are draw means,
+``S_in,b = (1/D) Σ_d ∇W_{b,d}^T ∇W_{b,d}`` and ``S_out,b = (1/D) Σ_d ∇W_{b,d} ∇W_{b,d}^T``, whose
+norms differ: each side has its own statistic (``seq_sq_in`` / ``seq_sq_out``), and the
+sequences stay the samples (their draws share X_b, so they are not independent).
+
 Limits: no noise (N → ∞) gives ``a = 0`` and returns Ĥ itself, untouched; ``a = 1`` returns the
 target tensor itself (``I``, ``H_x``), so YAQA then rounds exactly as LDLQ does. One sequence
 carries no evidence of its own noise: ``a = 1``.
@@ -131,12 +136,19 @@ def shrink(H: Tensor, target: Tensor | None, amount: float) -> Tensor:
 
 
 def estimate_amounts(H_in: Tensor, H_out: Tensor, H_x: Tensor | None, mean_sq: float,
-                     n_seqs: int) -> dict:
-    """The Ledoit–Wolf amounts of a layer and the statistic they came from (JSON-ready)."""
-    return {"n_seqs": int(n_seqs), "mean_sq": float(mean_sq),
-            "in": ledoit_wolf_amount(H_in, H_x, mean_sq, n_seqs),
-            "out": ledoit_wolf_amount(H_out, None, mean_sq, n_seqs),
-            "in_target": "H_x" if H_x is not None else "identity"}
+                     n_seqs: int, mean_sq_out: float | None = None) -> dict:
+    """The Ledoit–Wolf amounts of a layer and the statistic they came from (JSON-ready).
+
+    ``mean_sq`` describes both factors (one label draw), or H_in alone when ``mean_sq_out``
+    (H_out's statistic, several label draws) is given."""
+    out = {"n_seqs": int(n_seqs), "mean_sq": float(mean_sq),
+           "in": ledoit_wolf_amount(H_in, H_x, mean_sq, n_seqs),
+           "out": ledoit_wolf_amount(H_out, None, mean_sq if mean_sq_out is None
+                                     else mean_sq_out, n_seqs),
+           "in_target": "H_x" if H_x is not None else "identity"}
+    if mean_sq_out is not None:
+        out["mean_sq_out"] = float(mean_sq_out)
+    return out
 
 
 def shrink_layer(H_in: Tensor, H_out: Tensor, H_x: Tensor | None, estimate: dict | None,
@@ -165,7 +177,13 @@ def layer_estimate(factors: dict[str, Tensor], n_seqs: int, sketch: str,
     Only a single Sketch-B pass has it: ALS steps (power_iters > 1) and Sketch A weight their
     terms by a factor estimated from the same data, which the per-sequence scalar does not cover.
     """
-    if sketch != "B" or power_iters != 1 or "seq_sq" not in factors:
+    if sketch != "B" or power_iters != 1:
         return None
-    return estimate_amounts(factors["H_in"], factors["H_out"], factors.get("H_x"),
-                            float(factors["seq_sq"].reshape(-1)[0]), n_seqs)
+    if "seq_sq" in factors:  # one label draw (and every file before several existed)
+        return estimate_amounts(factors["H_in"], factors["H_out"], factors.get("H_x"),
+                                float(factors["seq_sq"].reshape(-1)[0]), n_seqs)
+    if "seq_sq_in" in factors and "seq_sq_out" in factors:
+        return estimate_amounts(factors["H_in"], factors["H_out"], factors.get("H_x"),
+                                float(factors["seq_sq_in"].reshape(-1)[0]), n_seqs,
+                                float(factors["seq_sq_out"].reshape(-1)[0]))
+    return None

@@ -95,8 +95,13 @@ def model_fingerprint(model: nn.Module, adapter: ModelAdapter | None = None) -> 
 
 def run_identity(identity: dict[str, Any]) -> dict[str, Any]:
     """The part of a collection's identity that decides the factors."""
-    return {**{k: identity.get(k) for k in IDENTITY_KEYS},
-            "model": {k: identity.get("model", {}).get(k) for k in MODEL_KEYS}}
+    out = {**{k: identity.get(k) for k in IDENTITY_KEYS},
+           "model": {k: identity.get("model", {}).get(k) for k in MODEL_KEYS}}
+    # several label draws per sequence give other factors; recorded only then, so one draw
+    # keeps the identity (and its hash) of every directory written before the option
+    if identity.get("label_draws", 1) != 1:
+        out["label_draws"] = identity["label_draws"]
+    return out
 
 
 def identity_problems(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
