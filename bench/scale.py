@@ -277,14 +277,8 @@ def _plain_step(model, ids, gen):
     return step
 
 
-def _mode_key(prec: str, overlap: str, args) -> str:
-    """A row's key: the precision, and the statistics stream when the run compares both."""
-    return prec if len(args.overlap) == 1 else f"{prec} stream-{overlap}"
-
-
 def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
-    """Plain fwd+bwd and Sketch B (every group of the plan, per precision and statistics-stream
-    setting) at one depth, against the same plain step.
+    """Plain fwd+bwd and Sketch B (every group of the plan, per precision) at one depth.
 
     Everything this allocates dies with the call; nothing but numbers comes back.
     """
@@ -292,9 +286,8 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     shape = ModelShape.from_model(model)
-    # the plan of the first setting (with the stream, its backlog counts in the peak)
     req = CollectionRequest(n_seqs=args.batch_size, ctx=args.ctx, batch_size=args.batch_size,
-                            collect_hx=args.hx, stats_stream=args.overlap[0] == "on")
+                            collect_hx=args.hx)
     plan = plan_for(args, shape, req)
     # the plain baseline keeps every block's activations: the first group's peak without the
     # accumulators and the statistic workspace (never more than the plan's own peak)
@@ -324,7 +317,7 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
            "hidden": shape.hidden, "intermediate": shape.intermediate,
            "heads": shape.heads, "kv_heads": shape.kv_heads, "vocab": shape.vocab,
            "plain_per_layer_token_s": t_plain / layers / ids.numel(), "modes": {}}
-    for prec, ov in [(p, o) for p in precisions for o in args.overlap]:
+    for prec in precisions:
         _free(args.device)
         t_groups, work = [], []
         starts = [g[0] for g in plan.groups if g[0] > 0]
@@ -334,8 +327,7 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
         # head (recording the states every step); the others between cached state and gradient
         for g in (plan.groups[::-1] if cached else plan.groups):
             top = g is plan.groups[-1]
-            col = HessianCollector(model, g, collect_hx=args.hx, precision=prec, boundary=bc,
-                                   stats_stream=ov == "on")
+            col = HessianCollector(model, g, collect_hx=args.hx, precision=prec, boundary=bc)
 
             def step(col=col, top=top):
                 if bc is not None and top:
@@ -359,79 +351,42 @@ def _throughput_at(args, layers: int, precisions: list[str]) -> dict:
         # no cache: the whole forward and the backward down to the group's first block)
         stat_s = max(sum(tg - t_plain * w for tg, w in zip(t_groups, work)), 0.0)
         sb = sum(t_groups)
-        row["modes"][_mode_key(prec, ov, args)] = {
-            "precision": prec, "stats_stream": ov, "sketch_b_s": sb, "x_plain": sb / t_plain,
+        row["modes"][prec] = {
+            "sketch_b_s": sb, "x_plain": sb / t_plain,
             "x_plain_if_one_pass": (t_plain + stat_s) / t_plain,
             "stats_per_layer_token_s": stat_s / layers / ids.numel(),
             "model_work": sum(work),
             "peak_gpu_gib": (gpu_peak_bytes(args.device) or 0) / GiB,
             "fused_bf16_accumulation": sorted(str(f) for f in fused)}
-        m = row["modes"][_mode_key(prec, ov, args)]
-        print(f"{layers} layers, batch {args.batch_size}, {prec}, stream {ov}: plain "
-              f"{t_plain * 1e3:.1f} ms, "
+        m = row["modes"][prec]
+        print(f"{layers} layers, batch {args.batch_size}, {prec}: plain {t_plain * 1e3:.1f} ms, "
               f"Sketch B {sb * 1e3:.1f} ms over {len(plan.groups)} pass(es), boundary cache "
               f"{row['boundary_cache']} = {m['x_plain']:.2f}x plain ({m['x_plain_if_one_pass']:.2f}x "
               f"if every accumulator fit one pass); statistics {stat_s / layers * 1e3:.1f} ms per "
               "layer", flush=True)
-    if len(args.overlap) > 1 and layers == args.layers_list[0]:
-        _free(args.device)
-        row["overlap_check"] = _overlap_check(model, ids, args, precisions[0])
-    if layers == args.layers_list[0] and args.profile != "off":
+    if layers == args.layers_list[0]:
         _free(args.device)
         profile(model, plan.groups[-1], ids, args, precisions[0])
     del model
     return row
 
 
-def _overlap_check(model, ids, args, precision: str, steps: int = 2) -> dict:
-    """The top block's factors (with H_x) from the same micro-batches with and without the
-    statistics stream: the same products summed in the same order, so they must agree to fp32
-    noise (kernels may pick other algorithms on another stream)."""
-    top = len(get_adapter(model).blocks(model)) - 1
-    factors = {}
-    for ov in ("on", "off"):
-        with HessianCollector(model, [top], collect_hx=True, precision=precision,
-                              stats_stream=ov == "on") as col:
-            col.begin_pass("b")
-            for _ in range(steps):
-                col.step(ids, range(ids.shape[0]))
-            col.end_pass()
-            factors[ov] = {f"{n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]}.{k}": t
-                           for n, a in col.acc.items() for k, t in a.factors.items()}
-        _sync(args.device)
-    worst, same = 0.0, 0
-    for k, on in factors["on"].items():
-        off = factors["off"][k]
-        same += bool(torch.equal(on, off))
-        worst = max(worst, ((on - off).norm() / off.norm().clamp_min(1e-30)).item())
-    out = {"block": top, "factors": len(factors["on"]), "bit_identical": same,
-           "max_rel_fro_diff": worst}
-    print(f"statistics stream on vs off, block {top}: {same}/{len(factors['on'])} factors "
-          f"bit-identical, max relative difference {worst:.2e}", flush=True)
-    if worst > 1e-5:
-        log.warning("factors with and without the statistics stream differ by %.2e: more than "
-                    "fp32 noise", worst)
-    return out
-
-
 def stage_throughput(args, state: dict) -> None:
     """Plain fwd+bwd vs Sketch B (every group of the plan) at each depth, and a profile."""
     precisions = args.precisions
     rows = {}
-    t0 = time.perf_counter()
     for layers in args.layers_list:
         rows[layers] = _throughput_at(args, layers, precisions)
         _free(args.device)
-        state["throughput_wall_s"] = time.perf_counter() - t0
         _throughput_table(args, state, rows)  # after every depth: a cut-off run keeps its rows
 
 
 def _throughput_table(args, state: dict, rows: dict) -> None:
     precisions = args.precisions
-    # the projection reads the first mode's numbers
-    first = _mode_key(precisions[0], args.overlap[0], args)
+    # the projection reads the first precision's numbers
     state["throughput"] = {str(k): {**{q: v for q, v in r.items() if q != "modes"},
-                                    **r["modes"][first]} for k, r in rows.items()}
+                                    **r["modes"][precisions[0]], "precision": precisions[0]}
+                           for k, r in rows.items()}
     state["throughput_modes"] = {str(k): r for k, r in rows.items()}
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     lines = [f"# Sketch B throughput at depth (bench/scale.py{args.tag})", "",
@@ -445,32 +400,19 @@ def _throughput_table(args, state: dict, rows: dict) -> None:
              "plan (each pass repeats the forward; its backward stops at its first block).", "",
              "x plain if one pass: the plain step plus the statistics alone (each pass's time "
              "minus its share of the model's work), i.e. as if every accumulator fit one pass. "
-             "fused: bf16 products added to the fp32 sums by one addmm (True) or mm + add. "
-             "stream: the per-layer statistics on their own CUDA stream, overlapping the "
-             "model's backward (on), or in the backward hooks on the model's stream (off); "
-             "stats ms / layer is then what the overlap left exposed.", "",
-             f"Whole stage: {state.get('throughput_wall_s', 0):.0f} s.", "",
-             "| layers | passes | plain ms | precision | stream | Sketch B ms | x plain | x plain "
-             "if one pass | stats ms / layer | peak GiB plain (plan) | peak GiB Sketch B (plan) "
-             "| fused |",
-             "| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "fused: bf16 products added to the fp32 sums by one addmm (True) or mm + add.", "",
+             "| layers | passes | plain ms | precision | Sketch B ms | x plain | x plain if one "
+             "pass | stats ms / layer | peak GiB plain (plan) | peak GiB Sketch B (plan) | fused |",
+             "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for k, r in rows.items():
-        for m in r["modes"].values():
+        for prec, m in r["modes"].items():
             per_layer = m["stats_per_layer_token_s"] * args.batch_size * args.ctx * 1e3
-            lines.append(f"| {k} | {len(r['groups'])} | {r['plain_s'] * 1e3:.1f} | "
-                         f"{m['precision']} | {m['stats_stream']} | "
+            lines.append(f"| {k} | {len(r['groups'])} | {r['plain_s'] * 1e3:.1f} | {prec} | "
                          f"{m['sketch_b_s'] * 1e3:.1f} | {m['x_plain']:.2f} | "
                          f"{m['x_plain_if_one_pass']:.2f} | {per_layer:.2f} | "
                          f"{r['plain_peak_gib']:.1f} ({r['plain_peak_gib_est']:.1f}) | "
                          f"{m['peak_gpu_gib']:.1f} ({r['plan_peak_gib_est']:.1f}) | "
                          f"{'/'.join(m['fused_bf16_accumulation'])} |")
-    for k, r in rows.items():
-        if "overlap_check" in r:
-            c = r["overlap_check"]
-            lines += ["", f"Factors with vs without the stream ({k} layers, block {c['block']}, "
-                          f"H_in/H_out/H_x of every linear, 2 micro-batches): {c['bit_identical']}"
-                          f"/{c['factors']} bit-identical, max relative Frobenius difference "
-                          f"{c['max_rel_fro_diff']:.2e}."]
     _write_results(args, f"scale_throughput{args.tag}.md", "\n".join(lines) + "\n")
     _write_results(args, f"scale_throughput{args.tag}.json",
                    json.dumps(state["throughput_modes"], indent=1, default=str))
@@ -497,83 +439,35 @@ def _write_results(args, name: str, text: str) -> Path:
 
 
 def profile(model, group, ids, args, precision: str = "auto") -> None:
-    """Torch profiler over two collection steps, per-layer statistics labelled by layer kind;
-    per statistics-stream setting, the kernel time on each CUDA stream and the GPU's idle time."""
+    """Torch profiler over two collection steps, per-layer statistics labelled by layer kind."""
     from torch.profiler import ProfilerActivity, profile as tprofile, record_function
 
-    cuda = args.device.startswith("cuda")
-    tables, summaries = [], []
-    for ov in args.overlap:
-        col = HessianCollector(model, group, collect_hx=args.hx, precision=precision,
-                               stats_stream=ov == "on")
-        with col:
-            orig = col._on_backward
+    col = HessianCollector(model, group, collect_hx=args.hx, precision=precision)
+    with col:
+        orig = col._on_backward
 
-            def labelled(name, x, g, orig=orig):
-                with record_function(f"stats:{name.rsplit('.', 1)[-1]}"):
-                    orig(name, x, g)
-            col._on_backward = labelled
-            col.begin_pass("b")
-            col.step(ids, range(ids.shape[0]))
+        def labelled(name, x, g):
+            with record_function(f"stats:{name.rsplit('.', 1)[-1]}"):
+                orig(name, x, g)
+        col._on_backward = labelled
+        col.begin_pass("b")
+        col.step(ids, range(ids.shape[0]))
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                         if args.device.startswith("cuda") else [])
+        with tprofile(activities=acts) as prof:
+            for _ in range(2):
+                col.step(ids, range(ids.shape[0]))
             _sync(args.device)
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            with tprofile(activities=acts) as prof:
-                for _ in range(2):
-                    col.step(ids, range(ids.shape[0]))
-                _sync(args.device)
-        del col
-        key = "cuda_time_total" if cuda else "cpu_time_total"
-        if not tables:
-            tables.append(prof.key_averages().table(sort_by=key, row_limit=40))
-        summaries.append(f"statistics stream {ov}: " + stream_summary(prof, args.work))
-        print(summaries[-1], flush=True)
-    dev = torch.cuda.get_device_name() if cuda else "cpu"
+    del col
+    key = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     path = _write_results(args, f"scale_profile{args.tag}.txt",
                           f"{platform.node()} {torch.__version__} {dev}, yaqa at {_git_commit()}, "
                           f"precision {precision}, {len(group)} block(s), batch {ids.shape[0]} x "
                           f"{ids.shape[1]}\npython bench/scale.py {' '.join(sys.argv[1:])}\n\n"
-                          "Two steps, kernels per CUDA stream (busy: union of kernel intervals; "
-                          "overlap: time two streams both ran; idle: no kernel on any stream, "
-                          "from the first kernel to the last):\n" + "\n".join(summaries)
-                          + f"\n\nOperators (statistics stream {args.overlap[0]}):\n"
-                          f"{tables[0]}\n")
+                          f"{table}\n")
     print(f"profile -> {path}")
-
-
-def _union_s(intervals: list[tuple[float, float]]) -> float:
-    total, end = 0.0, -math.inf
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
-def stream_summary(prof, work: Path) -> str:
-    """Kernel busy time per CUDA stream, their overlap and the GPU's idle time, from the
-    profiler's trace (microseconds in the trace; milliseconds here)."""
-    work.mkdir(parents=True, exist_ok=True)
-    trace = work / "profile_trace.json"
-    prof.export_chrome_trace(str(trace))
-    events = json.loads(trace.read_text()).get("traceEvents", [])
-    trace.unlink()
-    per: dict[str, list[tuple[float, float]]] = {}
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
-            ts, dur = float(e["ts"]), float(e.get("dur", 0))
-            per.setdefault(str(e.get("args", {}).get("stream", e.get("tid"))), []).append(
-                (ts, ts + dur))
-    if not per:
-        return "no GPU kernels in the trace (CPU run)"
-    every = [iv for ivs in per.values() for iv in ivs]
-    span = max(b for _, b in every) - min(a for a, _ in every)
-    union = _union_s(every)
-    busy = {k: _union_s(v) for k, v in per.items()}
-    parts = [f"stream {k}: {len(per[k])} kernels, busy {v / 1e3:.1f} ms"
-             for k, v in sorted(busy.items(), key=lambda kv: -kv[1])]
-    return (f"span {span / 1e3:.1f} ms, any stream busy {union / 1e3:.1f} ms, idle "
-            f"{(span - union) / 1e3:.1f} ms, overlap {(sum(busy.values()) - union) / 1e3:.1f} ms"
-            f"; " + "; ".join(parts))
 
 
 # -- projection ------------------------------------------------------------------------------------
@@ -888,12 +782,6 @@ def main(argv=None) -> int:
                     help="symmetric sums stored packed, about half of n x n (on), or as full "
                          "n x n matrices (off, the previous layout; the plan then fits fewer "
                          "blocks per pass)")
-    ap.add_argument("--overlap", type=lambda s: s.split(","), default=["on"],
-                    help="throughput: the statistics stream (on, off, or on,off to time both "
-                         "against the same plain step and compare their factors)")
-    ap.add_argument("--profile", default="on", choices=["on", "off"],
-                    help="throughput: a torch.profiler trace of two steps at the first depth, "
-                         "with kernel time per CUDA stream and idle time")
     ap.add_argument("--throughput-json", type=Path, default=None,
                     help="project from this throughput file (default: "
                          "bench/results/scale_throughput_h100_i14.json)")
@@ -908,9 +796,6 @@ def main(argv=None) -> int:
     args.ctx = args.ctx or (32 if args.tiny else 2048)
     args.group_size = args.group_size or (32 if args.tiny else 128)
     args.layers_list = args.layers_list or ([1, 2] if args.tiny else [8, 32])
-    bad = [o for o in args.overlap if o not in ("on", "off")]
-    if bad or not args.overlap:
-        ap.error(f"--overlap takes on, off or on,off, got {','.join(args.overlap)}")
     if args.tiny and "tiny" not in args.tag:
         args.tag += "_tiny"  # a functional check never overwrites a real run's results
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -10,7 +10,6 @@ deepest collected block, when every term is alive at once:
 
     weights + accumulators of the group + saved activations of every block from the first
     collected one down + logits and their gradient + the statistic workspace of one layer
-    (+ on CUDA, the inputs of the layer updates queued on the statistics stream)
 
 Each term is counted from the model's shapes (see the ``_*_bytes`` functions); the activation
 count follows a Llama-style block (pre-norm attention + gated MLP), which is what every family
@@ -35,7 +34,6 @@ from .hessians.accumulators import choose_route, sum_shape, sym_blocks
 from .hessians.boundary import (BoundaryChoice, boundary_bytes, choose_boundary_cache,
                                 host_available_bytes)
 from .hessians.collect import pass_kinds
-from .hessians.overlap import DEFAULT_BACKLOG, backlog_bytes, stats_stream_enabled
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +114,6 @@ class CollectionRequest:
     collect_hx: bool = True
     gradient_checkpointing: bool = False
     world: int = 1
-    stats_stream: bool | None = None  # None: YAQA_STATS_STREAM (default on); CUDA only
 
 
 @dataclass
@@ -403,7 +400,6 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
     if host_bytes is None:
         host_bytes = host_available_bytes()
     on_host = torch.device(device).type == "cpu"
-    overlap = torch.device(device).type == "cuda" and stats_stream_enabled(req.stats_stream)
 
     def cache_choice(size: int) -> BoundaryChoice:
         starts = [g[0] for g in _groups(blocks, size) if g[0] > 0]
@@ -432,12 +428,6 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
             if on_host and bc.mode == "memory":
                 t["boundary cache"] = bc.bytes  # host memory is the device's here
                 e += bc.bytes
-            if overlap and req.sketch != "hx":
-                # X and dL/dy of the updates in flight on the statistics stream outlive the
-                # model's use of them (yaqa.hessians.overlap); drained before a pass ends
-                t["statistics backlog"] = backlog_bytes(shape.linears,
-                                                        req.batch_size * req.ctx,
-                                                        shape.dtype_bytes, DEFAULT_BACKLOG)
             worst = max(worst, (sum(t.values()), t), key=lambda x: x[0])
             end = max(end, e)
         return max(worst[0], end), worst[1], end
@@ -480,8 +470,7 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
                                       " or skip the plain Hessian",
                   "weights": "use a smaller model dtype or a larger device",
                   "boundary cache": "use boundary_cache='disk' or 'off'",
-                  "statistic workspace": "lower --batch-size or --ctx",
-                  "statistics backlog": "lower --batch-size, or set YAQA_STATS_STREAM=0"}[biggest]
+                  "statistic workspace": "lower --batch-size or --ctx"}[biggest]
         raise PlanError(f"collection needs about {coll / GiB:.1f} GiB even at {size} block(s) per "
                         f"pass, over the {limit / GiB:.1f} GiB limit; the largest part is "
                         f"{biggest} ({parts[biggest] / GiB:.1f} GiB): {advice}")
@@ -527,8 +516,7 @@ def timed_warmup(model: nn.Module, ids: Tensor, plan: MemoryPlan, req: Collectio
 
     with HessianCollector(model, group, seed=seed, precision=precision,
                           collect_hx=req.collect_hx, label_draws=req.label_draws,
-                          gradient_checkpointing=req.gradient_checkpointing,
-                          stats_stream=req.stats_stream) as col:
+                          gradient_checkpointing=req.gradient_checkpointing) as col:
         n_blocks = len(col.block_list)
         plain = per_token(col)  # no pass begun: no taps, the model's own work in this group
         # a first Sketch-B pass stands for every pass: Sketch A's backward passes cost about

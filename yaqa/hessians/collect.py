@@ -149,8 +149,7 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
                                          precision=cfg.precision, route=cfg.route,
                                          collect_hx=cfg.collect_hx,
                                          gradient_checkpointing=cfg.gradient_checkpointing,
-                                         boundary=boundary, stats_stream=cfg.stats_stream,
-                                         label_draws=cfg.label_draws)
+                                         boundary=boundary, label_draws=cfg.label_draws)
             summary = run_group(collector, batches, cfg, kinds, out_path, identity, bar,
                                 writer, store_dtype)
             if boundary is not None:

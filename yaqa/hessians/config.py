@@ -42,9 +42,6 @@ class CollectConfig:
         their forward there: "auto" (host memory if it takes at most 60% of what is available,
         else files in the output directory, else off), "memory", "disk" or "off" (recompute the
         forward through the earlier blocks in every pass). Factors are the same either way.
-    stats_stream: on CUDA, run each layer's statistics on a second stream, overlapping the
-        model's backward (:mod:`yaqa.hessians.overlap`); None reads ``YAQA_STATS_STREAM``
-        (default on). The sums are the same; CPU ignores it.
     """
 
     sketch: str = "B"
@@ -65,7 +62,6 @@ class CollectConfig:
     progress: bool = True
     storage_dtype: str = "float32"
     boundary_cache: str = "auto"
-    stats_stream: bool | None = None
 
     def __post_init__(self) -> None:
         from .schedule import pass_kinds

@@ -23,7 +23,6 @@ from . import distributed as D
 from .accumulators import LayerAccumulator, ProductCache, resolve_precision
 from .boundary import BoundaryCache
 from .labels import sampled_label_grad
-from .overlap import DEFAULT_BACKLOG, StatsStream
 from .shrinkage import layer_estimate
 from .storage import HessianMetadataError, LayerHessian, LazyTensors
 
@@ -52,16 +51,12 @@ class HessianCollector:
     """Hooks a model for one group of blocks; :meth:`step` runs one micro-batch.
 
     Use as a context manager: hooks (and the frozen-parameter state) are undone on exit.
-    On CUDA the backward hooks launch the statistics on a second stream (``stats_stream``, see
-    :mod:`yaqa.hessians.overlap`; at most ``stats_backlog`` layer updates in flight); every
-    method that reads or replaces the sums waits for it first.
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[int], *, seed: int = 0,
                  dtype: torch.dtype = torch.float32, precision: str = "auto",
                  route: str = "auto", collect_hx: bool = True,
                  gradient_checkpointing: bool = False, boundary: BoundaryCache | None = None,
-                 stats_stream: bool | None = None, stats_backlog: int = DEFAULT_BACKLOG,
                  label_draws: int = 1):
         self.model = model
         if label_draws < 1:
@@ -96,9 +91,6 @@ class HessianCollector:
         self.precision = resolve_precision(precision, self.device, dtype)
         self.kind: str | None = None
         self.cache = ProductCache()
-        # the backward hooks' statistics on a second CUDA stream (yaqa.hessians.overlap); None:
-        # YAQA_STATS_STREAM decides (default on); CPU: always called in the hook, as before
-        self.stats = StatsStream(self.device, stats_stream, backlog=stats_backlog)
         self._handles: list[Any] = []
         self._saved_grad: list[tuple[nn.Parameter, bool]] = []
         self._patched: list[nn.Module] = []
@@ -146,19 +138,16 @@ class HessianCollector:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        try:
-            self.stats.drain()  # the sums and cached products may be freed from here on
-        finally:  # (a failed kernel raises here too: the model is restored all the same)
-            for h in self._handles:
-                h.remove()
-            self._handles.clear()
-            for block in self._patched:
-                del block.forward  # the instance attribute shadowed the class method
-            self._patched.clear()
-            for p, rg in self._saved_grad:
-                p.requires_grad_(rg)
-            self.model.train(self._was_training)
-            self.cache.release()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for block in self._patched:
+            del block.forward  # the instance attribute shadowed the class method
+        self._patched.clear()
+        for p, rg in self._saved_grad:
+            p.requires_grad_(rg)
+        self.model.train(self._was_training)
+        self.cache.release()
 
     def _make_leaf(self, module: nn.Module, args: tuple, kwargs: dict):
         # backward stops here: nothing below the first collected block needs gradients
@@ -227,15 +216,11 @@ class HessianCollector:
 
     def _on_backward(self, name: str, x: Tensor, g: Tensor) -> None:
         b = self._batch
-        # reshaped here, on the model's stream: a copy (non-contiguous dL/dy) is then among the
-        # tensors the statistics stream marks as in use
-        X, G = x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1])
-        acc, cache = self.acc[name], self.cache
-        self.stats.launch(lambda: acc.update_backward(X, G, cache), X, G)
+        self.acc[name].update_backward(x.reshape(b, -1, x.shape[-1]),
+                                       g.reshape(b, -1, g.shape[-1]), self.cache)
 
     # -- passes -------------------------------------------------------------------------------
     def begin_pass(self, kind: str) -> None:
-        self.stats.drain()  # the sums of a pass still in flight are about to be dropped
         self.kind = kind
         for acc in self.acc.values():
             acc.begin_pass(kind)
@@ -310,11 +295,6 @@ class HessianCollector:
                         and not bc.has(lo, index, "g")):
                     bc.put(lo, index, leaf.grad, "g")  # the group below starts its backward here
         finally:
-            # No wait for the statistics stream here: its updates of this micro-batch overlap
-            # the next forward. Ordering needs none (one stream, launched in hook order, each
-            # after the model's work so far); the cached products and their inputs stay alive
-            # through record_stream and the stream's own allocations; the backlog bound holds
-            # across steps. Everything that reads the sums drains first.
             self.cache.clear()
             self._inject, self._skip_below, self._record = None, None, None
             self._stop_at_top, self._top_out, self._leaf = False, None, None
@@ -346,7 +326,6 @@ class HessianCollector:
             return
         if self.kind is not None:
             raise RuntimeError("refill_gradient runs before the group's passes begin")
-        self.stats.drain()  # (nothing is collected here: hold no earlier inputs beside it)
         ids = ids.to(self.device)
         self._batch = ids.shape[0]
         self._start_from_cache(bc, ids, index)
@@ -393,13 +372,11 @@ class HessianCollector:
             a.counts = {"seqs": int(s), "tokens": int(tok)}
 
     def reduce_to_rank0(self) -> None:
-        self.stats.drain()  # the collective reads the sums
         counts = self._counts_tensor()
         D.reduce_sum_to_rank0_(self._sum_tensors() + [counts])
         self._set_counts(counts)
 
     def end_pass(self) -> None:
-        self.stats.drain()  # the all-reduce and the division read complete sums
         counts = self._counts_tensor()
         D.all_reduce_sum_(self._sum_tensors() + [counts])
         self._set_counts(counts)
@@ -409,7 +386,6 @@ class HessianCollector:
 
     # -- state --------------------------------------------------------------------------------
     def block_state(self) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, Any]]]:
-        self.stats.drain()  # a checkpoint saves the sums
         tensors: dict[int, dict[str, Tensor]] = {b: {} for b in self.blocks}
         meta: dict[int, dict[str, Any]] = {b: {"layers": {}} for b in self.blocks}
         for name, (bi, rel, _) in self.layers.items():
@@ -425,7 +401,6 @@ class HessianCollector:
         """Restore a checkpoint (:func:`~yaqa.hessians.storage.load_checkpoint`). Its tensors
         are taken one at a time (a lazy mapping reads each from disk only then), so nothing
         but the accumulators stays on the device."""
-        self.stats.drain()  # the sums are overwritten
         for name, (bi, rel, _) in self.layers.items():
             tensors, meta = states[bi]
             mine = tensors.sub(rel + ".")
