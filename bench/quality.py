@@ -91,7 +91,7 @@ def write_outputs(rows: list[dict], metas: list[dict], stem: str) -> list[str]:
         c = meta["config"]
         lines += [f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
                   f"- calibration: {c['n_calib']} x {c['calib_ctx']} tokens of {c['calib']} "
-                  f"(random windows, seed 0); Hessians: Sketch B (1 pass, "
+                  f"(random windows, seed {c.get('seed', 0)}); Hessians: Sketch B (1 pass, "
                   f"{c.get('label_draws', 1)} label draw(s) per sequence), Sketch A "
                   f"({c['power_iters']} power iterations = {2 * c['power_iters']} passes)",
                   f"- evaluation: {c['n_eval']} x {c['eval_ctx']}-token windows of "
@@ -216,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-eval", type=int, default=64)
     ap.add_argument("--eval-ctx", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="calibration windows, Hessian labels and Hadamard signs (run-to-run noise)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="yaqa-out/quality")
     ap.add_argument("--tag", default="", help="suffix for the result files")
@@ -251,7 +253,8 @@ def main(argv=None) -> int:
                     calib_ctx=args.ctx, power_iters=args.power_iters, eval_data="wikitext2-test",
                     eval_ctx=args.eval_ctx, n_eval=args.n_eval, batch_size=args.batch_size,
                     device=args.device, out_dir=args.out, save=True, progress=False,
-                    shrinkage=args.shrinkage, overwrite=True, label_draws=args.label_draws)
+                    shrinkage=args.shrinkage, overwrite=True, label_draws=args.label_draws,
+                    seed=args.seed)
     if args.incoherence_modes:
         return incoherence_table(cfg, args)
     t = time.perf_counter()
@@ -298,7 +301,7 @@ def sweep(args) -> int:
                             eval_data="wikitext2-test", eval_ctx=args.eval_ctx,
                             n_eval=args.n_eval, batch_size=args.batch_size, device=args.device,
                             out_dir=args.out, save=False, progress=False,
-                            label_draws=args.label_draws,
+                            label_draws=args.label_draws, seed=args.seed,
                             # a benchmark recomputes whatever an earlier (killed) run left that
                             # does not match; same-calibration Hessians are still reused
                             overwrite=True)
@@ -316,7 +319,7 @@ def sweep(args) -> int:
     meta = {"machine": machine(), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
             "eval": f"{args.n_eval} x {args.eval_ctx} tokens of wikitext2-test",
             "quantizer": f"int-k g{args.group_size}, scales {args.scale_search}, incoherence "
-                         f"{args.incoherence}", "label_draws": args.label_draws,
+                         f"{args.incoherence}", "label_draws": args.label_draws, "seed": args.seed,
             "timings": timings,
             "total_seconds": time.perf_counter() - t0}
     lines = sweep_table(rows, [(s, args.label_draws) for s in settings], meta)
