@@ -40,7 +40,8 @@ class GraphDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int, graph: bool | None = None,
-                 fused: bool | None = None, stack_linears: bool | None = None):
+                 fused: bool | None = None, stack_linears: bool | None = None,
+                 fold_silu: bool = True):
         cfg = model.config
         body = getattr(model, "model", None)
         layers = getattr(body, "layers", None)
@@ -103,6 +104,14 @@ class GraphDecoder:
                          StackedLinears.build([layer.mlp.gate_proj, layer.mlp.up_proj]))
                         if stack_linears else (None, None) for layer in layers]
         self.stacked = sum(s is not None for pair in self._stacks for s in pair)
+        # The fused step's packed int-k down projections (no incoherence) compute silu(gate)·up
+        # inside their GEMV (QuantizedLinear.forward_silu_mul): no activation launch, no write
+        # and re-read of the 14336-wide row.  fold_silu=False keeps the separate kernel.
+        from .quantized_linear import QuantizedLinear
+
+        self.fold_silu = fold_silu
+        self._fold = [fold_silu and isinstance(layer.mlp.down_proj, QuantizedLinear)
+                      for layer in layers]
 
     def _can_fuse(self, cfg) -> bool:
         from . import kernels
@@ -183,8 +192,9 @@ class GraphDecoder:
     @torch.no_grad()
     def _fused_step(self) -> None:
         """:meth:`_step` with the small ops fused (:mod:`.decode_kernels`): per layer two
-        norm launches, one rotary + cache write + attention, one activation, and the linears
-        (with incoherence: one input rotation for q/k/v, one for gate/up); one argmax."""
+        norm launches, one rotary + cache write + attention, one activation (none where the
+        down projection's GEMV computes it), and the linears (with incoherence: one input
+        rotation for q/k/v, one for gate/up); one argmax."""
         from .decode_kernels import (add_rmsnorm, argmax_token, argmax_workspace, rope_attention,
                                      silu_mul)
 
@@ -200,7 +210,10 @@ class GraphDecoder:
             norm = layer.post_attention_layernorm
             h, x = add_rmsnorm(h, a.o_proj(o.view(1, 1, H * D)), norm.weight,
                                norm.variance_epsilon)
-            d = mlp.down_proj(silu_mul(*self._linears(i, 1, [mlp.gate_proj, mlp.up_proj], x)))
+            g, u = self._linears(i, 1, [mlp.gate_proj, mlp.up_proj], x)
+            down = mlp.down_proj
+            d = (down.forward_silu_mul(g, u) if self._fold[i] and down.folds_silu(g)
+                 else down(silu_mul(g, u)))
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else body.norm
             h, x = add_rmsnorm(h, d, norm.weight, norm.variance_epsilon)
         logits = self.model.lm_head(x)

@@ -358,7 +358,7 @@ def _kernels():
         # add seconds per layer shape to the first decode step.
         return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
-    key = ["N", "M", "K", "BITS", "GROUP", "SEG1", "SEG2", "stride_seg"]
+    key = ["N", "M", "K", "BITS", "GROUP", "SEG1", "SEG2", "stride_seg", "SILU"]
     gemv_tuned = triton.autotune(configs=configs, key=key,
                                  prune_configs_by={"early_config_prune": prune},
                                  do_bench=bench)(gemv_words)
@@ -438,7 +438,8 @@ def gemv_workspace(dev: torch.device, partials: int = 0,
 
 def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
          bits: int, group: int, m: int, n: int, tile: tuple | None = None,
-         bounds: tuple[int, ...] = (), per_segment: bool = False) -> torch.Tensor:
+         bounds: tuple[int, ...] = (), per_segment: bool = False,
+         up: torch.Tensor | None = None) -> torch.Tensor:
     """``x2 @ W^T`` for a contiguous ``(rows, n)`` activation by the fused GEMV, in ``x2.dtype``.
 
     ``tile``: force one ``(BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, unpack 3-D)`` config, as
@@ -448,8 +449,24 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
     rows of the 2nd and 3rd layer.  With ``per_segment``, ``x2`` holds one input row per layer
     (``len(bounds) + 1`` rows, e.g. each layer's own input rotation) and the output is one row
     ``(1, m)``; otherwise every layer reads each row of ``x2``.
+
+    ``up``: the input is ``silu(x2) · up`` (a gated MLP's down projection reading the gate and up
+    outputs; :func:`silu_mul_reference`), computed by the GEMV as it loads its K slice, so no
+    separate activation kernel writes and re-reads it.  ``x2`` and ``up`` may be views with
+    contiguous rows of one stride (the two halves of the stacked gate/up output).
     """
     triton, gemv_words, gemv_tuned, gemv_bytes = _kernels()[:4]
+    silu = up is not None
+    if silu:
+        if bounds or up.shape != x2.shape or up.dtype != x2.dtype:
+            raise ValueError(f"GEMV: silu(gate)·up needs gate and up of one shape and dtype and "
+                             f"no stacked bounds, got {tuple(x2.shape)} {x2.dtype}, "
+                             f"{tuple(up.shape)} {up.dtype}, bounds {bounds}")
+        if (x2.stride(-1) != 1 or up.stride(-1) != 1
+                or (x2.shape[0] > 1 and up.stride(0) != x2.stride(0))):
+            x2, up = x2.contiguous(), up.contiguous()
+    else:
+        up = x2  # unused by the kernels
     if len(bounds) > 2 or list(bounds) != sorted(bounds) or any(not 0 < b < m for b in bounds):
         raise ValueError(f"GEMV: bounds must be at most 2 increasing rows inside (0, {m}), "
                          f"got {bounds}")
@@ -462,8 +479,8 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
         rows, stride_seg, align = x2.shape[0], 0, ()
     seg1, seg2 = (tuple(bounds) + (m, m))[:2]
     y = torch.empty(rows, m, dtype=x2.dtype, device=x2.device)
-    key = (bits, group, m, n, rows, x2.dtype, align)
-    shape_key = (m, n, rows, bits, group, x2.dtype, align)
+    key = (bits, group, m, n, rows, x2.dtype, align, silu)
+    shape_key = (m, n, rows, bits, group, x2.dtype, align, silu)
     forced = tile or forced_config()
     if forced is not None and not config_fits(forced, bits, group, n, align):
         if tile is not None:
@@ -478,6 +495,8 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
         log.warning("packed GEMV first called inside a CUDA graph capture: dequantize + matmul "
                     "for this call (run one eager step before capturing)")
         W = dequantize_cuda(qweight, scale, zero, bits, group, m, n, x2.dtype)
+        if silu:
+            return silu_mul_reference(x2, up) @ W.T
         if not per_segment:
             return x2 @ W.T
         edges = (0, *bounds, m)
@@ -489,15 +508,16 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
     def words_default():
         bn, bk, sk, w, st, u = forced or _default_tile(m, n, group, bits, align)
         gemv_words[(triton.cdiv(m, bn), sk, rows)](
-            x2, qweight.view(torch.int32), scale, zero, y, *common, BITS=bits, GROUP=group,
-            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, UNPACK_3D=u, num_warps=w, num_stages=st)
+            x2, up, qweight.view(torch.int32), scale, zero, y, *common, BITS=bits, GROUP=group,
+            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, UNPACK_3D=u, SILU=silu, num_warps=w,
+            num_stages=st)
 
     def words_tuned():
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_N"]), meta["SPLIT_K"], rows
 
-        gemv_tuned[grid](x2, qweight.view(torch.int32), scale, zero, y, *common, BITS=bits,
-                         GROUP=group)
+        gemv_tuned[grid](x2, up, qweight.view(torch.int32), scale, zero, y, *common, BITS=bits,
+                         GROUP=group, SILU=silu)
         _TUNED.add(shape_key)
 
     def words():
@@ -517,8 +537,8 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
                and forced is None and sk * 2 <= MAX_SPLIT):
             sk *= 2
         gemv_bytes[(triton.cdiv(m, bn), sk, rows)](
-            x2, qweight, scale, zero, y, *common, BITS=bits, CPC=cpc, NB=nb, GROUP=group,
-            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4)
+            x2, up, qweight, scale, zero, y, *common, BITS=bits, CPC=cpc, NB=nb, GROUP=group,
+            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SILU=silu, num_warps=4)
 
     if _word_layout(bits, qweight):
         _guarded("gemv_words", key, words, chunks)
@@ -528,12 +548,15 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
 
 
 def gemv_config(bits: int, group: int, m: int, n: int, rows: int = 1,
-                dtype: torch.dtype = torch.bfloat16, segmented: bool = False) -> dict | None:
+                dtype: torch.dtype = torch.bfloat16, segmented: bool = False,
+                silu: bool = False) -> dict | None:
     """The config the autotuner picked for a layer shape (after its first call), for reports.
-    ``segmented``: of stacked layers that each read their own input row (incoherence)."""
+    ``segmented``: of stacked layers that each read their own input row (incoherence);
+    ``silu``: of the down projection with silu(gate)·up folded in (``gemv(up=...)``)."""
     gemv_tuned = _kernels()[2]
     for k, cfg in getattr(gemv_tuned, "cache", {}).items():
-        if tuple(k[:5]) == (m, rows, n, bits, group) and bool(k[7]) == segmented:
+        if (tuple(k[:5]) == (m, rows, n, bits, group) and bool(k[7]) == segmented
+                and bool(k[8]) == silu):
             return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return None
 
@@ -591,6 +614,35 @@ def intk_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
 @intk_matmul.register_fake
 def _(x, qweight, scale, zero, bits, group, m, n):
     return x.new_empty(*x.shape[:-1], m)
+
+
+def silu_mul_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) · u`` rounded as :func:`decode_kernels.silu_mul` and the folded GEMV round it:
+    silu in fp32, rounded to the dtype (act_fn's output), times ``u`` in fp32, rounded."""
+    gf = g.float()
+    a = (gf / (1.0 + torch.exp(-gf))).to(g.dtype).float()
+    return (a * u.float()).to(g.dtype)
+
+
+@torch.library.custom_op("yaqa::intk_matmul_silu", mutates_args=())
+def intk_matmul_silu(gate: torch.Tensor, up: torch.Tensor, qweight: torch.Tensor,
+                     scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, m: int,
+                     n: int) -> torch.Tensor:
+    """``(silu(gate) · up) @ W^T`` for packed int-k ``W`` (a gated MLP's down projection) at
+    decode: the GEMV computes the activation while loading its input (:func:`gemv` ``up=``).
+    ``gate``/``up``: ``(..., n)``, at most :data:`GEMV_MAX_ROWS` rows; larger inputs take the
+    activation, then :func:`packed_matmul`."""
+    g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
+    if g2.shape[0] > GEMV_MAX_ROWS:
+        y = packed_matmul(silu_mul_reference(g2, u2), qweight, scale, zero, bits, group, m, n)
+    else:
+        y = gemv(g2, qweight, scale, zero, bits, group, m, n, up=u2)
+    return y.reshape(*gate.shape[:-1], m)
+
+
+@intk_matmul_silu.register_fake
+def _(gate, up, qweight, scale, zero, bits, group, m, n):
+    return gate.new_empty(*gate.shape[:-1], m)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -282,6 +282,27 @@ class QuantizedLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def folds_silu(self, gate: torch.Tensor) -> bool:
+        """Whether :meth:`forward_silu_mul` computes the activation inside the packed GEMV for a
+        ``gate`` like this one (decode-sized, Triton, int-k the kernels take, no incoherence:
+        the input rotation mixes all of K, so the activation must be complete before it)."""
+        return (self.is_int and not self.dense_cache and not self.incoherence
+                and kernels.use_triton(gate)
+                and gate.numel() <= kernels.GEMV_MAX_ROWS * self.in_features
+                and kernels.kernel_supports(self.bits, self.group_size, self.out_features,
+                                            self.in_features))
+
+    def forward_silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``self(silu(gate) · up)``, a gated MLP's down projection.  Where :meth:`folds_silu`,
+        one GEMV launch computes the activation while loading its input (rounded as the separate
+        activation kernel rounds it); otherwise the activation, then :meth:`forward`."""
+        if not self.folds_silu(gate):
+            return self(kernels.silu_mul_reference(gate, up))
+        y = kernels.intk_matmul_silu(gate, up, self.qweight, self.grid_scale, self.grid_zero,
+                                     self.bits, self.group_size, self.out_features,
+                                     self.in_features)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, quantizer={self.quantizer.config()}, "
