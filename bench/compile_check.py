@@ -1,7 +1,8 @@
 """Compile the decode kernels for an H100 (sm_90) without a GPU, and show their resources.
 
-    python bench/compile_check.py           # every GEMV config x (K=4096, 14336), int8 head
-                                            # GEMV configs, decode kernels
+    python bench/compile_check.py           # every GEMV config x (K=4096, 14336), the
+                                            # silu-folded down GEMV, int8 and bf16 head GEMV
+                                            # configs, decode kernels
     python bench/compile_check.py --quick   # one GEMV config per unpack mode (a CI smoke test)
 
 Triton compiles ahead of time with its bundled ptxas, so a kernel that would fail to build on the
@@ -132,6 +133,16 @@ def main() -> int:
     for bn, bk, w, st in int8_configs:  # the Llama-3 head: 128,256 x 4,096
         run(kernels_int8._kernels()[1], int8_sig, {"K": 4096, "BLOCK_N": bn, "BLOCK_K": bk,
                                                    "EVEN_K": True},
+            {"num_warps": w, "num_stages": st})
+    from yaqa.nn import kernels_dense
+
+    dense_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32",
+                 "stride_x": "i32", "stride_y": "i32", "K": "constexpr", "BLOCK_N": "constexpr",
+                 "BLOCK_K": "constexpr", "EVEN_K": "constexpr"}
+    dense_configs = kernels_dense.DENSE_CONFIGS[:2] if args.quick else kernels_dense.DENSE_CONFIGS
+    for bn, bk, w, st in dense_configs:  # the Llama-3 head in bf16
+        run(kernels_dense._kernels()[1], dense_sig, {"K": 4096, "BLOCK_N": bn, "BLOCK_K": bk,
+                                                     "EVEN_K": True},
             {"num_warps": w, "num_stages": st})
     from yaqa.nn.kernels import _kernels
 

@@ -41,7 +41,7 @@ class GraphDecoder:
 
     def __init__(self, model: torch.nn.Module, max_len: int, graph: bool | None = None,
                  fused: bool | None = None, stack_linears: bool | None = None,
-                 fold_silu: bool = True):
+                 fold_silu: bool = True, dense_head: bool | None = None):
         cfg = model.config
         body = getattr(model, "model", None)
         layers = getattr(body, "layers", None)
@@ -112,6 +112,19 @@ class GraphDecoder:
         self.fold_silu = fold_silu
         self._fold = [fold_silu and isinstance(layer.mlp.down_proj, QuantizedLinear)
                       for layer in layers]
+        # An unquantized 16-bit LM head at batch 1: the Triton GEMV (.kernels_dense) where a
+        # one-time measurement on this GPU finds it faster than cuBLAS (dense_head=None), or as
+        # forced (True/False).  Fused steps only (Triton present).
+        self.dense_head = False
+        head = model.lm_head
+        if self.fused and type(head) is torch.nn.Linear and head.bias is None:
+            from . import kernels_dense
+
+            if kernels_dense.supports(head.weight):
+                if dense_head is None:
+                    dense_head = (head.weight.is_cuda and not kernels._interpreting()
+                                  and kernels_dense.faster_than_cublas(head.weight)[0])
+                self.dense_head = bool(dense_head)
 
     def _can_fuse(self, cfg) -> bool:
         from . import kernels
@@ -194,7 +207,8 @@ class GraphDecoder:
         """:meth:`_step` with the small ops fused (:mod:`.decode_kernels`): per layer two
         norm launches, one rotary + cache write + attention, one activation (none where the
         down projection's GEMV computes it), and the linears (with incoherence: one input
-        rotation for q/k/v, one for gate/up); one argmax."""
+        rotation for q/k/v, one for gate/up); the head (cuBLAS or :mod:`.kernels_dense`'s GEMV);
+        one argmax."""
         from .decode_kernels import (add_rmsnorm, argmax_token, argmax_workspace, rope_attention,
                                      silu_mul)
 
@@ -216,7 +230,13 @@ class GraphDecoder:
                  else down(silu_mul(g, u)))
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else body.norm
             h, x = add_rmsnorm(h, d, norm.weight, norm.variance_epsilon)
-        logits = self.model.lm_head(x)
+        head = self.model.lm_head
+        if self.dense_head and x.dtype == head.weight.dtype:
+            from .kernels_dense import dense_matmul
+
+            logits = dense_matmul(x, head.weight)
+        else:
+            logits = head(x)
         if self._argmax_ws is None:
             self._argmax_ws = argmax_workspace(logits.numel(), logits.device)
         argmax_token(logits, self.tok, self.next_token, self._argmax_ws)
