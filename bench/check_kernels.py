@@ -255,7 +255,7 @@ def check_attention(c: Checker, dev) -> None:
                              f"split={split})", False)
 
 
-def check_silu_fold(c: Checker, dev) -> None:
+def check_silu_fold(c: Checker, dev, quick: bool = False) -> None:
     """The down projection's GEMV with silu(gate)·up folded in (Llama-8B: 4096 x 14336 int4 g128,
     gate and up the two halves of the stacked gate/up output row): autotuned against the dense
     reference, bit-equal to the separate activation kernel + GEMV under the same forced config,
@@ -276,13 +276,34 @@ def check_silu_fold(c: Checker, dev) -> None:
         with torch.no_grad():
             c.check(f"silu-folded down GEMV int{bits} {shape[0]}x{shape[1]} (autotuned)",
                     down.forward_silu_mul(g, u), ref, 1e-2, show=True)
-            tiles = ([kernels._default_tile(shape[0], shape[1], 128, bits)]
-                     + ([t for t in kernels._GEMV_CONFIGS if kernels.config_fits(t, bits, 128, n)]
-                        if bits == 4 and dev.type == "cuda" else []))
+            tiles = [kernels._default_tile(shape[0], shape[1], 128, bits)]
+            if bits == 4 and dev.type == "cuda":
+                # --quick: the down projection's H100 picks and a 3-D unpacking (compiles cost
+                # about a second each); else every fitting config.
+                tiles += [t for t in kernels._GEMV_CONFIGS if kernels.config_fits(t, bits, 128, n)
+                          and (not quick or t in ((64, 256, 8, 4, 1, False),
+                                                  (64, 256, 4, 4, 3, False),
+                                                  (32, 256, 4, 8, 1, True)))]
             same = sum(torch.equal(kernels.gemv(g, *args, tile=t, up=u),
                                    kernels.gemv(act, *args, tile=t)) for t in tiles)
             c.expect(f"  int{bits}: folded == silu_mul + GEMV bit for bit, {same}/{len(tiles)} "
                      f"configs", same == len(tiles))
+    # With incoherence the input rotation computes the activation (14336 = 28·32·16).
+    inc = layer(4, 128, *((m, n) if dev.type == "cuda" else (64, 7168)), True, dev)
+    k = inc.in_features
+    gu = torch.randn(1, 2 * k, device=dev, dtype=torch.bfloat16) * 2
+    g, u = gu[:, :k], gu[:, k:]
+    with torch.no_grad():
+        act = dk.silu_mul(g, u)
+        c.check(f"silu-folded input rotation + down GEMV inc {inc.out_features}x{k}",
+                inc.forward_silu_mul(g, u), act.double() @ inc.dequantized_weight().double().T,
+                2e-2, show=True)
+        count = inc._fused_rotation(g, "in")
+        c.expect(f"  inc: folded rotation == silu_mul + rotation bit for bit ({count} factors)",
+                 bool(count) and torch.equal(inc._fused_rotate(g, "in", count, up=u),
+                                             inc._fused_rotate(act, "in", count)))
+    gu = torch.randn(1, 2 * n, device=dev, dtype=torch.bfloat16) * 2
+    g, u = gu[:, :n], gu[:, n:]
     if dev.type == "cuda":
         with torch.no_grad():
             graph = torch.cuda.CUDAGraph()
@@ -294,7 +315,7 @@ def check_silu_fold(c: Checker, dev) -> None:
                 dk.silu_mul(g, u).double() @ W.T, 1e-2, show=True)
 
 
-def check_dense_head(c: Checker, dev) -> None:
+def check_dense_head(c: Checker, dev, quick: bool = False) -> None:
     """The Triton GEMV for a bf16 LM head (Llama-3 vocabulary) against torch: autotuned, every
     config forced, 3 rows, replayed from a CUDA graph, under torch.compile; and the one-time
     comparison with cuBLAS that GraphDecoder makes."""
@@ -311,7 +332,7 @@ def check_dense_head(c: Checker, dev) -> None:
     if dev.type != "cuda":
         return
     print(f"  autotuned config: {kernels_dense.dense_config(m, n)}", flush=True)
-    for tile in kernels_dense.DENSE_CONFIGS:
+    for tile in kernels_dense.DENSE_CONFIGS[:4] if quick else kernels_dense.DENSE_CONFIGS:
         c.check(f"bf16 head config {tile}", kernels_dense.dense_gemv(x, W, tile=tile), ref, 1e-2)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -353,6 +374,10 @@ def check_decoder(c: Checker, dev) -> None:
         eager = GraphDecoder(model, max_len=40, graph=False).generate(prompt, 16)
         c.expect(f"GraphDecoder {dtype} (fused small ops: {dec.fused}): CUDA graph tokens == "
                  "eager step tokens", torch.equal(graph, eager))
+        unfolded = GraphDecoder(model, max_len=40, graph=dev.type == "cuda",
+                                fold_silu=False).generate(prompt, 16)
+        c.expect(f"GraphDecoder {dtype}, incoherence: silu folded into the down input rotation "
+                 f"tokens == separate activation kernel tokens", torch.equal(graph, unfolded))
         sep = GraphDecoder(model, max_len=40, graph=dev.type == "cuda",
                            stack_linears=False).generate(prompt, 16)
         same = int((sep == graph).sum()) - prompt.shape[1]
@@ -444,8 +469,8 @@ def main() -> int:
     check_stacked(c, dev)
     check_big_and_graphs(c, dev)
     check_int8_head(c, dev)
-    check_silu_fold(c, dev)
-    check_dense_head(c, dev)
+    check_silu_fold(c, dev, args.quick)
+    check_dense_head(c, dev, args.quick)
     check_attention(c, dev)
     check_decoder(c, dev)
     from yaqa.nn import kernels

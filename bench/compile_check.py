@@ -147,17 +147,19 @@ def main() -> int:
     from yaqa.nn.kernels import _kernels
 
     rotate2, rotate3 = _kernels()[6:8]
-    rot = {"x_ptr": "*bf16", "s_ptr": "*bf16"}
+    rot = {"x_ptr": "*bf16", "u_ptr": "*bf16", "s_ptr": "*bf16"}
     run(rotate2, rot | {"h1_ptr": "*bf16", "h2_ptr": "*bf16", "y_ptr": "*bf16", "stride_x": "i32",
                         "stride_y": "i32", "stride_s": "i32", "scale": "fp32",
                         "D1": "constexpr", "D2": "constexpr", "SIGN_FIRST": "constexpr",
-                        "IEEE": "constexpr"},
-        {"D1": 64, "D2": 64, "SIGN_FIRST": True, "IEEE": False}, {"num_warps": 4})
-    run(rotate3, rot | {"ha_ptr": "*bf16", "hb_ptr": "*bf16", "hc_ptr": "*bf16", "y_ptr": "*bf16",
-                        "stride_x": "i32", "stride_y": "i32", "stride_s": "i32", "scale": "fp32",
-                        "A": "constexpr", "AP": "constexpr", "B": "constexpr", "C": "constexpr",
-                        "SIGN_FIRST": "constexpr", "PREC": "constexpr"},
-        {"A": 28, "AP": 32, "B": 32, "C": 16, "SIGN_FIRST": True, "PREC": None}, {"num_warps": 8})
+                        "IEEE": "constexpr", "SILU": "constexpr"},
+        {"D1": 64, "D2": 64, "SIGN_FIRST": True, "IEEE": False, "SILU": False}, {"num_warps": 4})
+    rot3 = rot | {"ha_ptr": "*bf16", "hb_ptr": "*bf16", "hc_ptr": "*bf16", "y_ptr": "*bf16",
+                  "stride_x": "i32", "stride_y": "i32", "stride_s": "i32", "scale": "fp32",
+                  "A": "constexpr", "AP": "constexpr", "B": "constexpr", "C": "constexpr",
+                  "SIGN_FIRST": "constexpr", "PREC": "constexpr", "SILU": "constexpr"}
+    for silu in (False, True):  # with SILU: the down projection's input, silu(gate)·up
+        run(rotate3, rot3, {"A": 28, "AP": 32, "B": 32, "C": 16, "SIGN_FIRST": True, "PREC": None,
+                            "SILU": silu}, {"num_warps": 8})
     print("all kernels compiled" if not bad else f"{bad} FAILED to compile", flush=True)
     return 1 if bad else 0
 

@@ -349,8 +349,9 @@ def kernel_bandwidth(dev, args) -> list[dict]:
 
 def silu_bandwidth(dev, args, shapes, gen) -> list[dict]:
     """The down projection with silu(gate)·up folded into its GEMV (reading the two halves of
-    the stacked gate/up output) against the separate SiLU-mul kernel + the GEMV (column "layers
-    one by one us"); GB/s of the packed weight plus the gate and up rows it reads."""
+    the stacked gate/up output; with incoherence into its input rotation) against the separate
+    SiLU-mul kernel + the layer (column "layers one by one us"); GB/s of the packed weight plus
+    the gate and up rows it reads."""
     from yaqa.nn import kernels
 
     if not kernels.use_triton(torch.empty(0, device=dev)):
@@ -359,9 +360,9 @@ def silu_bandwidth(dev, args, shapes, gen) -> list[dict]:
 
     m, n = shapes["down_proj"]
     out = []
-    for bits in args.kernel_bits:
+    for bits, inc in ((b, i) for b in args.kernel_bits for i in (False, True)):
         down = random_packed(torch.nn.Linear(n, m, device=dev, dtype=torch.bfloat16), bits, 128,
-                             False, gen)
+                             inc, gen)
         if not down.folds_silu(torch.empty(1, n, device=dev, dtype=torch.bfloat16)):
             continue
         gu = torch.randn(1, 2 * n, device=dev, dtype=torch.bfloat16)
@@ -375,7 +376,9 @@ def silu_bandwidth(dev, args, shapes, gen) -> list[dict]:
             t_u = _bench(lambda: down(silu_mul(g, u)), dev)
             t_d = _bench(lambda: torch.nn.functional.linear(silu_mul(g, u), dense), dev)
         qbytes = sum(b.numel() * b.element_size() for b in down.buffers()) + gu.numel() * 2
-        out.append({"layer": "down silu-folded", "shape": [m, n], "bits": bits, "rel_err": err,
+        # With incoherence the fold is in the input rotation: rotation + GEMV + output rotation.
+        out.append({"layer": "down silu-folded" + (" +Hadamard" if inc else ""),
+                    "shape": [m, n], "bits": bits, "rel_err": err,
                     "us_packed": t_f * 1e6, "us_packed_inc": float("nan"),
                     "us_bf16": t_d * 1e6, "us_dequant": float("nan"), "us_separate": t_u * 1e6,
                     "GBs_packed": qbytes / t_f / 1e9, "GBs_bf16": m * n * 2 / t_d / 1e9,

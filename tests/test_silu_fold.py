@@ -95,9 +95,8 @@ def test_folded_gemv_reads_the_two_halves_of_the_stacked_gate_up_output(monkeypa
     assert not torch.equal(folded, wrong_half)
 
 
-def test_incoherent_or_cpu_down_projections_take_the_activation_then_the_layer(monkeypatch):
+def test_cpu_down_projections_take_the_activation_then_the_layer():
     n, hidden = 256, 64
-    inc = _layer(4, 128, hidden, n, seed=2, incoherence=True)
     plain = _layer(4, 128, hidden, n, seed=2)
     gate, up = _gate_up(1, n, torch.float32, seed=9)
     with torch.no_grad():
@@ -105,12 +104,41 @@ def test_incoherent_or_cpu_down_projections_take_the_activation_then_the_layer(m
         assert not plain.folds_silu(gate)
         torch.testing.assert_close(plain.forward_silu_mul(gate, up),
                                    plain(torch.nn.functional.silu(gate) * up))
-        monkeypatch.setattr(kernels, "FORCE_TRITON", True)
-        # The input rotation mixes all of K: the activation must be whole before it.
-        assert plain.folds_silu(gate) and not inc.folds_silu(gate)
-        torch.testing.assert_close(inc.forward_silu_mul(gate, up),
-                                   inc(torch.nn.functional.silu(gate) * up),
-                                   rtol=1e-5, atol=1e-5)
+
+
+# 256 = 16·16 (two Hadamard factors), 7168 = 28·16·16 (a Paley factor: three).  float32 only: the
+# interpreter's 16-bit tl.dot returns garbage (the rotation kernels' bf16 path is checked on the
+# GPU by bench/check_kernels.py).
+@pytest.mark.parametrize("n", [256, 7168])
+def test_incoherent_down_projection_folds_the_activation_into_its_input_rotation(n, monkeypatch):
+    dtype = torch.float32
+    # The rotation mixes all of K, so silu(gate)·up must be whole before it: the input rotation
+    # computes it while loading the row, bit-equal to the activation kernel then the rotation.
+    hidden = 64
+    down = _layer(4, 64, hidden if n == 256 else 16, n, seed=2, incoherence=True).to(dtype)
+    gate, up = _gate_up(1, n, dtype, seed=9)
+    monkeypatch.setattr(kernels, "FORCE_TRITON", True)
+    count = down._fused_rotation(gate, "in")
+    assert down.folds_silu(gate) and count == (2 if n == 256 else 3)
+    with torch.no_grad():
+        act = dk.silu_mul(gate, up)
+        rotated = down._fused_rotate(gate, "in", count, up=up)
+        assert torch.equal(rotated, down._fused_rotate(act, "in", count))
+        assert not torch.equal(rotated, down._fused_rotate(up, "in", count, up=gate))
+        if n == 256:  # the layer's GEMV over K=7168 is slow to interpret
+            assert torch.equal(down.forward_silu_mul(gate, up), down(act))
+            g3, u3 = _gate_up(3, n, dtype, seed=10)  # several rows
+            torch.testing.assert_close(down.forward_silu_mul(g3, u3), down(dk.silu_mul(g3, u3)),
+                                       rtol=1e-5, atol=1e-5)
+        # The torch stand-in of the rotation kernels (their fallback path).
+        sign = down.had_in_sign
+        Hs = [getattr(down, f"had_in_{i}") for i in range(count)]
+        ref = kernels._unfused_rotation(act.reshape(1, n), sign.to(dtype), Hs, True,
+                                        down._had_in_scale, 1)
+        torch.testing.assert_close(rotated.reshape(1, n), ref, rtol=1e-5, atol=1e-5)
+        back = kernels._unfused_rotation(gate.reshape(1, n), sign.to(dtype), Hs, True,
+                                         down._had_in_scale, 1, up.reshape(1, n))
+        torch.testing.assert_close(back, ref, rtol=1e-6, atol=1e-6)  # torch's exp vs Triton's
 
 
 def test_mismatched_gate_and_up_are_refused():
@@ -126,7 +154,10 @@ def test_mismatched_gate_and_up_are_refused():
 @pytest.mark.parametrize("incoherence", [False, True])
 def test_decoder_with_the_folded_down_projection_gives_the_unfolded_tokens(incoherence,
                                                                            monkeypatch):
-    model = tiny_model("llama", hidden=128, intermediate=256, layers=1, dtype=torch.bfloat16)
+    # bf16 where the GEMV folds (its rounding matters); float32 with incoherence (the
+    # interpreter's 16-bit tl.dot in the rotation kernels is not trustworthy).
+    model = tiny_model("llama", hidden=128, intermediate=256, layers=1,
+                       dtype=torch.float32 if incoherence else torch.bfloat16)
     yaqa.quantize(model, method="rtn", quantizer="int4", group_size=64, incoherence=incoherence,
                   progress=False)
     prompt = torch.randint(1, 128, (1, 2), generator=torch.Generator().manual_seed(2))
@@ -134,6 +165,7 @@ def test_decoder_with_the_folded_down_projection_gives_the_unfolded_tokens(incoh
     monkeypatch.setenv("YAQA_GEMV_CONFIG", "64,128,1,4,1,0")  # few programs: fast to interpret
     calls = {"fold": 0, "act": 0}
     fold_op, act = kernels.intk_matmul_silu, dk.silu_mul
+    rot2 = kernels.rotate2
 
     def counted_fold(*a):
         calls["fold"] += 1
@@ -143,11 +175,16 @@ def test_decoder_with_the_folded_down_projection_gives_the_unfolded_tokens(incoh
         calls["act"] += 1
         return act(*a)
 
+    def counted_rotation(x, sign, *a):
+        calls["fold"] += len(a) > 4 and a[4] is not None  # the up argument: a folded rotation
+        return rot2(x, sign, *a)
+
     monkeypatch.setattr(kernels, "intk_matmul_silu", counted_fold)
+    monkeypatch.setattr(kernels, "rotate2", counted_rotation)
     monkeypatch.setattr(dk, "silu_mul", counted_act)
     folded = GraphDecoder(model, max_len=16).generate(prompt, 3)
-    # 2 steps of prompt + 2 more: every step folds (no incoherence) or none does.
-    assert (calls["fold"], calls["act"]) == ((4, 0) if not incoherence else (0, 4))
+    # 2 steps of prompt + 2 more: every step folds (the GEMV, or the incoherent input rotation).
+    assert (calls["fold"], calls["act"]) == (4, 0)
     unfolded = GraphDecoder(model, max_len=16, fold_silu=False).generate(prompt, 3)
-    assert calls["fold"] == (4 if not incoherence else 0)
+    assert (calls["fold"], calls["act"]) == (4, 4)
     assert torch.equal(folded, unfolded)

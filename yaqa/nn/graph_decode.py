@@ -104,9 +104,10 @@ class GraphDecoder:
                          StackedLinears.build([layer.mlp.gate_proj, layer.mlp.up_proj]))
                         if stack_linears else (None, None) for layer in layers]
         self.stacked = sum(s is not None for pair in self._stacks for s in pair)
-        # The fused step's packed int-k down projections (no incoherence) compute silu(gate)·up
-        # inside their GEMV (QuantizedLinear.forward_silu_mul): no activation launch, no write
-        # and re-read of the 14336-wide row.  fold_silu=False keeps the separate kernel.
+        # The fused step's packed int-k down projections compute silu(gate)·up inside their GEMV
+        # (with incoherence: inside their input rotation), QuantizedLinear.forward_silu_mul: no
+        # activation launch, no write and re-read of the 14336-wide row.  fold_silu=False keeps
+        # the separate kernel.
         from .quantized_linear import QuantizedLinear
 
         self.fold_silu = fold_silu

@@ -280,17 +280,22 @@ def _kernels():
                  ((q - z) * s).to(w_ptr.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
-    def rotate2_kernel(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, stride_s, scale,
-                       D1: tl.constexpr, D2: tl.constexpr, SIGN_FIRST: tl.constexpr,
-                       IEEE: tl.constexpr):
+    def rotate2_kernel(x_ptr, u_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, stride_s,
+                       scale, D1: tl.constexpr, D2: tl.constexpr, SIGN_FIRST: tl.constexpr,
+                       IEEE: tl.constexpr, SILU: tl.constexpr):
         # One activation row as a D1 x D2 tile X: (H1 ⊗ H2) vec(X) = H1 X H2^T, two tensor-core
         # dots in registers, with the sign/scale vector applied before (inputs) or after
-        # (outputs): one launch instead of a multiply, two GEMMs and a copy.
+        # (outputs): one launch instead of a multiply, two GEMMs and a copy.  SILU: X is
+        # silu(gate)·up from the gate (x_ptr) and up (u_ptr) rows, as in the GEMV's load_act.
         row = tl.program_id(0)
         i = tl.arange(0, D1)
         j = tl.arange(0, D2)
         offs = i[:, None] * D2 + j[None, :]
         X = tl.load(x_ptr + row * stride_x + offs)
+        if SILU:
+            g = X.to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(X.dtype).to(tl.float32)
+            X = (act * tl.load(u_ptr + row * stride_x + offs).to(tl.float32)).to(X.dtype)
         S = tl.load(s_ptr + row * stride_s + offs)
         if SIGN_FIRST:
             X = X * S
@@ -308,10 +313,10 @@ def _kernels():
         tl.store(y_ptr + row * stride_y + offs, Y.to(y_ptr.dtype.element_ty))
 
     @triton.jit
-    def rotate3_kernel(x_ptr, s_ptr, ha_ptr, hb_ptr, hc_ptr, y_ptr, stride_x, stride_y, stride_s,
-                       scale,
+    def rotate3_kernel(x_ptr, u_ptr, s_ptr, ha_ptr, hb_ptr, hc_ptr, y_ptr, stride_x, stride_y,
+                       stride_s, scale,
                        A: tl.constexpr, AP: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
-                       SIGN_FIRST: tl.constexpr, PREC: tl.constexpr):
+                       SIGN_FIRST: tl.constexpr, PREC: tl.constexpr, SILU: tl.constexpr):
         # (HA ⊗ HB ⊗ HC) on a row viewed as an A x B x C tensor, A (e.g. a Paley 28) padded to
         # the power of two AP with zero rows: HC on the last axis, HB on the middle one (by a
         # permute), HA on the first, each one tensor-core dot.
@@ -321,6 +326,11 @@ def _kernels():
         offs = a[:, None] * (B * C) + bc[None, :]
         amask = (a < A)[:, None]
         X = tl.load(x_ptr + row * stride_x + offs, mask=amask, other=0)
+        if SILU:  # as in rotate2_kernel (padding rows: silu(0)·0 = 0)
+            g = X.to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(X.dtype).to(tl.float32)
+            U = tl.load(u_ptr + row * stride_x + offs, mask=amask, other=0).to(tl.float32)
+            X = (act * U).to(X.dtype)
         S = tl.load(s_ptr + row * stride_s + offs, mask=amask, other=0)
         if SIGN_FIRST:
             X = X * S
@@ -674,9 +684,27 @@ def _rotation_rows(x: torch.Tensor, sign: torch.Tensor):
     return x2, x2.shape[0], x2.stride(0), 0, x.shape
 
 
-def _unfused_rotation(x2, s, Hs, sign_first, scale, rows):
+def _silu_rows(x2: torch.Tensor, up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate rows, up rows) of one row stride for a rotation of silu(gate)·up (``up`` None: the
+    rotation of ``x2`` itself; ``x2`` stands in for the unused up pointer)."""
+    if up is None:
+        return x2, x2
+    u2 = up.reshape(-1, up.shape[-1])
+    if u2.shape != x2.shape or u2.dtype != x2.dtype:
+        raise ValueError(f"rotation of silu(gate)·up needs gate and up of one shape and dtype, "
+                         f"got {tuple(x2.shape)} {x2.dtype}, {tuple(u2.shape)} {u2.dtype}")
+    if not u2.is_contiguous():
+        u2 = u2.contiguous()
+    if x2.shape[0] > 1 and u2.stride(0) != x2.stride(0):
+        x2, u2 = x2.contiguous(), u2.contiguous()
+    return x2, u2
+
+
+def _unfused_rotation(x2, s, Hs, sign_first, scale, rows, u2=None):
     from .hadamard import apply_factors
 
+    if u2 is not None:
+        x2 = silu_mul_reference(x2, u2)
     if x2.shape[0] != rows:
         x2 = x2.expand(rows, -1)
     y = (apply_factors(x2 * s, Hs, normalize=False) if sign_first
@@ -685,34 +713,40 @@ def _unfused_rotation(x2, s, Hs, sign_first, scale, rows):
 
 
 def rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor,
-            sign_first: bool, scale: float = 1.0) -> torch.Tensor:
+            sign_first: bool, scale: float = 1.0, up: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of ``x`` times ``scale·(H1 ⊗ H2)^T``, with ``sign`` (a ±1 vector, possibly with an
     exact power-of-two scale folded in) applied before (``sign_first``) or after; by the fused
-    Triton kernel.  A ``(r, n)`` ``sign`` with one row of ``x`` gives the r rotations ``(r, n)``."""
+    Triton kernel.  A ``(r, n)`` ``sign`` with one row of ``x`` gives the r rotations ``(r, n)``.
+    ``up``: rotate ``silu(x)·up`` instead (:func:`silu_mul_reference`'s rounding), computed by
+    the kernel as it loads the row (a down projection's input rotation)."""
     rotate2_kernel = _kernels()[6]
     x2, rows, stride_x, stride_s, shape = _rotation_rows(x, sign)
+    x2, u2 = _silu_rows(x2, up)
     n = x2.shape[-1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     d1, d2 = h1.shape[0], h2.shape[0]
     s = sign.to(x.dtype).contiguous()
 
     def fused():
-        rotate2_kernel[(rows,)](x2, s, h1, h2, y, stride_x, y.stride(0), stride_s, scale,
+        rotate2_kernel[(rows,)](x2, u2, s, h1, h2, y, stride_x, y.stride(0), stride_s, scale,
                                 D1=d1, D2=d2, SIGN_FIRST=sign_first,
-                                IEEE=x.dtype == torch.float32, num_warps=4)
+                                IEEE=x.dtype == torch.float32, SILU=up is not None, num_warps=4)
         return y
 
     def unfused():
-        return _unfused_rotation(x2, s, [h1, h2], sign_first, scale, rows)
+        return _unfused_rotation(x2, s, [h1, h2], sign_first, scale, rows,
+                                 u2 if up is not None else None)
 
-    return _guarded("rotate2", (d1, d2, sign_first, x.dtype), fused, unfused).reshape(shape)
+    return _guarded("rotate2", (d1, d2, sign_first, x.dtype, up is not None), fused,
+                    unfused).reshape(shape)
 
 
 @torch.library.custom_op("yaqa::hadamard_rotate2", mutates_args=())
 def hadamard_rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor,
-                     sign_first: bool, scale: float = 1.0) -> torch.Tensor:
+                     sign_first: bool, scale: float = 1.0,
+                     up: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`rotate2` as an op that ``torch.compile`` keeps opaque and CUDA graphs capture."""
-    return rotate2(x, sign, h1, h2, sign_first, scale)
+    return rotate2(x, sign, h1, h2, sign_first, scale, up)
 
 
 def _rotation_shape(x, sign):
@@ -722,7 +756,7 @@ def _rotation_shape(x, sign):
 
 
 @hadamard_rotate2.register_fake
-def _(x, sign, h1, h2, sign_first, scale=1.0):
+def _(x, sign, h1, h2, sign_first, scale=1.0, up=None):
     return x.new_empty(_rotation_shape(x, sign))
 
 
@@ -736,10 +770,12 @@ def rotate3_supports(sizes: tuple[int, ...]) -> bool:
 
 
 def rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Tensor,
-            hc: torch.Tensor, sign_first: bool, scale: float = 1.0) -> torch.Tensor:
+            hc: torch.Tensor, sign_first: bool, scale: float = 1.0,
+            up: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`rotate2` for three Kronecker factors."""
     rotate3_kernel = _kernels()[7]
     x2, rows, stride_x, stride_s, shape = _rotation_rows(x, sign)
+    x2, u2 = _silu_rows(x2, up)
     n = x2.shape[-1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     A, B, C = ha.shape[0], hb.shape[0], hc.shape[0]
@@ -747,24 +783,28 @@ def rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Ten
     s = sign.to(x.dtype).contiguous()
 
     def fused():
-        rotate3_kernel[(rows,)](x2, s, ha, hb, hc, y, stride_x, y.stride(0), stride_s, scale,
-                                A=A, AP=AP, B=B, C=C, SIGN_FIRST=sign_first,
-                                PREC="ieee" if x.dtype == torch.float32 else None, num_warps=8)
+        rotate3_kernel[(rows,)](x2, u2, s, ha, hb, hc, y, stride_x, y.stride(0), stride_s,
+                                scale, A=A, AP=AP, B=B, C=C, SIGN_FIRST=sign_first,
+                                PREC="ieee" if x.dtype == torch.float32 else None,
+                                SILU=up is not None, num_warps=8)
         return y
 
     def unfused():
-        return _unfused_rotation(x2, s, [ha, hb, hc], sign_first, scale, rows)
+        return _unfused_rotation(x2, s, [ha, hb, hc], sign_first, scale, rows,
+                                 u2 if up is not None else None)
 
-    return _guarded("rotate3", (A, B, C, sign_first, x.dtype), fused, unfused).reshape(shape)
+    return _guarded("rotate3", (A, B, C, sign_first, x.dtype, up is not None), fused,
+                    unfused).reshape(shape)
 
 
 @torch.library.custom_op("yaqa::hadamard_rotate3", mutates_args=())
 def hadamard_rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Tensor,
-                     hc: torch.Tensor, sign_first: bool, scale: float = 1.0) -> torch.Tensor:
+                     hc: torch.Tensor, sign_first: bool, scale: float = 1.0,
+                     up: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`rotate3` as an op that ``torch.compile`` keeps opaque and CUDA graphs capture."""
-    return rotate3(x, sign, ha, hb, hc, sign_first, scale)
+    return rotate3(x, sign, ha, hb, hc, sign_first, scale, up)
 
 
 @hadamard_rotate3.register_fake
-def _(x, sign, ha, hb, hc, sign_first, scale=1.0):
+def _(x, sign, ha, hb, hc, sign_first, scale=1.0, up=None):
     return x.new_empty(_rotation_shape(x, sign))
