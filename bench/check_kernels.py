@@ -257,13 +257,16 @@ def check_attention(c: Checker, dev) -> None:
 
 def check_silu_fold(c: Checker, dev, quick: bool = False) -> None:
     """The down projection's GEMV with silu(gate)·up folded in (Llama-8B: 4096 x 14336 int4 g128,
-    gate and up the two halves of the stacked gate/up output row): autotuned against the dense
-    reference, bit-equal to the separate activation kernel + GEMV under the same forced config,
-    replayed from a CUDA graph; other bit widths at a small shape."""
+    gate and up the two halves of the stacked gate/up output row) against the dense reference,
+    bit-equal to the separate activation kernel + GEMV under the same forced config, replayed
+    from a CUDA graph; other bit widths at a small shape; with incoherence, the input rotation
+    that computes the activation.  --quick: no autotune at the 8B shape (inference.py's first
+    call does it), forced configs only."""
     from yaqa.nn import decode_kernels as dk
     from yaqa.nn import kernels
 
     m, n = (4096, 14336) if dev.type == "cuda" else (64, 512)
+    big = None
     for bits in (4, 8, 2, 3):
         shape = (m, n) if bits == 4 else (256, 1024)
         down = layer(bits, 128, *shape, False, dev)
@@ -273,23 +276,33 @@ def check_silu_fold(c: Checker, dev, quick: bool = False) -> None:
         act = dk.silu_mul(g, u)
         ref = act.double() @ W.T
         args = (down.qweight, down.grid_scale, down.grid_zero, bits, 128, *shape)
+        tiles = [kernels._default_tile(shape[0], shape[1], 128, bits)]
+        if bits == 4 and dev.type == "cuda":
+            # --quick: the down projection's H100 picks and a 3-D unpacking (compiles cost
+            # about a second each); else every fitting config.
+            tiles += [t for t in kernels._GEMV_CONFIGS if kernels.config_fits(t, bits, 128, n)
+                      and (not quick or t in ((64, 256, 8, 4, 1, False),
+                                              (64, 256, 4, 4, 3, False),
+                                              (32, 256, 4, 8, 1, True)))]
         with torch.no_grad():
-            c.check(f"silu-folded down GEMV int{bits} {shape[0]}x{shape[1]} (autotuned)",
-                    down.forward_silu_mul(g, u), ref, 1e-2, show=True)
-            tiles = [kernels._default_tile(shape[0], shape[1], 128, bits)]
-            if bits == 4 and dev.type == "cuda":
-                # --quick: the down projection's H100 picks and a 3-D unpacking (compiles cost
-                # about a second each); else every fitting config.
-                tiles += [t for t in kernels._GEMV_CONFIGS if kernels.config_fits(t, bits, 128, n)
-                          and (not quick or t in ((64, 256, 8, 4, 1, False),
-                                                  (64, 256, 4, 4, 3, False),
-                                                  (32, 256, 4, 8, 1, True)))]
+            if bits == 4 and quick:
+                y = kernels.gemv(g, *args, tile=tiles[0], up=u)
+                label = "default config"
+            else:
+                y = down.forward_silu_mul(g, u)
+                label = "autotuned" if dev.type == "cuda" else "default config"
+            c.check(f"silu-folded down GEMV int{bits} {shape[0]}x{shape[1]} ({label})", y, ref,
+                    1e-2, show=True)
             same = sum(torch.equal(kernels.gemv(g, *args, tile=t, up=u),
                                    kernels.gemv(act, *args, tile=t)) for t in tiles)
             c.expect(f"  int{bits}: folded == silu_mul + GEMV bit for bit, {same}/{len(tiles)} "
                      f"configs", same == len(tiles))
-    # With incoherence the input rotation computes the activation (14336 = 28·32·16).
-    inc = layer(4, 128, *((m, n) if dev.type == "cuda" else (64, 7168)), True, dev)
+        if bits == 4:
+            big = (down, W, gu, g, u)
+    # With incoherence the input rotation computes the activation (14336 = 28·32·16); 256 rows
+    # in --quick (below the autotune threshold).
+    rows = (256 if quick else m) if dev.type == "cuda" else 64
+    inc = layer(4, 128, rows, n if dev.type == "cuda" else 7168, True, dev)
     k = inc.in_features
     gu = torch.randn(1, 2 * k, device=dev, dtype=torch.bfloat16) * 2
     g, u = gu[:, :k], gu[:, k:]
@@ -302,9 +315,8 @@ def check_silu_fold(c: Checker, dev, quick: bool = False) -> None:
         c.expect(f"  inc: folded rotation == silu_mul + rotation bit for bit ({count} factors)",
                  bool(count) and torch.equal(inc._fused_rotate(g, "in", count, up=u),
                                              inc._fused_rotate(act, "in", count)))
-    gu = torch.randn(1, 2 * n, device=dev, dtype=torch.bfloat16) * 2
-    g, u = gu[:, :n], gu[:, n:]
     if dev.type == "cuda":
+        down, W, gu, g, u = big
         with torch.no_grad():
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):

@@ -36,7 +36,10 @@ class GraphDecoder:
     """Greedy decoding of a Llama-style ``*ForCausalLM`` at batch 1, up to ``max_len`` positions.
 
     ``graph=None`` captures a CUDA graph when the model is on CUDA.  :meth:`generate` returns the
-    same tokens as ``model.generate(do_sample=False)`` up to float rounding.
+    same tokens as ``model.generate(do_sample=False)`` up to float rounding.  ``fold_silu=False``
+    keeps the separate SiLU-mul kernel before packed down projections; ``dense_head`` forces the
+    Triton GEMV for a 16-bit LM head on (True) or off (False) instead of timing it against
+    cuBLAS once (None).
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int, graph: bool | None = None,
@@ -207,7 +210,7 @@ class GraphDecoder:
     def _fused_step(self) -> None:
         """:meth:`_step` with the small ops fused (:mod:`.decode_kernels`): per layer two
         norm launches, one rotary + cache write + attention, one activation (none where the
-        down projection's GEMV computes it), and the linears (with incoherence: one input
+        down projection's GEMV or input rotation computes it), and the linears (with incoherence: one input
         rotation for q/k/v, one for gate/up); the head (cuBLAS or :mod:`.kernels_dense`'s GEMV);
         one argmax."""
         from .decode_kernels import (add_rmsnorm, argmax_token, argmax_workspace, rope_attention,
