@@ -7,7 +7,9 @@ Checks, each against the dense weight: the fused GEMV (1 and 3 activation rows) 
 dequantize + cuBLAS path (40 rows), with and without Hadamard incoherence; the autotuned GEMV on a
 Llama-8B shape and every autotuner config (split-K) forced in turn; the layer replayed from a
 CUDA graph; the layer under ``torch.compile`` with
-``fullgraph=True`` (no graph break); the int8 LM head's GEMV (every config, graph, compile); and
+``fullgraph=True`` (no graph break); the int8 LM head's GEMV (every config, graph, compile); the
+down projection's GEMV with silu(gate)·up folded in (bit-equal to the separate activation kernel);
+the Triton GEMV of a bf16 LM head (every config, graph, compile, its timing against cuBLAS); and
 :class:`GraphDecoder` greedy tokens, replayed from a CUDA graph, against the same step run eagerly
 and against transformers ``generate`` (also with an int8 embedding and head, and with more
 positions than one attention block); the fused rotary + attention kernel with split caches.
@@ -253,6 +255,114 @@ def check_attention(c: Checker, dev) -> None:
                              f"split={split})", False)
 
 
+def check_silu_fold(c: Checker, dev, quick: bool = False) -> None:
+    """The down projection's GEMV with silu(gate)·up folded in (Llama-8B: 4096 x 14336 int4 g128,
+    gate and up the two halves of the stacked gate/up output row) against the dense reference,
+    bit-equal to the separate activation kernel + GEMV under the same forced config, replayed
+    from a CUDA graph; other bit widths at a small shape; with incoherence, the input rotation
+    that computes the activation.  --quick: no autotune at the 8B shape (inference.py's first
+    call does it), forced configs only."""
+    from yaqa.nn import decode_kernels as dk
+    from yaqa.nn import kernels
+
+    m, n = (4096, 14336) if dev.type == "cuda" else (64, 512)
+    big = None
+    for bits in (4, 8, 2, 3):
+        shape = (m, n) if bits == 4 else (256, 1024)
+        down = layer(bits, 128, *shape, False, dev)
+        W = down.dequantized_weight().double()
+        gu = torch.randn(1, 2 * shape[1], device=dev, dtype=torch.bfloat16) * 2
+        g, u = gu[:, :shape[1]], gu[:, shape[1]:]  # views, as the stacked GEMV returns them
+        act = dk.silu_mul(g, u)
+        ref = act.double() @ W.T
+        args = (down.qweight, down.grid_scale, down.grid_zero, bits, 128, *shape)
+        tiles = [kernels._default_tile(shape[0], shape[1], 128, bits)]
+        if bits == 4 and dev.type == "cuda":
+            # --quick: the down projection's H100 picks and a 3-D unpacking (compiles cost
+            # about a second each); else every fitting config.
+            tiles += [t for t in kernels._GEMV_CONFIGS if kernels.config_fits(t, bits, 128, n)
+                      and (not quick or t in ((64, 256, 8, 4, 1, False),
+                                              (64, 256, 4, 4, 3, False),
+                                              (32, 256, 4, 8, 1, True)))]
+        with torch.no_grad():
+            if bits == 4 and quick:
+                y = kernels.gemv(g, *args, tile=tiles[0], up=u)
+                label = "default config"
+            else:
+                y = down.forward_silu_mul(g, u)
+                label = "autotuned" if dev.type == "cuda" else "default config"
+            c.check(f"silu-folded down GEMV int{bits} {shape[0]}x{shape[1]} ({label})", y, ref,
+                    1e-2, show=True)
+            same = sum(torch.equal(kernels.gemv(g, *args, tile=t, up=u),
+                                   kernels.gemv(act, *args, tile=t)) for t in tiles)
+            c.expect(f"  int{bits}: folded == silu_mul + GEMV bit for bit, {same}/{len(tiles)} "
+                     f"configs", same == len(tiles))
+        if bits == 4:
+            big = (down, W, gu, g, u)
+    # With incoherence the input rotation computes the activation (14336 = 28·32·16); 256 rows
+    # in --quick (below the autotune threshold).
+    rows = (256 if quick else m) if dev.type == "cuda" else 64
+    inc = layer(4, 128, rows, n if dev.type == "cuda" else 7168, True, dev)
+    k = inc.in_features
+    gu = torch.randn(1, 2 * k, device=dev, dtype=torch.bfloat16) * 2
+    g, u = gu[:, :k], gu[:, k:]
+    with torch.no_grad():
+        act = dk.silu_mul(g, u)
+        c.check(f"silu-folded input rotation + down GEMV inc {inc.out_features}x{k}",
+                inc.forward_silu_mul(g, u), act.double() @ inc.dequantized_weight().double().T,
+                2e-2, show=True)
+        count = inc._fused_rotation(g, "in")
+        c.expect(f"  inc: folded rotation == silu_mul + rotation bit for bit ({count} factors)",
+                 bool(count) and torch.equal(inc._fused_rotate(g, "in", count, up=u),
+                                             inc._fused_rotate(act, "in", count)))
+    if dev.type == "cuda":
+        down, W, gu, g, u = big
+        with torch.no_grad():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                yg = down.forward_silu_mul(g, u)
+            gu.copy_(torch.randn_like(gu))
+            graph.replay()
+        c.check("  silu-folded down GEMV, CUDA graph replay on new input", yg,
+                dk.silu_mul(g, u).double() @ W.T, 1e-2, show=True)
+
+
+def check_dense_head(c: Checker, dev, quick: bool = False) -> None:
+    """The Triton GEMV for a bf16 LM head (Llama-3 vocabulary) against torch: autotuned, every
+    config forced, 3 rows, replayed from a CUDA graph, under torch.compile; and the one-time
+    comparison with cuBLAS that GraphDecoder makes."""
+    from yaqa.nn import kernels_dense
+
+    m, n = (128256, 4096) if dev.type == "cuda" else (1000, 256)
+    W = torch.randn(m, n, device=dev, dtype=torch.bfloat16) * 0.02
+    for rows in (1, 3):
+        x = torch.randn(rows, n, device=dev, dtype=torch.bfloat16)
+        c.check(f"bf16 head GEMV {m}x{n} rows={rows}", kernels_dense.dense_matmul(x, W),
+                x.double() @ W.double().T, 1e-2, show=rows == 1)
+    x = torch.randn(1, n, device=dev, dtype=torch.bfloat16)
+    ref = x.double() @ W.double().T
+    if dev.type != "cuda":
+        return
+    print(f"  autotuned config: {kernels_dense.dense_config(m, n)}", flush=True)
+    for tile in kernels_dense.DENSE_CONFIGS[:4] if quick else kernels_dense.DENSE_CONFIGS:
+        c.check(f"bf16 head config {tile}", kernels_dense.dense_gemv(x, W, tile=tile), ref, 1e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = kernels_dense.dense_matmul(x, W)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    c.check("  bf16 head, CUDA graph replay on new input", yg, x.double() @ W.double().T, 1e-2,
+            show=True)
+    compiled = torch.compile(lambda t: kernels_dense.dense_matmul(t, W), backend="eager",
+                             fullgraph=True)
+    c.check("  bf16 head, torch.compile fullgraph", compiled(x), x.double() @ W.double().T,
+            1e-2, show=True)
+    use, t_triton, t_cublas = kernels_dense.faster_than_cublas(W)
+    print(f"  bf16 head {m}x{n}: Triton GEMV {t_triton:.1f} us ({m * n * 2 / t_triton / 1e3:.0f}"
+          f" GB/s), cuBLAS {t_cublas:.1f} us ({m * n * 2 / t_cublas / 1e3:.0f} GB/s): "
+          f"GraphDecoder uses {'Triton' if use else 'cuBLAS'}", flush=True)
+
+
 def check_decoder(c: Checker, dev) -> None:
     import transformers
 
@@ -276,6 +386,10 @@ def check_decoder(c: Checker, dev) -> None:
         eager = GraphDecoder(model, max_len=40, graph=False).generate(prompt, 16)
         c.expect(f"GraphDecoder {dtype} (fused small ops: {dec.fused}): CUDA graph tokens == "
                  "eager step tokens", torch.equal(graph, eager))
+        unfolded = GraphDecoder(model, max_len=40, graph=dev.type == "cuda",
+                                fold_silu=False).generate(prompt, 16)
+        c.expect(f"GraphDecoder {dtype}, incoherence: silu folded into the down input rotation "
+                 f"tokens == separate activation kernel tokens", torch.equal(graph, unfolded))
         sep = GraphDecoder(model, max_len=40, graph=dev.type == "cuda",
                            stack_linears=False).generate(prompt, 16)
         same = int((sep == graph).sum()) - prompt.shape[1]
@@ -296,6 +410,32 @@ def check_decoder(c: Checker, dev) -> None:
                 ref = model.generate(prompt, max_new_tokens=16, min_new_tokens=16,
                                      do_sample=False, pad_token_id=0, disable_compile=True)
             c.expect("GraphDecoder float32 tokens == transformers generate", torch.equal(graph, ref))
+    # Without incoherence the down projections fold silu(gate)·up into their GEMV: the tokens
+    # of the separate activation kernel (bit-equal values, so equal tokens in both dtypes), and
+    # the bf16 head by the Triton GEMV against cuBLAS.
+    torch.manual_seed(0)
+    plain_model = transformers.LlamaForCausalLM(cfg).eval()
+    yaqa.quantize(plain_model, method="rtn", quantizer="int4", group_size=128, progress=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        plain_model.to(device=dev, dtype=dtype)
+        graph_on = dev.type == "cuda"
+        dec = GraphDecoder(plain_model, max_len=40, graph=graph_on)
+        folded = dec.generate(prompt, 16)
+        unfolded = GraphDecoder(plain_model, max_len=40, graph=graph_on,
+                                fold_silu=False).generate(prompt, 16)
+        c.expect(f"GraphDecoder {dtype}, no incoherence: silu folded into the down GEMV "
+                 f"({sum(dec._fold)} layers) tokens == separate activation kernel tokens",
+                 torch.equal(folded, unfolded))
+        if dtype == torch.bfloat16 and dec.fused:
+            triton_head = GraphDecoder(plain_model, max_len=40, graph=graph_on,
+                                       dense_head=True)
+            cublas = GraphDecoder(plain_model, max_len=40, graph=graph_on,
+                                  dense_head=False).generate(prompt, 16)
+            same = int((triton_head.generate(prompt, 16) == cublas).sum()) - prompt.shape[1]
+            # Two summation orders of the bf16 logits may flip a near-tie of the random model.
+            c.expect(f"GraphDecoder bf16: Triton head GEMV ({triton_head.dense_head}) vs "
+                     f"cuBLAS head: {same}/16 tokens equal", triton_head.dense_head and same >= 14)
+    del plain_model
     from yaqa.nn.int8 import quantize_embeddings
 
     model.to(dtype=torch.float32)
@@ -341,6 +481,8 @@ def main() -> int:
     check_stacked(c, dev)
     check_big_and_graphs(c, dev)
     check_int8_head(c, dev)
+    check_silu_fold(c, dev, args.quick)
+    check_dense_head(c, dev, args.quick)
     check_attention(c, dev)
     check_decoder(c, dev)
     from yaqa.nn import kernels

@@ -1,7 +1,8 @@
 """Compile the decode kernels for an H100 (sm_90) without a GPU, and show their resources.
 
-    python bench/compile_check.py           # every GEMV config x (K=4096, 14336), int8 head
-                                            # GEMV configs, decode kernels
+    python bench/compile_check.py           # every GEMV config x (K=4096, 14336), the
+                                            # silu-folded down GEMV, int8 and bf16 head GEMV
+                                            # configs, decode kernels
     python bench/compile_check.py --quick   # one GEMV config per unpack mode (a CI smoke test)
 
 Triton compiles ahead of time with its bundled ptxas, so a kernel that would fail to build on the
@@ -76,12 +77,12 @@ def main() -> int:
         shown = {k: v for k, v in consts.items() if k not in ("GROUP",)}
         print(f"{'OK  ' if ok else 'FAIL'} {fn.__name__} {shown} {opts}: {info}", flush=True)
 
-    gemv_sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
+    gemv_sig = {"x_ptr": "*bf16", "u_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
                 "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "M": "i32",
                 "stride_x": "i32", "stride_y": "i32", "SEG1": "i32", "SEG2": "i32",
                 "stride_seg": "i32", "K": "constexpr", "BITS": "constexpr",
                 "GROUP": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-                "SPLIT_K": "constexpr", "UNPACK_3D": "constexpr"}
+                "SPLIT_K": "constexpr", "UNPACK_3D": "constexpr", "SILU": "constexpr"}
     configs = list(_GEMV_CONFIGS)
     if args.quick:
         configs = [next(c for c in configs if not c[5]), next(c for c in configs if c[5])]
@@ -89,14 +90,24 @@ def main() -> int:
         for bn, bk, sk, w, st, u in configs:
             if config_fits((bn, bk, sk), 4, 128, K):
                 run(kg.gemv_words, gemv_sig, {"K": K, "BITS": 4, "GROUP": 128, "BLOCK_N": bn,
-                                              "BLOCK_K": bk, "SPLIT_K": sk, "UNPACK_3D": u},
+                                              "BLOCK_K": bk, "SPLIT_K": sk, "UNPACK_3D": u,
+                                              "SILU": False},
                     {"num_warps": w, "num_stages": st})
-    bytes_sig = {**{k: v for k, v in gemv_sig.items() if k != "UNPACK_3D"}, "qw_ptr": "*u8"}
-    bytes_sig = {k: bytes_sig[k] for k in list(bytes_sig)[:15]} | {
-        "CPC": "constexpr", "NB": "constexpr", "GROUP": "constexpr", "BLOCK_N": "constexpr",
-        "BLOCK_K": "constexpr", "SPLIT_K": "constexpr"}
-    run(kg.gemv_bytes, bytes_sig, {"K": 4096, "BITS": 3, "CPC": 8, "NB": 3, "GROUP": 128,
-                                   "BLOCK_N": 8, "BLOCK_K": 256, "SPLIT_K": 4}, {"num_warps": 4})
+    # The down projection with silu(gate)·up folded in (K = 14336), in the configs the H100's
+    # autotune picked for the unfused down projection, and one of each unpack mode.
+    silu_configs = [(64, 256, 8, 4, 1, False), (64, 256, 4, 4, 3, False),
+                    (32, 256, 4, 8, 1, True)]
+    for bn, bk, sk, w, st, u in silu_configs[:2] if args.quick else silu_configs:
+        run(kg.gemv_words, gemv_sig, {"K": 14336, "BITS": 4, "GROUP": 128, "BLOCK_N": bn,
+                                      "BLOCK_K": bk, "SPLIT_K": sk, "UNPACK_3D": u,
+                                      "SILU": True},
+            {"num_warps": w, "num_stages": st})
+    bytes_sig = {k: v for k, v in gemv_sig.items() if k != "UNPACK_3D"} | {
+        "qw_ptr": "*u8", "CPC": "constexpr", "NB": "constexpr"}
+    for silu in (False, True):
+        run(kg.gemv_bytes, bytes_sig, {"K": 4096, "BITS": 3, "CPC": 8, "NB": 3, "GROUP": 128,
+                                       "BLOCK_N": 8, "BLOCK_K": 256, "SPLIT_K": 4, "SILU": silu},
+            {"num_warps": 4})
     run(dk._add_rmsnorm, {"h_ptr": "*bf16", "d_ptr": "*bf16", "w_ptr": "*bf16",
                           "hout_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32",
                           "N": "constexpr", "BLOCK": "constexpr", "HAS_D": "constexpr"},
@@ -123,20 +134,32 @@ def main() -> int:
         run(kernels_int8._kernels()[1], int8_sig, {"K": 4096, "BLOCK_N": bn, "BLOCK_K": bk,
                                                    "EVEN_K": True},
             {"num_warps": w, "num_stages": st})
+    from yaqa.nn import kernels_dense
+
+    dense_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32",
+                 "stride_x": "i32", "stride_y": "i32", "K": "constexpr", "BLOCK_N": "constexpr",
+                 "BLOCK_K": "constexpr", "EVEN_K": "constexpr"}
+    dense_configs = kernels_dense.DENSE_CONFIGS[:2] if args.quick else kernels_dense.DENSE_CONFIGS
+    for bn, bk, w, st in dense_configs:  # the Llama-3 head in bf16
+        run(kernels_dense._kernels()[1], dense_sig, {"K": 4096, "BLOCK_N": bn, "BLOCK_K": bk,
+                                                     "EVEN_K": True},
+            {"num_warps": w, "num_stages": st})
     from yaqa.nn.kernels import _kernels
 
     rotate2, rotate3 = _kernels()[6:8]
-    rot = {"x_ptr": "*bf16", "s_ptr": "*bf16"}
+    rot = {"x_ptr": "*bf16", "u_ptr": "*bf16", "s_ptr": "*bf16"}
     run(rotate2, rot | {"h1_ptr": "*bf16", "h2_ptr": "*bf16", "y_ptr": "*bf16", "stride_x": "i32",
                         "stride_y": "i32", "stride_s": "i32", "scale": "fp32",
                         "D1": "constexpr", "D2": "constexpr", "SIGN_FIRST": "constexpr",
-                        "IEEE": "constexpr"},
-        {"D1": 64, "D2": 64, "SIGN_FIRST": True, "IEEE": False}, {"num_warps": 4})
-    run(rotate3, rot | {"ha_ptr": "*bf16", "hb_ptr": "*bf16", "hc_ptr": "*bf16", "y_ptr": "*bf16",
-                        "stride_x": "i32", "stride_y": "i32", "stride_s": "i32", "scale": "fp32",
-                        "A": "constexpr", "AP": "constexpr", "B": "constexpr", "C": "constexpr",
-                        "SIGN_FIRST": "constexpr", "PREC": "constexpr"},
-        {"A": 28, "AP": 32, "B": 32, "C": 16, "SIGN_FIRST": True, "PREC": None}, {"num_warps": 8})
+                        "IEEE": "constexpr", "SILU": "constexpr"},
+        {"D1": 64, "D2": 64, "SIGN_FIRST": True, "IEEE": False, "SILU": False}, {"num_warps": 4})
+    rot3 = rot | {"ha_ptr": "*bf16", "hb_ptr": "*bf16", "hc_ptr": "*bf16", "y_ptr": "*bf16",
+                  "stride_x": "i32", "stride_y": "i32", "stride_s": "i32", "scale": "fp32",
+                  "A": "constexpr", "AP": "constexpr", "B": "constexpr", "C": "constexpr",
+                  "SIGN_FIRST": "constexpr", "PREC": "constexpr", "SILU": "constexpr"}
+    for silu in (False, True):  # with SILU: the down projection's input, silu(gate)·up
+        run(rotate3, rot3, {"A": 28, "AP": 32, "B": 32, "C": 16, "SIGN_FIRST": True, "PREC": None,
+                            "SILU": silu}, {"num_warps": 8})
     print("all kernels compiled" if not bad else f"{bad} FAILED to compile", flush=True)
     return 1 if bad else 0
 

@@ -19,7 +19,9 @@ head that ``--embeddings int8`` saves):
 - per-layer kernel times for the four Llama shapes: the fused GEMV in GB/s of packed bytes, with
   and without the Hadamard rotations, the dequantize kernel, against bf16, and the GEMV's error
   against the dense dequantized weight (RTN codes); and the LM head as the int8 GEMV against
-  bf16.
+  bf16; the down projection with silu(gate)·up folded into its GEMV against the SiLU-mul kernel
+  + GEMV; the bf16 head by the Triton GEMV against cuBLAS.  Decode tok/s also without the fold
+  and with the cuBLAS head (same run), so their gains show as ratios.
 
 ``--budget S`` skips the stages that would start after S seconds (they are reported as skipped)
 and a watchdog ends the process 20 s later whatever happens, so the run cannot hang.  Results are
@@ -158,6 +160,8 @@ def measure_model(model, dev, args, left) -> dict:
     res["decode_tok_s"] = n / timed(lambda: dec.decode(n), dev, reps)
     res["fused_small_ops"] = dec.fused
     res["stacked_groups"] = dec.stacked  # q/k/v and gate/up GEMVs run as one launch each
+    res["silu_folded_layers"] = sum(dec._fold) if dec.fused else 0
+    res["triton_head"] = dec.dense_head  # bf16 head by the Triton GEMV (measured faster)
     res["step_ms_graph"] = 1e3 / res["decode_tok_s"]
     if args.profile and left() > 0:
         res["profile"] = profile_step(dec, dev)
@@ -177,6 +181,18 @@ def measure_model(model, dev, args, left) -> dict:
         sep.prefill(prompt)
         res["decode_tok_s_separate_linears"] = n / timed(lambda: sep.decode(n), dev, reps)
         del sep
+    if dev.type == "cuda" and args.compare_unfused and res["silu_folded_layers"] and left() > 0:
+        # The separate SiLU-mul kernel before each down projection: what the fold saves.
+        unf = GraphDecoder(model, max_len=args.prompt + (reps + 1) * n + 8, fold_silu=False)
+        unf.prefill(prompt)
+        res["decode_tok_s_unfolded_silu"] = n / timed(lambda: unf.decode(n), dev, reps)
+        del unf
+    if dev.type == "cuda" and args.compare_unfused and res["triton_head"] and left() > 0:
+        # cuBLAS for the bf16 head: what the Triton head GEMV saves.
+        cub = GraphDecoder(model, max_len=args.prompt + (reps + 1) * n + 8, dense_head=False)
+        cub.prefill(prompt)
+        res["decode_tok_s_cublas_head"] = n / timed(lambda: cub.decode(n), dev, reps)
+        del cub
     long = torch.randint(0, vocab, (1, args.prefill), generator=g).to(dev)
 
     def prefill():
@@ -195,6 +211,7 @@ CATEGORIES = (("gemv_words", "packed GEMV"), ("gemv_bytes", "packed GEMV"),
               ("_add_rmsnorm", "add + RMSNorm (fused)"),
               ("_rope_attention", "rotary + cache + attention (fused)"),
               ("_rope_cache", "rotary + cache (fused)"), ("int8_gemv", "int8 GEMV (head)"),
+              ("dense_gemv", "bf16 head GEMV (Triton)"),
               ("_argmax", "argmax (fused)"),
               ("_decode_attention", "attention (fused)"), ("_silu_mul", "SiLU-mul (fused)"),
               ("attention", "attention (torch)"), ("fmha", "attention (torch)"),
@@ -325,8 +342,49 @@ def kernel_bandwidth(dev, args) -> list[dict]:
                          "speedup": t_d / t_q})
             del W, ql, dense, inc
     rows += stacked_bandwidth(dev, args, shapes, gen)
+    rows += silu_bandwidth(dev, args, shapes, gen)
     rows += head_bandwidth(dev, args)
     return rows
+
+
+def silu_bandwidth(dev, args, shapes, gen) -> list[dict]:
+    """The down projection with silu(gate)·up folded into its GEMV (reading the two halves of
+    the stacked gate/up output; with incoherence into its input rotation) against the separate
+    SiLU-mul kernel + the layer (column "layers one by one us"); GB/s of the packed weight plus
+    the gate and up rows it reads."""
+    from yaqa.nn import kernels
+
+    if not kernels.use_triton(torch.empty(0, device=dev)):
+        return []
+    from yaqa.nn.decode_kernels import silu_mul
+
+    m, n = shapes["down_proj"]
+    out = []
+    for bits, inc in ((b, i) for b in args.kernel_bits for i in (False, True)):
+        down = random_packed(torch.nn.Linear(n, m, device=dev, dtype=torch.bfloat16), bits, 128,
+                             inc, gen)
+        if not down.folds_silu(torch.empty(1, n, device=dev, dtype=torch.bfloat16)):
+            continue
+        gu = torch.randn(1, 2 * n, device=dev, dtype=torch.bfloat16)
+        g, u = gu[:, :n], gu[:, n:]
+        dense = torch.randn(m, n, device=dev, dtype=torch.bfloat16) * 0.02
+        with torch.no_grad():
+            y = down.forward_silu_mul(g, u).float()
+            ref = down(silu_mul(g, u)).float()
+            err = ((y - ref).norm() / ref.norm()).item()
+            t_f = _bench(lambda: down.forward_silu_mul(g, u), dev)
+            t_u = _bench(lambda: down(silu_mul(g, u)), dev)
+            t_d = _bench(lambda: torch.nn.functional.linear(silu_mul(g, u), dense), dev)
+        qbytes = sum(b.numel() * b.element_size() for b in down.buffers()) + gu.numel() * 2
+        # With incoherence the fold is in the input rotation: rotation + GEMV + output rotation.
+        out.append({"layer": "down silu-folded" + (" +Hadamard" if inc else ""),
+                    "shape": [m, n], "bits": bits, "rel_err": err,
+                    "us_packed": t_f * 1e6, "us_packed_inc": float("nan"),
+                    "us_bf16": t_d * 1e6, "us_dequant": float("nan"), "us_separate": t_u * 1e6,
+                    "GBs_packed": qbytes / t_f / 1e9, "GBs_bf16": m * n * 2 / t_d / 1e9,
+                    "speedup": t_d / t_f})
+        del down, dense
+    return out
 
 
 def head_bandwidth(dev, args) -> list[dict]:
@@ -345,10 +403,29 @@ def head_bandwidth(dev, args) -> list[dict]:
         t_q = _bench(lambda: head(x), dev)
         t_d = _bench(lambda: lin(x), dev)
     qbytes = head.weight.numel() + head.weight_scale.numel() * 4
-    return [{"layer": "lm_head int8", "shape": [m, n], "bits": 8, "rel_err": err,
+    rows = [{"layer": "lm_head int8", "shape": [m, n], "bits": 8, "rel_err": err,
              "us_packed": t_q * 1e6, "us_packed_inc": float("nan"), "us_bf16": t_d * 1e6,
              "us_dequant": float("nan"), "GBs_packed": qbytes / t_q / 1e9,
              "GBs_bf16": m * n * 2 / t_d / 1e9, "speedup": t_d / t_q}]
+    from yaqa.nn import kernels
+
+    if dtype == torch.bfloat16 and kernels.use_triton(lin.weight):
+        # The bf16 head by the Triton GEMV against cuBLAS, and the decoder's measured choice.
+        from yaqa.nn import kernels_dense
+
+        W = lin.weight.detach()
+        with torch.no_grad():
+            ref = x.float() @ W.float().T
+            err = ((kernels_dense.dense_matmul(x, W).float() - ref).norm() / ref.norm()).item()
+            del ref
+            t_t = _bench(lambda: kernels_dense.dense_matmul(x, W), dev)
+        use = kernels_dense.faster_than_cublas(W)[0] if dev.type == "cuda" else False
+        rows.append({"layer": f"lm_head bf16 Triton ({'used' if use else 'not used'})",
+                     "shape": [m, n], "bits": 16, "rel_err": err, "us_packed": t_t * 1e6,
+                     "us_packed_inc": float("nan"), "us_bf16": t_d * 1e6,
+                     "us_dequant": float("nan"), "GBs_packed": m * n * 2 / t_t / 1e9,
+                     "GBs_bf16": m * n * 2 / t_d / 1e9, "speedup": t_d / t_t})
+    return rows
 
 
 def stacked_bandwidth(dev, args, shapes, gen) -> list[dict]:
@@ -407,6 +484,15 @@ def gemv_configs(dev, args) -> dict:
     cfg = kernels_int8.int8_config(LLAMA_8B["vocab_size"], LLAMA_8B["hidden_size"])
     if cfg:
         out["lm_head int8"] = cfg
+    from yaqa.nn import kernels_dense
+
+    cfg = kernels_dense.dense_config(LLAMA_8B["vocab_size"], LLAMA_8B["hidden_size"])
+    if cfg:
+        out["lm_head bf16 Triton"] = {k: v for k, v in cfg.items()}
+    for bits in args.kernel_bits:
+        cfg = kernels.gemv_config(bits, 128, *SHAPES["down_proj"], silu=True)
+        if cfg:
+            out[f"down silu-folded int{bits}"] = cfg
     for name, m in (("q+k+v stacked", 6144), ("gate+up stacked", 28672)):
         for bits in args.kernel_bits:
             for inc in (False, True):
@@ -462,11 +548,18 @@ def render(report: dict) -> str:
              " | decode tok/s (eager) | generate tok/s | prefill ms | vs bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines[0] = lines[0].replace(" | decode tok/s (eager) |", " | graph, one GEMV per linear"
-                                " | graph, torch small ops | decode tok/s (eager) |")
-    lines[1] += "---|---|"
+                                " | graph, torch small ops | graph, SiLU-mul kernel (fold gain)"
+                                " | graph, cuBLAS head (Triton head gain)"
+                                " | decode tok/s (eager) |")
+    lines[1] += "---|---|---|---|"
+
+    def gain(r, key):
+        v = r.get(key)
+        return f"{v:.1f} ({r['decode_tok_s'] / v:.3f}x)" if isinstance(v, float) and v else "-"
+
     for name, r in report["variants"].items():
         if "skipped" in r or "error" in r:
-            lines.append(f"| {name} | {r.get('skipped') or r.get('error')} |" + " |" * 10)
+            lines.append(f"| {name} | {r.get('skipped') or r.get('error')} |" + " |" * 12)
             continue
         mem = f"{r['memory_bytes'] / 2**30:.2f}" if r["memory_bytes"] else "-"
         lines.append(
@@ -475,6 +568,7 @@ def render(report: dict) -> str:
             f"{r['decode_tok_s']:.1f} | {rel(r['decode_tok_s'], base and base.get('decode_tok_s'))}"
             f" | {fmt(r.get('decode_tok_s_separate_linears'), '.1f')}"
             f" | {fmt(r.get('decode_tok_s_torch_small_ops'), '.1f')}"
+            f" | {gain(r, 'decode_tok_s_unfolded_silu')} | {gain(r, 'decode_tok_s_cublas_head')}"
             f" | {r['decode_eager_tok_s']:.1f} | {fmt(r.get('generate_tok_s'), '.1f')} | "
             f"{r['prefill_s'] * 1e3:.1f} | {rel(base and base.get('prefill_s'), r['prefill_s'])} |")
     lines += ["", "| layer | shape | bits | packed us | packed GB/s | +Hadamard us | dequant us | "

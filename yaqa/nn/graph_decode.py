@@ -36,11 +36,15 @@ class GraphDecoder:
     """Greedy decoding of a Llama-style ``*ForCausalLM`` at batch 1, up to ``max_len`` positions.
 
     ``graph=None`` captures a CUDA graph when the model is on CUDA.  :meth:`generate` returns the
-    same tokens as ``model.generate(do_sample=False)`` up to float rounding.
+    same tokens as ``model.generate(do_sample=False)`` up to float rounding.  ``fold_silu=False``
+    keeps the separate SiLU-mul kernel before packed down projections; ``dense_head`` forces the
+    Triton GEMV for a 16-bit LM head on (True) or off (False) instead of timing it against
+    cuBLAS once (None).
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int, graph: bool | None = None,
-                 fused: bool | None = None, stack_linears: bool | None = None):
+                 fused: bool | None = None, stack_linears: bool | None = None,
+                 fold_silu: bool = True, dense_head: bool | None = None):
         cfg = model.config
         body = getattr(model, "model", None)
         layers = getattr(body, "layers", None)
@@ -103,6 +107,28 @@ class GraphDecoder:
                          StackedLinears.build([layer.mlp.gate_proj, layer.mlp.up_proj]))
                         if stack_linears else (None, None) for layer in layers]
         self.stacked = sum(s is not None for pair in self._stacks for s in pair)
+        # The fused step's packed int-k down projections compute silu(gate)·up inside their GEMV
+        # (with incoherence: inside their input rotation), QuantizedLinear.forward_silu_mul: no
+        # activation launch, no write and re-read of the 14336-wide row.  fold_silu=False keeps
+        # the separate kernel.
+        from .quantized_linear import QuantizedLinear
+
+        self.fold_silu = fold_silu
+        self._fold = [fold_silu and isinstance(layer.mlp.down_proj, QuantizedLinear)
+                      for layer in layers]
+        # An unquantized 16-bit LM head at batch 1: the Triton GEMV (.kernels_dense) where a
+        # one-time measurement on this GPU finds it faster than cuBLAS (dense_head=None), or as
+        # forced (True/False).  Fused steps only (Triton present).
+        self.dense_head = False
+        head = model.lm_head
+        if self.fused and type(head) is torch.nn.Linear and head.bias is None:
+            from . import kernels_dense
+
+            if kernels_dense.supports(head.weight):
+                if dense_head is None:
+                    dense_head = (head.weight.is_cuda and not kernels._interpreting()
+                                  and kernels_dense.faster_than_cublas(head.weight)[0])
+                self.dense_head = bool(dense_head)
 
     def _can_fuse(self, cfg) -> bool:
         from . import kernels
@@ -183,8 +209,10 @@ class GraphDecoder:
     @torch.no_grad()
     def _fused_step(self) -> None:
         """:meth:`_step` with the small ops fused (:mod:`.decode_kernels`): per layer two
-        norm launches, one rotary + cache write + attention, one activation, and the linears
-        (with incoherence: one input rotation for q/k/v, one for gate/up); one argmax."""
+        norm launches, one rotary + cache write + attention, one activation (none where the
+        down projection's GEMV or input rotation computes it), and the linears (with incoherence: one input
+        rotation for q/k/v, one for gate/up); the head (cuBLAS or :mod:`.kernels_dense`'s GEMV);
+        one argmax."""
         from .decode_kernels import (add_rmsnorm, argmax_token, argmax_workspace, rope_attention,
                                      silu_mul)
 
@@ -200,10 +228,19 @@ class GraphDecoder:
             norm = layer.post_attention_layernorm
             h, x = add_rmsnorm(h, a.o_proj(o.view(1, 1, H * D)), norm.weight,
                                norm.variance_epsilon)
-            d = mlp.down_proj(silu_mul(*self._linears(i, 1, [mlp.gate_proj, mlp.up_proj], x)))
+            g, u = self._linears(i, 1, [mlp.gate_proj, mlp.up_proj], x)
+            down = mlp.down_proj
+            d = (down.forward_silu_mul(g, u) if self._fold[i] and down.folds_silu(g)
+                 else down(silu_mul(g, u)))
             norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else body.norm
             h, x = add_rmsnorm(h, d, norm.weight, norm.variance_epsilon)
-        logits = self.model.lm_head(x)
+        head = self.model.lm_head
+        if self.dense_head and x.dtype == head.weight.dtype:
+            from .kernels_dense import dense_matmul
+
+            logits = dense_matmul(x, head.weight)
+        else:
+            logits = head(x)
         if self._argmax_ws is None:
             self._argmax_ws = argmax_workspace(logits.numel(), logits.device)
         argmax_token(logits, self.tok, self.next_token, self._argmax_ws)

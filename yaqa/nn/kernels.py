@@ -280,17 +280,22 @@ def _kernels():
                  ((q - z) * s).to(w_ptr.dtype.element_ty), mask=rmask[:, None])
 
     @triton.jit
-    def rotate2_kernel(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, stride_s, scale,
-                       D1: tl.constexpr, D2: tl.constexpr, SIGN_FIRST: tl.constexpr,
-                       IEEE: tl.constexpr):
+    def rotate2_kernel(x_ptr, u_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, stride_s,
+                       scale, D1: tl.constexpr, D2: tl.constexpr, SIGN_FIRST: tl.constexpr,
+                       IEEE: tl.constexpr, SILU: tl.constexpr):
         # One activation row as a D1 x D2 tile X: (H1 ⊗ H2) vec(X) = H1 X H2^T, two tensor-core
         # dots in registers, with the sign/scale vector applied before (inputs) or after
-        # (outputs): one launch instead of a multiply, two GEMMs and a copy.
+        # (outputs): one launch instead of a multiply, two GEMMs and a copy.  SILU: X is
+        # silu(gate)·up from the gate (x_ptr) and up (u_ptr) rows, as in the GEMV's load_act.
         row = tl.program_id(0)
         i = tl.arange(0, D1)
         j = tl.arange(0, D2)
         offs = i[:, None] * D2 + j[None, :]
         X = tl.load(x_ptr + row * stride_x + offs)
+        if SILU:
+            g = X.to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(X.dtype).to(tl.float32)
+            X = (act * tl.load(u_ptr + row * stride_x + offs).to(tl.float32)).to(X.dtype)
         S = tl.load(s_ptr + row * stride_s + offs)
         if SIGN_FIRST:
             X = X * S
@@ -308,10 +313,10 @@ def _kernels():
         tl.store(y_ptr + row * stride_y + offs, Y.to(y_ptr.dtype.element_ty))
 
     @triton.jit
-    def rotate3_kernel(x_ptr, s_ptr, ha_ptr, hb_ptr, hc_ptr, y_ptr, stride_x, stride_y, stride_s,
-                       scale,
+    def rotate3_kernel(x_ptr, u_ptr, s_ptr, ha_ptr, hb_ptr, hc_ptr, y_ptr, stride_x, stride_y,
+                       stride_s, scale,
                        A: tl.constexpr, AP: tl.constexpr, B: tl.constexpr, C: tl.constexpr,
-                       SIGN_FIRST: tl.constexpr, PREC: tl.constexpr):
+                       SIGN_FIRST: tl.constexpr, PREC: tl.constexpr, SILU: tl.constexpr):
         # (HA ⊗ HB ⊗ HC) on a row viewed as an A x B x C tensor, A (e.g. a Paley 28) padded to
         # the power of two AP with zero rows: HC on the last axis, HB on the middle one (by a
         # permute), HA on the first, each one tensor-core dot.
@@ -321,6 +326,11 @@ def _kernels():
         offs = a[:, None] * (B * C) + bc[None, :]
         amask = (a < A)[:, None]
         X = tl.load(x_ptr + row * stride_x + offs, mask=amask, other=0)
+        if SILU:  # as in rotate2_kernel (padding rows: silu(0)·0 = 0)
+            g = X.to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(X.dtype).to(tl.float32)
+            U = tl.load(u_ptr + row * stride_x + offs, mask=amask, other=0).to(tl.float32)
+            X = (act * U).to(X.dtype)
         S = tl.load(s_ptr + row * stride_s + offs, mask=amask, other=0)
         if SIGN_FIRST:
             X = X * S
@@ -358,7 +368,7 @@ def _kernels():
         # add seconds per layer shape to the first decode step.
         return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
-    key = ["N", "M", "K", "BITS", "GROUP", "SEG1", "SEG2", "stride_seg"]
+    key = ["N", "M", "K", "BITS", "GROUP", "SEG1", "SEG2", "stride_seg", "SILU"]
     gemv_tuned = triton.autotune(configs=configs, key=key,
                                  prune_configs_by={"early_config_prune": prune},
                                  do_bench=bench)(gemv_words)
@@ -438,7 +448,8 @@ def gemv_workspace(dev: torch.device, partials: int = 0,
 
 def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
          bits: int, group: int, m: int, n: int, tile: tuple | None = None,
-         bounds: tuple[int, ...] = (), per_segment: bool = False) -> torch.Tensor:
+         bounds: tuple[int, ...] = (), per_segment: bool = False,
+         up: torch.Tensor | None = None) -> torch.Tensor:
     """``x2 @ W^T`` for a contiguous ``(rows, n)`` activation by the fused GEMV, in ``x2.dtype``.
 
     ``tile``: force one ``(BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, unpack 3-D)`` config, as
@@ -448,8 +459,24 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
     rows of the 2nd and 3rd layer.  With ``per_segment``, ``x2`` holds one input row per layer
     (``len(bounds) + 1`` rows, e.g. each layer's own input rotation) and the output is one row
     ``(1, m)``; otherwise every layer reads each row of ``x2``.
+
+    ``up``: the input is ``silu(x2) · up`` (a gated MLP's down projection reading the gate and up
+    outputs; :func:`silu_mul_reference`), computed by the GEMV as it loads its K slice, so no
+    separate activation kernel writes and re-reads it.  ``x2`` and ``up`` may be views with
+    contiguous rows of one stride (the two halves of the stacked gate/up output).
     """
     triton, gemv_words, gemv_tuned, gemv_bytes = _kernels()[:4]
+    silu = up is not None
+    if silu:
+        if bounds or up.shape != x2.shape or up.dtype != x2.dtype:
+            raise ValueError(f"GEMV: silu(gate)·up needs gate and up of one shape and dtype and "
+                             f"no stacked bounds, got {tuple(x2.shape)} {x2.dtype}, "
+                             f"{tuple(up.shape)} {up.dtype}, bounds {bounds}")
+        if (x2.stride(-1) != 1 or up.stride(-1) != 1
+                or (x2.shape[0] > 1 and up.stride(0) != x2.stride(0))):
+            x2, up = x2.contiguous(), up.contiguous()
+    else:
+        up = x2  # unused by the kernels
     if len(bounds) > 2 or list(bounds) != sorted(bounds) or any(not 0 < b < m for b in bounds):
         raise ValueError(f"GEMV: bounds must be at most 2 increasing rows inside (0, {m}), "
                          f"got {bounds}")
@@ -462,8 +489,8 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
         rows, stride_seg, align = x2.shape[0], 0, ()
     seg1, seg2 = (tuple(bounds) + (m, m))[:2]
     y = torch.empty(rows, m, dtype=x2.dtype, device=x2.device)
-    key = (bits, group, m, n, rows, x2.dtype, align)
-    shape_key = (m, n, rows, bits, group, x2.dtype, align)
+    key = (bits, group, m, n, rows, x2.dtype, align, silu)
+    shape_key = (m, n, rows, bits, group, x2.dtype, align, silu)
     forced = tile or forced_config()
     if forced is not None and not config_fits(forced, bits, group, n, align):
         if tile is not None:
@@ -478,6 +505,8 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
         log.warning("packed GEMV first called inside a CUDA graph capture: dequantize + matmul "
                     "for this call (run one eager step before capturing)")
         W = dequantize_cuda(qweight, scale, zero, bits, group, m, n, x2.dtype)
+        if silu:
+            return silu_mul_reference(x2, up) @ W.T
         if not per_segment:
             return x2 @ W.T
         edges = (0, *bounds, m)
@@ -489,15 +518,16 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
     def words_default():
         bn, bk, sk, w, st, u = forced or _default_tile(m, n, group, bits, align)
         gemv_words[(triton.cdiv(m, bn), sk, rows)](
-            x2, qweight.view(torch.int32), scale, zero, y, *common, BITS=bits, GROUP=group,
-            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, UNPACK_3D=u, num_warps=w, num_stages=st)
+            x2, up, qweight.view(torch.int32), scale, zero, y, *common, BITS=bits, GROUP=group,
+            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, UNPACK_3D=u, SILU=silu, num_warps=w,
+            num_stages=st)
 
     def words_tuned():
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_N"]), meta["SPLIT_K"], rows
 
-        gemv_tuned[grid](x2, qweight.view(torch.int32), scale, zero, y, *common, BITS=bits,
-                         GROUP=group)
+        gemv_tuned[grid](x2, up, qweight.view(torch.int32), scale, zero, y, *common, BITS=bits,
+                         GROUP=group, SILU=silu)
         _TUNED.add(shape_key)
 
     def words():
@@ -517,8 +547,8 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
                and forced is None and sk * 2 <= MAX_SPLIT):
             sk *= 2
         gemv_bytes[(triton.cdiv(m, bn), sk, rows)](
-            x2, qweight, scale, zero, y, *common, BITS=bits, CPC=cpc, NB=nb, GROUP=group,
-            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=4)
+            x2, up, qweight, scale, zero, y, *common, BITS=bits, CPC=cpc, NB=nb, GROUP=group,
+            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, SILU=silu, num_warps=4)
 
     if _word_layout(bits, qweight):
         _guarded("gemv_words", key, words, chunks)
@@ -528,12 +558,15 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
 
 
 def gemv_config(bits: int, group: int, m: int, n: int, rows: int = 1,
-                dtype: torch.dtype = torch.bfloat16, segmented: bool = False) -> dict | None:
+                dtype: torch.dtype = torch.bfloat16, segmented: bool = False,
+                silu: bool = False) -> dict | None:
     """The config the autotuner picked for a layer shape (after its first call), for reports.
-    ``segmented``: of stacked layers that each read their own input row (incoherence)."""
+    ``segmented``: of stacked layers that each read their own input row (incoherence);
+    ``silu``: of the down projection with silu(gate)·up folded in (``gemv(up=...)``)."""
     gemv_tuned = _kernels()[2]
     for k, cfg in getattr(gemv_tuned, "cache", {}).items():
-        if tuple(k[:5]) == (m, rows, n, bits, group) and bool(k[7]) == segmented:
+        if (tuple(k[:5]) == (m, rows, n, bits, group) and bool(k[7]) == segmented
+                and bool(k[8]) == silu):
             return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return None
 
@@ -593,6 +626,35 @@ def _(x, qweight, scale, zero, bits, group, m, n):
     return x.new_empty(*x.shape[:-1], m)
 
 
+def silu_mul_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) · u`` rounded as :func:`decode_kernels.silu_mul` and the folded GEMV round it:
+    silu in fp32, rounded to the dtype (act_fn's output), times ``u`` in fp32, rounded."""
+    gf = g.float()
+    a = (gf / (1.0 + torch.exp(-gf))).to(g.dtype).float()
+    return (a * u.float()).to(g.dtype)
+
+
+@torch.library.custom_op("yaqa::intk_matmul_silu", mutates_args=())
+def intk_matmul_silu(gate: torch.Tensor, up: torch.Tensor, qweight: torch.Tensor,
+                     scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, m: int,
+                     n: int) -> torch.Tensor:
+    """``(silu(gate) · up) @ W^T`` for packed int-k ``W`` (a gated MLP's down projection) at
+    decode: the GEMV computes the activation while loading its input (:func:`gemv` ``up=``).
+    ``gate``/``up``: ``(..., n)``, at most :data:`GEMV_MAX_ROWS` rows; larger inputs take the
+    activation, then :func:`packed_matmul`."""
+    g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
+    if g2.shape[0] > GEMV_MAX_ROWS:
+        y = packed_matmul(silu_mul_reference(g2, u2), qweight, scale, zero, bits, group, m, n)
+    else:
+        y = gemv(g2, qweight, scale, zero, bits, group, m, n, up=u2)
+    return y.reshape(*gate.shape[:-1], m)
+
+
+@intk_matmul_silu.register_fake
+def _(gate, up, qweight, scale, zero, bits, group, m, n):
+    return gate.new_empty(*gate.shape[:-1], m)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hadamard rotation of a few activation rows
 
@@ -622,9 +684,27 @@ def _rotation_rows(x: torch.Tensor, sign: torch.Tensor):
     return x2, x2.shape[0], x2.stride(0), 0, x.shape
 
 
-def _unfused_rotation(x2, s, Hs, sign_first, scale, rows):
+def _silu_rows(x2: torch.Tensor, up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate rows, up rows) of one row stride for a rotation of silu(gate)·up (``up`` None: the
+    rotation of ``x2`` itself; ``x2`` stands in for the unused up pointer)."""
+    if up is None:
+        return x2, x2
+    u2 = up.reshape(-1, up.shape[-1])
+    if u2.shape != x2.shape or u2.dtype != x2.dtype:
+        raise ValueError(f"rotation of silu(gate)·up needs gate and up of one shape and dtype, "
+                         f"got {tuple(x2.shape)} {x2.dtype}, {tuple(u2.shape)} {u2.dtype}")
+    if not u2.is_contiguous():
+        u2 = u2.contiguous()
+    if x2.shape[0] > 1 and u2.stride(0) != x2.stride(0):
+        x2, u2 = x2.contiguous(), u2.contiguous()
+    return x2, u2
+
+
+def _unfused_rotation(x2, s, Hs, sign_first, scale, rows, u2=None):
     from .hadamard import apply_factors
 
+    if u2 is not None:
+        x2 = silu_mul_reference(x2, u2)
     if x2.shape[0] != rows:
         x2 = x2.expand(rows, -1)
     y = (apply_factors(x2 * s, Hs, normalize=False) if sign_first
@@ -633,34 +713,40 @@ def _unfused_rotation(x2, s, Hs, sign_first, scale, rows):
 
 
 def rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor,
-            sign_first: bool, scale: float = 1.0) -> torch.Tensor:
+            sign_first: bool, scale: float = 1.0, up: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of ``x`` times ``scale·(H1 ⊗ H2)^T``, with ``sign`` (a ±1 vector, possibly with an
     exact power-of-two scale folded in) applied before (``sign_first``) or after; by the fused
-    Triton kernel.  A ``(r, n)`` ``sign`` with one row of ``x`` gives the r rotations ``(r, n)``."""
+    Triton kernel.  A ``(r, n)`` ``sign`` with one row of ``x`` gives the r rotations ``(r, n)``.
+    ``up``: rotate ``silu(x)·up`` instead (:func:`silu_mul_reference`'s rounding), computed by
+    the kernel as it loads the row (a down projection's input rotation)."""
     rotate2_kernel = _kernels()[6]
     x2, rows, stride_x, stride_s, shape = _rotation_rows(x, sign)
+    x2, u2 = _silu_rows(x2, up)
     n = x2.shape[-1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     d1, d2 = h1.shape[0], h2.shape[0]
     s = sign.to(x.dtype).contiguous()
 
     def fused():
-        rotate2_kernel[(rows,)](x2, s, h1, h2, y, stride_x, y.stride(0), stride_s, scale,
+        rotate2_kernel[(rows,)](x2, u2, s, h1, h2, y, stride_x, y.stride(0), stride_s, scale,
                                 D1=d1, D2=d2, SIGN_FIRST=sign_first,
-                                IEEE=x.dtype == torch.float32, num_warps=4)
+                                IEEE=x.dtype == torch.float32, SILU=up is not None, num_warps=4)
         return y
 
     def unfused():
-        return _unfused_rotation(x2, s, [h1, h2], sign_first, scale, rows)
+        return _unfused_rotation(x2, s, [h1, h2], sign_first, scale, rows,
+                                 u2 if up is not None else None)
 
-    return _guarded("rotate2", (d1, d2, sign_first, x.dtype), fused, unfused).reshape(shape)
+    return _guarded("rotate2", (d1, d2, sign_first, x.dtype, up is not None), fused,
+                    unfused).reshape(shape)
 
 
 @torch.library.custom_op("yaqa::hadamard_rotate2", mutates_args=())
 def hadamard_rotate2(x: torch.Tensor, sign: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor,
-                     sign_first: bool, scale: float = 1.0) -> torch.Tensor:
+                     sign_first: bool, scale: float = 1.0,
+                     up: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`rotate2` as an op that ``torch.compile`` keeps opaque and CUDA graphs capture."""
-    return rotate2(x, sign, h1, h2, sign_first, scale)
+    return rotate2(x, sign, h1, h2, sign_first, scale, up)
 
 
 def _rotation_shape(x, sign):
@@ -670,7 +756,7 @@ def _rotation_shape(x, sign):
 
 
 @hadamard_rotate2.register_fake
-def _(x, sign, h1, h2, sign_first, scale=1.0):
+def _(x, sign, h1, h2, sign_first, scale=1.0, up=None):
     return x.new_empty(_rotation_shape(x, sign))
 
 
@@ -684,10 +770,12 @@ def rotate3_supports(sizes: tuple[int, ...]) -> bool:
 
 
 def rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Tensor,
-            hc: torch.Tensor, sign_first: bool, scale: float = 1.0) -> torch.Tensor:
+            hc: torch.Tensor, sign_first: bool, scale: float = 1.0,
+            up: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`rotate2` for three Kronecker factors."""
     rotate3_kernel = _kernels()[7]
     x2, rows, stride_x, stride_s, shape = _rotation_rows(x, sign)
+    x2, u2 = _silu_rows(x2, up)
     n = x2.shape[-1]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     A, B, C = ha.shape[0], hb.shape[0], hc.shape[0]
@@ -695,24 +783,28 @@ def rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Ten
     s = sign.to(x.dtype).contiguous()
 
     def fused():
-        rotate3_kernel[(rows,)](x2, s, ha, hb, hc, y, stride_x, y.stride(0), stride_s, scale,
-                                A=A, AP=AP, B=B, C=C, SIGN_FIRST=sign_first,
-                                PREC="ieee" if x.dtype == torch.float32 else None, num_warps=8)
+        rotate3_kernel[(rows,)](x2, u2, s, ha, hb, hc, y, stride_x, y.stride(0), stride_s,
+                                scale, A=A, AP=AP, B=B, C=C, SIGN_FIRST=sign_first,
+                                PREC="ieee" if x.dtype == torch.float32 else None,
+                                SILU=up is not None, num_warps=8)
         return y
 
     def unfused():
-        return _unfused_rotation(x2, s, [ha, hb, hc], sign_first, scale, rows)
+        return _unfused_rotation(x2, s, [ha, hb, hc], sign_first, scale, rows,
+                                 u2 if up is not None else None)
 
-    return _guarded("rotate3", (A, B, C, sign_first, x.dtype), fused, unfused).reshape(shape)
+    return _guarded("rotate3", (A, B, C, sign_first, x.dtype, up is not None), fused,
+                    unfused).reshape(shape)
 
 
 @torch.library.custom_op("yaqa::hadamard_rotate3", mutates_args=())
 def hadamard_rotate3(x: torch.Tensor, sign: torch.Tensor, ha: torch.Tensor, hb: torch.Tensor,
-                     hc: torch.Tensor, sign_first: bool, scale: float = 1.0) -> torch.Tensor:
+                     hc: torch.Tensor, sign_first: bool, scale: float = 1.0,
+                     up: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`rotate3` as an op that ``torch.compile`` keeps opaque and CUDA graphs capture."""
-    return rotate3(x, sign, ha, hb, hc, sign_first, scale)
+    return rotate3(x, sign, ha, hb, hc, sign_first, scale, up)
 
 
 @hadamard_rotate3.register_fake
-def _(x, sign, ha, hb, hc, sign_first, scale=1.0):
+def _(x, sign, ha, hb, hc, sign_first, scale=1.0, up=None):
     return x.new_empty(_rotation_shape(x, sign))

@@ -16,6 +16,21 @@ def codes_to_float(c):
     return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 @triton.jit
+def load_act(x_ptrs, u_ptrs, SILU: tl.constexpr):
+    # The GEMV's input values in fp32.  SILU: the input is silu(gate)·up of a gated MLP, read
+    # from the gate and up rows at the same offsets and computed here, for the down projection:
+    # in fp32, rounded as decode_kernels.silu_mul rounds (act_fn's output to the activation
+    # dtype, then the product), so the folded GEMV sees exactly the values the separate
+    # kernel would have written.
+    x = tl.load(x_ptrs)
+    if SILU:
+        dt = x.dtype
+        g = x.to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        return (a * tl.load(u_ptrs).to(tl.float32)).to(dt).to(tl.float32)
+    return x.to(tl.float32)
+
+@triton.jit
 def group_epilogue(pg, xg, s_ptr, z_ptr, rows, rmask, n_groups, g0, NG: tl.constexpr):
     # Σ_G s·(Σ q·x − z·Σ x) over NG groups from g0, for BLOCK_N rows: the zero point costs
     # one multiply per group rather than one per weight, and each scale and zero point is
@@ -60,16 +75,17 @@ def store_or_reduce(acc, y_ptr, ws_ptr, cnt_ptr, rows, rmask, N, stride_y,
             tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
 
 @triton.jit
-def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride_x,
+def gemv_words(x_ptr, u_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride_x,
                stride_y, SEG1, SEG2, stride_seg, K: tl.constexpr, BITS: tl.constexpr,
                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               SPLIT_K: tl.constexpr, UNPACK_3D: tl.constexpr):
+               SPLIT_K: tl.constexpr, UNPACK_3D: tl.constexpr, SILU: tl.constexpr):
     # Program (n, k, row): BLOCK_N output features of activation row `row`, over the k-th
     # of SPLIT_K slices of K.  The packed weight is read as int32 words (8 int4 codes each),
     # so each row of the tile is one contiguous load of BLOCK_K·BITS/8 bytes.
     # SEG1/SEG2/stride_seg: the weight may be several layers' rows stacked (q/k/v, gate/up),
     # each layer reading its own input row (incoherence: its own rotation of the shared input);
-    # see :func:`segment_offset`.
+    # see :func:`segment_offset`.  SILU: x is the gate and u_ptr the up rows of a gated MLP
+    # (same strides), and the input is silu(gate)·up (:func:`load_act`); else u_ptr is unused.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
@@ -83,7 +99,9 @@ def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride
     k0 = pid_k * KS
     shifts = tl.arange(0, CPW) * BITS
     wrow = qw_ptr + rows[:, None].to(tl.int64) * (K // CPW) + k0 // CPW
-    xrow = x_ptr + row * stride_x + segment_offset(pid_n * BLOCK_N, SEG1, SEG2, stride_seg) + k0
+    xoff = row * stride_x + segment_offset(pid_n * BLOCK_N, SEG1, SEG2, stride_seg) + k0
+    xrow = x_ptr + xoff
+    urow = u_ptr + xoff
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(0, KS // BLOCK_K):
         w = tl.load(wrow + t * BW + tl.arange(0, BW)[None, :], mask=rmask[:, None], other=0)
@@ -92,8 +110,9 @@ def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride
             # x is loaded as a (1, words, codes) tile of 16-byte vectors, so a thread holds a
             # word's codes and their activations together and the per-word sum stays in
             # registers (the weight tile is moved into that layout once per step).
-            x3 = tl.load(xrow + t * BLOCK_K + tl.arange(0, BW)[None, :, None] * CPW
-                         + tl.arange(0, CPW)[None, None, :]).to(tl.float32)
+            o3 = (t * BLOCK_K + tl.arange(0, BW)[None, :, None] * CPW
+                  + tl.arange(0, CPW)[None, None, :])
+            x3 = load_act(xrow + o3, urow + o3, SILU)
             q = codes_to_float((w[:, :, None] >> shifts[None, None, :]) & MASK)
             p = tl.sum(q * x3, axis=2)                                      # per word
             xw = tl.sum(x3, axis=2)                                         # (1, words)
@@ -103,7 +122,8 @@ def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride
             p = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
             xs = tl.zeros((BW,), dtype=tl.float32)
             for j in tl.static_range(CPW):
-                xj = tl.load(xrow + t * BLOCK_K + tl.arange(0, BW) * CPW + j).to(tl.float32)
+                oj = t * BLOCK_K + tl.arange(0, BW) * CPW + j
+                xj = load_act(xrow + oj, urow + oj, SILU)
                 p += codes_to_float((w >> (BITS * j)) & MASK) * xj[None, :]
                 xs += xj
             xg = tl.sum(tl.reshape(xs, (NG, BW // NG)), axis=1)
@@ -113,11 +133,13 @@ def gemv_words(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride
     store_or_reduce(acc, y_ptr, ws_ptr, cnt_ptr, rows, rmask, N, stride_y, SPLIT_K)
 
 @triton.jit
-def gemv_bytes(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride_x,
+def gemv_bytes(x_ptr, u_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride_x,
                stride_y, SEG1, SEG2, stride_seg, K: tl.constexpr, BITS: tl.constexpr,
                CPC: tl.constexpr, NB: tl.constexpr, GROUP: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    # Any chunk layout (3 bits: 8 codes in 3 bytes), assembled from byte loads.
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+               SILU: tl.constexpr):
+    # Any chunk layout (3 bits: 8 codes in 3 bytes), assembled from byte loads; SILU as in
+    # :func:`gemv_words`.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     row = tl.program_id(2)
@@ -129,7 +151,9 @@ def gemv_bytes(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride
     rmask = rows < N
     k0 = pid_k * KS
     row_bytes = (K // CPC) * NB
-    xrow = x_ptr + row * stride_x + segment_offset(pid_n * BLOCK_N, SEG1, SEG2, stride_seg)
+    xoff = row * stride_x + segment_offset(pid_n * BLOCK_N, SEG1, SEG2, stride_seg)
+    xrow = x_ptr + xoff
+    urow = u_ptr + xoff
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(0, KS // BLOCK_K):
         chunks = (k0 + t * BLOCK_K) // CPC + tl.arange(0, BC)
@@ -140,7 +164,7 @@ def gemv_bytes(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride
         p = tl.zeros((BLOCK_N, BC), dtype=tl.float32)
         xs = tl.zeros((BC,), dtype=tl.float32)
         for j in tl.static_range(CPC):
-            xj = tl.load(xrow + chunks * CPC + j).to(tl.float32)
+            xj = load_act(xrow + chunks * CPC + j, urow + chunks * CPC + j, SILU)
             p += codes_to_float((word >> (BITS * j)) & MASK) * xj[None, :]
             xs += xj
         pg = tl.sum(tl.reshape(p, (BLOCK_N, NG, BC // NG)), axis=2)

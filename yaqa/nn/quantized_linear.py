@@ -240,12 +240,14 @@ class QuantizedLinear(nn.Module):
         return count if ok else 0
 
     def _fused_rotate(self, x: torch.Tensor, side: str, count: int,
-                      sign: torch.Tensor | None = None) -> torch.Tensor:
+                      sign: torch.Tensor | None = None,
+                      up: torch.Tensor | None = None) -> torch.Tensor:
+        # up: rotate silu(x)·up, the activation computed by the rotation kernel.
         Hs = [getattr(self, f"had_{side}_{i}") for i in range(count)]
         sign = getattr(self, f"had_{side}_sign") if sign is None else sign
         scale = getattr(self, f"_had_{side}_scale")
         op = kernels.hadamard_rotate2 if count == 2 else kernels.hadamard_rotate3
-        return op(x, sign, *Hs, side == "in", scale)
+        return op(x, sign, *Hs, side == "in", scale, up)
 
     def _rotate_in(self, x: torch.Tensor) -> torch.Tensor:
         if count := self._fused_rotation(x, "in"):
@@ -281,6 +283,34 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+    def folds_silu(self, gate: torch.Tensor) -> bool:
+        """Whether :meth:`forward_silu_mul` computes the activation inside one of this layer's
+        kernels for a ``gate`` like this one: decode-sized, Triton, int-k; without incoherence
+        in the packed GEMV (the kernels must take the shape), with incoherence in the fused
+        input rotation (which mixes all of K, so the activation must be complete before it)."""
+        if not (self.is_int and not self.dense_cache and kernels.use_triton(gate)
+                and gate.numel() <= kernels.GEMV_MAX_ROWS * self.in_features):
+            return False
+        if self.incoherence:
+            return bool(self._fused_rotation(gate, "in"))
+        return kernels.kernel_supports(self.bits, self.group_size, self.out_features,
+                                       self.in_features)
+
+    def forward_silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``self(silu(gate) · up)``, a gated MLP's down projection.  Where :meth:`folds_silu`,
+        the GEMV (or with incoherence the input rotation) computes the activation while loading
+        its input, rounded as the separate activation kernel rounds it, so no activation launch
+        writes and re-reads it; otherwise the activation, then :meth:`forward`."""
+        if not self.folds_silu(gate):
+            return self(kernels.silu_mul_reference(gate, up))
+        if self.incoherence:
+            xr = self._fused_rotate(gate, "in", self._fused_rotation(gate, "in"), up=up)
+            return self.forward_rotated(xr)
+        y = kernels.intk_matmul_silu(gate, up, self.qweight, self.grid_scale, self.grid_zero,
+                                     self.bits, self.group_size, self.out_features,
+                                     self.in_features)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
