@@ -215,10 +215,10 @@ def stream_block_files(col: HessianCollector, identity: dict[str, Any], summary:
     files: dict[int, dict[str, Tensor]] = {b: {} for b in col.blocks}
     meta = _block_meta(col, identity, summary)
     for name, acc in col.end_pass_streaming():
-        check_layer_finite(name, acc)
-        bi, rel, _ = col.layers[name]
-        tensors, meta[bi]["layers"][rel] = _layer_files(col, name, acc, identity)
+        check_layer_finite(name, acc)  # on every rank: all of them stop alike
         if write:
+            bi, rel, _ = col.layers[name]
+            tensors, meta[bi]["layers"][rel] = _layer_files(col, name, acc, identity)
             files[bi].update(pack_factors(tensors, store_dtype))
-        del tensors
+            del tensors
     return files, meta  # (col.acc iterates in col.layers' order: the order of today's files)
