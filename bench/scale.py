@@ -37,6 +37,7 @@ import transformers
 import yaqa
 from yaqa.hessians import HessianCollector, load_hessians, run_collection
 from yaqa.hessians.boundary import BoundaryCache, disk_free_bytes
+from yaqa.hessians.phases import PhaseRecorder
 from yaqa.hessians.labels import sampled_label_grad
 from yaqa.models import get_adapter
 from yaqa.plan import (GiB, CollectionRequest, ModelShape, collection_terms, is_oom, make_plan,
@@ -186,8 +187,11 @@ def stage_collect(args, state: dict) -> None:
     ids = calibration(args, model.config.vocab_size)
     t_build = time.perf_counter() - t
     done = False
+    # peak device memory by phase (passes, end_pass, writing; yaqa.hessians.phases): where the
+    # collection peak is, against the plan's during-pass and end-of-pass terms
+    phases = PhaseRecorder(args.device)
     try:
-        with Deadline(max(1.0, args.budget_s - t_build)):
+        with Deadline(max(1.0, args.budget_s - t_build)), phases:
             run_collection(model, ids, args.work / "hessians", sketch="B", batch_size=args.batch_size,
                            blocks_per_pass=bpp, collect_hx=False, storage_dtype=args.storage,
                            boundary_cache=cache, checkpoint_interval_s=1e9,
@@ -199,10 +203,35 @@ def stage_collect(args, state: dict) -> None:
         if is_oom(e):
             raise SystemExit(oom_message(e, None, "collection")) from None
         raise
-    record(state, "collect", time.perf_counter() - t - t_build, done, args,
-           build_seconds=t_build, blocks_per_pass=bpp, boundary_cache=cache)
+    st = record(state, "collect", time.perf_counter() - t - t_build, done, args,
+                build_seconds=t_build, blocks_per_pass=bpp, boundary_cache=cache)
+    merge_phases(st, phases.to_dict())
     if done:
         print("collect: done")
+
+
+def merge_phases(st: dict, new: dict) -> None:
+    """Fold one command's peak by phase into the stage's record: the largest peak and the total
+    seconds of each phase over its commands. The recorder resets the device's peak at every
+    phase, so the stage's overall peak is the largest phase peak."""
+    ph = st.setdefault("phases", {})
+    for name, v in new.items():
+        old = ph.setdefault(name, {"peak_gib": None, "seconds": 0.0})
+        if v["peak_gib"] is not None:
+            old["peak_gib"] = max(old["peak_gib"] or 0.0, v["peak_gib"])
+            st["peak_gpu_gib"] = max(st.get("peak_gpu_gib") or 0.0, v["peak_gib"])
+        old["seconds"] = round(old["seconds"] + v["seconds"], 2)
+
+
+def phase_line(st: dict) -> str:
+    ph = st.get("phases")
+    if not ph:
+        return ""
+    parts = []
+    for k, v in ph.items():
+        peak = "n/a" if v["peak_gib"] is None else f"{v['peak_gib']:.1f} GiB"
+        parts.append(f"{k} {peak} ({v['seconds']:.0f} s)")
+    return "Collection peak GPU memory by phase: " + ", ".join(parts) + "."
 
 
 def stage_round(args, state: dict, *, save: bool = False) -> None:
@@ -726,6 +755,15 @@ def stage_report(args, state: dict) -> None:
                       f"estimated time {(p.get('seconds_estimate') or 0) / 60:.1f} min; boundary "
                       f"cache: {p.get('boundary_cache', {}).get('mode', 'off')} "
                       f"({p.get('boundary_cache', {}).get('reason', '')})."]
+        if p.get("end_of_pass_peak_bytes"):
+            lines += ["", f"Plan during a pass {sum(p['collection_terms'].values()) / GiB:.1f} "
+                          f"GiB, at a pass's end {p['end_of_pass_peak_bytes'] / GiB:.1f} GiB ("
+                          + ", ".join(f"{k} {v / GiB:.2f}"
+                                      for k, v in p.get("end_of_pass_terms", {}).items()) + ")."]
+    if phase_line(st.get("collect", {})):
+        lines += ["", phase_line(st["collect"]) + " (passes: the micro-batches; end_pass: sums "
+                  "to factors, and on the last pass also checked, estimated, packed and copied "
+                  "to host; writing: handing the files to the writer; other: the rest)"]
     if "throughput" in state:
         lines += ["", "| layers | plain ms | Sketch B ms | x plain | x plain if one pass |",
                   "| ---: | ---: | ---: | ---: | ---: |"]

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import yaqa
+from yaqa.hessians import run_collection
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import tiny_model  # noqa: E402
@@ -46,6 +47,10 @@ def _worker(rank: int, world: int, port: int, out: str, ckpt_dir: str) -> None:
     try:
         res = {"B": _run("B", 1, None), "A": _run("A", 2, None), "B_ckpt": _run("B", 1, ckpt_dir),
                "B_draws": _run("B", 1, None, label_draws=2)}
+        # the store's path: the last pass's factors streamed off one linear at a time
+        run_collection(tiny_model("llama", dtype=torch.float64), _data(),
+                       f"{ckpt_dir}_streamed", sketch="B", seed=SEED, dtype=torch.float64,
+                       batch_size=2, checkpoint_every=2, progress=False)
         torch.save(res, f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()
@@ -112,3 +117,13 @@ def test_two_ranks_with_two_label_draws_equal_one_process(two_rank_results):
             assert torch.allclose(r["B_draws"][name]["stats"], single[name]["stats"],
                                   rtol=1e-12), name
             assert (single[name]["stats"] > 0).all()
+
+
+def test_two_rank_streamed_collection_writes_the_same_files(two_rank_results):
+    import hashlib
+
+    _, tmp = two_rank_results
+    digest = {d: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                  for p in sorted((tmp / d).glob("*")) if p.is_file()}
+              for d in ("ckpt", "ckpt_streamed")}
+    assert len(digest["ckpt"]) == 3 and digest["ckpt_streamed"] == digest["ckpt"]

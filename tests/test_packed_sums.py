@@ -173,9 +173,15 @@ def test_plan_fits_16_blocks_per_pass_at_the_8b_shape(monkeypatch):
     plan = make_plan(shape, req, **kw)
     assert plan.blocks_per_pass == 16 and len(plan.groups) == 2
     assert plan.collection_peak_bytes <= plan.limit_bytes
-    # the peak is right after a pass, with the group's 16 blocks of finished factors full
-    assert plan.end_of_pass_peak_bytes == plan.collection_peak_bytes
-    assert plan.end_of_pass_peak_bytes >= shape.param_bytes + 16 * plan.factor_bytes_per_block
+    # the store takes the factors one linear at a time: the end of the pass is below the pass
+    during = sum(plan.collection_terms.values())
+    assert plan.collection_peak_bytes == during > plan.end_of_pass_peak_bytes
+    assert "finished factors" not in plan.end_of_pass_terms
+    assert plan.end_of_pass_peak_bytes < shape.param_bytes + 16 * plan.factor_bytes_per_block
+    # kept on the device (collect_hessians), the group's 16 blocks of finished factors are full
+    kept = make_plan(shape, CollectionRequest(**{**req.__dict__, "keep_factors": True}), **kw)
+    assert kept.end_of_pass_peak_bytes == kept.collection_peak_bytes > during
+    assert kept.end_of_pass_peak_bytes >= shape.param_bytes + 16 * kept.factor_bytes_per_block
     packed_bytes = accumulator_bytes(shape, req)
     monkeypatch.setattr(acc_mod, "_PACKED_SUMS", False)  # full n×n sums, as before
     old = make_plan(shape, req, **kw)

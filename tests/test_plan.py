@@ -55,7 +55,7 @@ def test_collection_estimate_is_within_20_percent_of_the_measured_peak(cfg):
                               label_draws=cfg.get("draws", 1))
     req = CollectionRequest(power_iters=cfg["iters"], n_seqs=ids.shape[0], ctx=cfg["ctx"],
                             batch_size=cfg["batch"], collect_hx=cfg["hx"],
-                            label_draws=cfg.get("draws", 1))
+                            label_draws=cfg.get("draws", 1), keep_factors=True)
     plan = make_plan(ModelShape.from_model(model), req, budget_bytes=1 << 40, device="cpu",
                      blocks_per_pass=cfg["bpp"])
     # collect_hessians keeps every finished group's factors: the last group peaks with the

@@ -114,6 +114,9 @@ class CollectionRequest:
     collect_hx: bool = True
     gradient_checkpointing: bool = False
     world: int = 1
+    # collect_hessians keeps every factor on the device; run_collection (yaqa hessians, yaqa
+    # run) streams the last pass's factors to the store one linear at a time
+    keep_factors: bool = False
 
 
 @dataclass
@@ -141,9 +144,10 @@ class MemoryPlan:
     boundary_cache: dict[str, Any] = field(default_factory=dict)
     model_work: float = 0.0               # the model's own work over all passes, in plain
                                           # forward+backward passes over the data
-    # right after a pass: weights + the group's finished factors, full (the packed sums
-    # unpacked); collection_peak_bytes is the larger of this and the sum of collection_terms
+    # at the end of a pass (activations gone): the worst group's end_of_pass_terms summed;
+    # collection_peak_bytes is the larger of this and the sum of collection_terms
     end_of_pass_peak_bytes: int = 0
+    end_of_pass_terms: dict[str, int] = field(default_factory=dict)
 
     def fits(self) -> bool:
         return max(self.collection_peak_bytes, self.rounding_peak_bytes) <= self.limit_bytes
@@ -163,8 +167,11 @@ class MemoryPlan:
         lines += [f"    {k:<24}{g(v):>12}" for k, v in self.collection_terms.items()]
         if self.end_of_pass_peak_bytes:
             lines.append(f"    {'(during a pass)':<24}{g(sum(self.collection_terms.values())):>12}"
-                         f"; right after one, with the group's factors full: "
-                         f"{g(self.end_of_pass_peak_bytes)}")
+                         f"; at a pass's end: {g(self.end_of_pass_peak_bytes)}"
+                         + ("" if "finished factors" in self.end_of_pass_terms else
+                            " (the last pass's factors leave one linear at a time)"))
+            lines.append("      " + ", ".join(f"{k} {g(v)}"
+                                              for k, v in self.end_of_pass_terms.items()))
         bc = self.boundary_cache
         if bc and bc["mode"] != "off":
             where = "in host memory" if bc["mode"] == "memory" else "on disk"
@@ -224,24 +231,35 @@ def _sum_numel(n: int) -> int:
 def accumulator_bytes(shape: ModelShape, req: CollectionRequest) -> int:
     """Peak accumulator bytes of one block during the passes of the sketch (packed sums, full
     factors and frozen copies)."""
-    worst = 0
-    for kind in pass_kinds(req.sketch, req.power_iters):
-        (nf, np_), (mf, mp) = _matrices_per_pass(kind, req.collect_hx, req.power_iters)
-        b = sum(nf * n * n + np_ * _sum_numel(n) + mf * m * m + mp * _sum_numel(m)
-                for _, m, n in shape.linears)
-        worst = max(worst, b)
-    return worst * req.acc_bytes
+    return max(_accumulator_bytes(shape, req, kind)
+               for kind in pass_kinds(req.sketch, req.power_iters))
 
 
-def end_of_pass_bytes(shape: ModelShape, req: CollectionRequest) -> int:
-    """Finished factors of one block right after a pass: each packed sum is unpacked into its
-    full symmetric factor (and freed), so all of a group's factors are full at once before the
-    store takes them, while the pass's activations are gone."""
+def _accumulator_bytes(shape: ModelShape, req: CollectionRequest, kind: str) -> int:
+    (nf, np_), (mf, mp) = _matrices_per_pass(kind, req.collect_hx, req.power_iters)
+    return sum(nf * n * n + np_ * _sum_numel(n) + mf * m * m + mp * _sum_numel(m)
+               for _, m, n in shape.linears) * req.acc_bytes
+
+
+def end_of_pass_bytes(shape: ModelShape, req: CollectionRequest,
+                      kinds: list[str] | None = None) -> int:
+    """Finished factors of one block right after a pass (of ``kinds``, default: every pass of
+    the sketch): each packed sum is unpacked into its full symmetric factor (and freed), so all
+    of a group's factors are full at once before the next pass or the store takes them, while
+    the pass's activations are gone."""
     worst = 0
-    for kind in pass_kinds(req.sketch, req.power_iters):
+    for kind in pass_kinds(req.sketch, req.power_iters) if kinds is None else kinds:
         nf, mf = _factors_after_pass(kind, req.collect_hx, req.power_iters)
         worst = max(worst, sum(nf * n * n + mf * m * m for _, m, n in shape.linears))
     return worst * req.acc_bytes
+
+
+def finishing_workspace_bytes(shape: ModelShape, req: CollectionRequest) -> int:
+    """Temporaries of finishing one linear for the store (its largest matrix, size k): the
+    shrinkage estimate's two float64 k×k matrices (Sketch B, one pass), else the packed copy."""
+    k = max(max(m, n) for _, m, n in shape.linears)
+    shrink = 2 * k * k * 8 if req.sketch == "B" and req.power_iters == 1 else 0
+    return max(shrink, k * (k + 1) // 2 * req.acc_bytes)
 
 
 def activation_bytes_per_token(shape: ModelShape, ctx: int, gradient_checkpointing: bool) -> int:
@@ -318,16 +336,40 @@ def collection_terms(shape: ModelShape, req: CollectionRequest, group: list[int]
     }
 
 
-def end_of_pass_terms(shape: ModelShape, req: CollectionRequest,
-                      group: list[int]) -> dict[str, int]:
-    """The other peak of a group: right after a pass, its finished factors full (see
-    :func:`end_of_pass_bytes`) beside the weights and the last linear's packed sums still
-    being unpacked."""
-    last = max(_sum_numel(n) * (1 + int(req.collect_hx)) + _sum_numel(m)
-               for _, m, n in shape.linears)
-    return {"weights": shape.param_bytes,
-            "finished factors": end_of_pass_bytes(shape, req) * len(group),
-            "packed sums of one linear": last * req.acc_bytes}
+def end_of_pass_terms(shape: ModelShape, req: CollectionRequest, group: list[int], *,
+                      on_host: bool = False) -> dict[str, int]:
+    """The other peak of a group: the end of a pass, after its activations are gone.
+
+    After a pass whose factors the next pass (or ``keep_factors``) needs: the group's finished
+    factors, all full (:func:`end_of_pass_bytes`), beside the weights and the last linear's
+    packed sums. After the last pass when the store takes the factors: one linear at a time is
+    finished, checked, estimated, packed and copied to host memory
+    (:func:`yaqa.hessians.passes.stream_block_files`): the group's sums still packed, one
+    linear's full factors and their temporaries (``on_host``: the packed copies for the store
+    are in the same memory). The larger of the two, term by term."""
+    kinds = pass_kinds(req.sketch, req.power_iters)
+    options = []
+    full = kinds if req.keep_factors else kinds[:-1]
+    if full:
+        last = max(_sum_numel(n) * (1 + int(req.collect_hx)) + _sum_numel(m)
+                   for _, m, n in shape.linears)
+        options.append({"weights": shape.param_bytes,
+                        "finished factors": end_of_pass_bytes(shape, req, full) * len(group),
+                        "packed sums of one linear": last * req.acc_bytes})
+        if req.keep_factors:  # the shrinkage estimate of the results, beside them all
+            options[-1]["finishing workspace"] = finishing_workspace_bytes(shape, req)
+    if not req.keep_factors:
+        nf, mf = _factors_after_pass(kinds[-1], req.collect_hx, req.power_iters)
+        one = max(nf * n * n + mf * m * m for _, m, n in shape.linears) * req.acc_bytes
+        t = {"weights": shape.param_bytes,
+             "sums being finished": _accumulator_bytes(shape, req, kinds[-1]) * len(group),
+             "factors of one linear": one,
+             "finishing workspace": finishing_workspace_bytes(shape, req)}
+        if on_host:
+            t["packed for the store"] = (stored_bytes(shape, req.collect_hx, req.acc_bytes)
+                                         // shape.n_blocks * len(group))
+        options.append(t)
+    return max(options, key=lambda t: sum(t.values()))
 
 
 def rounding_terms(shape: ModelShape, method: str = "yaqa") -> dict[str, int]:
@@ -414,9 +456,10 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
                                      max(disk_bytes - stored_bytes(shape, req.collect_hx), 0),
                                      world=req.world)
 
-    def peak(size: int) -> tuple[int, dict[str, int], int]:
-        """(peak, its terms during a pass, peak right after a pass) of the worst group."""
-        worst, end = (0, {}), 0
+    def peak(size: int) -> tuple[int, dict[str, int], int, dict[str, int]]:
+        """(peak, its terms during a pass, peak at a pass's end, its terms) of the worst
+        group."""
+        worst, end, end_terms = (0, {}), 0, {}
         bc = cache_choice(size)
         gs = _groups(blocks, size)
         for g in gs:
@@ -424,13 +467,14 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
             # cached gradient (when the group above is adjacent)
             own = bc.mode != "off" and g is not gs[-1] and g[-1] + 1 in blocks
             t = collection_terms(shape, req, g, own_blocks_only=own)
-            e = sum(end_of_pass_terms(shape, req, g).values())
+            et = end_of_pass_terms(shape, req, g, on_host=on_host)
             if on_host and bc.mode == "memory":
                 t["boundary cache"] = bc.bytes  # host memory is the device's here
-                e += bc.bytes
+                et["boundary cache"] = bc.bytes
             worst = max(worst, (sum(t.values()), t), key=lambda x: x[0])
-            end = max(end, e)
-        return max(worst[0], end), worst[1], end
+            if sum(et.values()) > end:
+                end, end_terms = sum(et.values()), et
+        return max(worst[0], end), worst[1], end, end_terms
 
     if blocks_per_pass is None:
         # fewest passes first: k passes of ceil(len/k) blocks, k = 1, 2, ...
@@ -439,7 +483,7 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
         size = next((s for s in sizes if peak(s)[0] <= limit), 1)
     else:
         size = max(1, min(blocks_per_pass, len(blocks)))
-    coll, terms, end = peak(size)
+    coll, terms, end, end_terms = peak(size)
     rterms = rounding_terms(shape, method)
     groups = _groups(blocks, size)
     tokens = req.n_seqs * req.ctx
@@ -450,7 +494,7 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
         factor_bytes_per_block=factor_bytes_per_block(shape, req.collect_hx),
         stored_bytes=stored_bytes(shape, req.collect_hx),
         passes_over_data=len(groups) * len(pass_kinds(req.sketch, req.power_iters)),
-        tokens=tokens, end_of_pass_peak_bytes=end)
+        tokens=tokens, end_of_pass_peak_bytes=end, end_of_pass_terms=end_terms)
     bc = cache_choice(size)
     plan.boundary_cache = {"mode": bc.mode, "bytes": bc.bytes, "reason": bc.reason,
                            "starts": [g[0] for g in groups if g[0] > 0]}
@@ -459,8 +503,10 @@ def make_plan(shape: ModelShape, req: CollectionRequest, *, budget_bytes: int,
     plan.model_work = n_kinds * req.label_draws * sum(_model_shares(plan, shape.n_blocks))
     if coll > limit:
         parts = dict(terms)
-        if end > sum(terms.values()):  # right after a pass: the group's factors, full
-            parts = {"finished factors": end - shape.param_bytes}
+        if end > sum(terms.values()):  # at a pass's end
+            # all the group's factors full, or (streamed) its sums, mostly
+            key = "finished factors" if "finished factors" in end_terms else "accumulators"
+            parts = {key: end - shape.param_bytes}
         biggest = max(parts, key=parts.get)
         advice = {"activations": "lower --batch-size or --ctx, or add --gradient-checkpointing",
                   "logits + gradient": "lower --batch-size",

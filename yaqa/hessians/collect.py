@@ -151,7 +151,7 @@ def _collect(model: nn.Module, batches: Batches, cfg: CollectConfig,
                                          gradient_checkpointing=cfg.gradient_checkpointing,
                                          boundary=boundary, label_draws=cfg.label_draws)
             summary = run_group(collector, batches, cfg, kinds, out_path, identity, bar,
-                                writer, store_dtype)
+                                writer, store_dtype, keep=keep)
             if boundary is not None:
                 log.info("blocks %d-%d: %d micro-batch passes started from a cached state, %d "
                          "from a cached gradient", g[0], g[-1], boundary.hits,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -377,12 +377,31 @@ class HessianCollector:
         self._set_counts(counts)
 
     def end_pass(self) -> None:
-        counts = self._counts_tensor()
-        D.all_reduce_sum_(self._sum_tensors() + [counts])
-        self._set_counts(counts)
+        self._reduce_for_end()
         for acc in self.acc.values():
             acc.end_pass()
         self.kind = None
+
+    def end_pass_streaming(self) -> Iterator[tuple[str, LayerAccumulator]]:
+        """End the last pass one linear at a time: yields ``(name, accumulator)`` with that
+        linear's factors finished (full) while the other linears' sums are still packed, and
+        drops its factors when the caller moves on. The device then never holds more than one
+        linear's full factors, instead of the whole group's (the caller must take what it needs
+        from ``acc.factors`` before the next item; counts stay)."""
+        self._reduce_for_end()
+        for name, acc in self.acc.items():
+            acc.end_pass()
+            yield name, acc
+            acc.factors = {}
+        self.kind = None
+
+    def _reduce_for_end(self) -> None:
+        # the last step's cached products and recycled X^T X buffers: nothing reads them now,
+        # and the end of a pass makes n×n factors beside them
+        self.cache.release()
+        counts = self._counts_tensor()
+        D.all_reduce_sum_(self._sum_tensors() + [counts])
+        self._set_counts(counts)
 
     # -- state --------------------------------------------------------------------------------
     def block_state(self) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, Any]]]:
@@ -416,11 +435,7 @@ class HessianCollector:
     def check_finite(self) -> None:
         """Name the first layer whose factors are not finite (before anything is stored)."""
         for name, acc in self.acc.items():
-            for k, t in acc.factors.items():
-                if not bool(torch.isfinite(t).all()):
-                    raise HessianMetadataError(
-                        f"{name}.{k} is not finite after collection: check the model's weights "
-                        "for inf/nan, or use a wider dtype (--fp64)")
+            check_layer_finite(name, acc)
 
     def results(self, sketch: str, power_iters: int,
                 identity: str | None = None) -> dict[str, LayerHessian]:
@@ -432,6 +447,15 @@ class HessianCollector:
                                      identity,
                                      layer_estimate(f, acc.counts["seqs"], sketch, power_iters))
         return out
+
+
+def check_layer_finite(name: str, acc: LayerAccumulator) -> None:
+    """Raise naming ``name``'s first factor that is not finite."""
+    for k, t in acc.factors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise HessianMetadataError(
+                f"{name}.{k} is not finite after collection: check the model's weights "
+                "for inf/nan, or use a wider dtype (--fp64)")
 
 
 def _checkpointed(forward, *args, **kwargs):

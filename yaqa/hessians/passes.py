@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 
 from . import distributed as D
 from .config import CollectConfig
-from .hooks import HessianCollector
+from . import phases
+from .accumulators import LayerAccumulator
+from .hooks import HessianCollector, check_layer_finite
 from .interrupt import _GracefulInterrupt
 from .refill import refill_gradients
 from .schedule import Batches, _hash_update, _micro_batches
@@ -33,9 +35,15 @@ _POLL_ROUNDS = 8  # micro-batch rounds between checks of the per-rank checkpoint
 
 def run_group(col: HessianCollector, batches: Batches, cfg: CollectConfig, kinds: list[str],
               out_path: Path | None, identity: dict[str, Any], bar: tqdm,
-              writer: BackgroundWriter, store_dtype: torch.dtype) -> dict[str, Any]:
+              writer: BackgroundWriter, store_dtype: torch.dtype, *,
+              keep: bool = True) -> dict[str, Any]:
     """All passes of ``kinds`` for the blocks of ``col``; with ``out_path``, resumable state is
-    checkpointed and the finished factors are stored there.  Returns the data summary."""
+    checkpointed and the finished factors are stored there.  Returns the data summary.
+
+    ``keep=False`` (the caller reads nothing from ``col`` afterwards; with ``out_path``): the
+    last pass's factors are finished and moved to host memory one linear at a time
+    (:func:`stream_block_files`), so the device never holds the whole group's full factors;
+    ``col``'s accumulators are empty afterwards."""
     batch_size = cfg.batch_size
     checkpoint_every, checkpoint_interval_s = cfg.checkpoint_every, cfg.checkpoint_interval_s
     rank, world = D.rank_and_world()
@@ -63,6 +71,10 @@ def run_group(col: HessianCollector, batches: Batches, cfg: CollectConfig, kinds
         D.barrier()
 
     summary: dict[str, Any] = {"ctx": None, "data_sha256": None}
+    # the last pass's factors leave the device linear by linear when the store takes them
+    stream = not keep and out_path is not None
+    packed = None  # ({block: host tensors}, {block: meta}) once streamed
+    phases.mark("passes")
     with col, _GracefulInterrupt(state_dir is not None) as stop:
         # before the accumulators exist: this group was planned to start its backward from the
         # cached gradient, which a resumed command may lack
@@ -110,23 +122,37 @@ def run_group(col: HessianCollector, batches: Batches, cfg: CollectConfig, kinds
             if resumed_mid_pass and n_mb < cursor:
                 raise HessianMetadataError(f"the data has {n_mb} micro-batches, fewer than the "
                                            f"{cursor} the interrupted run had already processed")
-            col.end_pass()
             summary = {"ctx": sorted(ctx), "data_sha256": h.hexdigest()}
+            phases.mark("end_pass")
+            if stream and p + 1 == len(kinds):
+                # nothing needs the factors on the device afterwards: finish, check, estimate
+                # and pack them one linear at a time, each off the device before the next
+                packed = stream_block_files(col, identity, summary, store_dtype, rank == 0)
+            else:
+                col.end_pass()
             if state_dir is not None and p + 1 < len(kinds):
                 checkpoint_now(p + 1, 0, h.hexdigest())
-    col.check_finite()
+            if p + 1 < len(kinds):
+                phases.mark("passes")
+    phases.mark("writing")
     any_acc = next(iter(col.acc.values()))
     summary["n_tokens"] = any_acc.counts["tokens"]
     summary["n_seqs"] = any_acc.counts["seqs"]
+    if packed is None:
+        col.check_finite()
     if out_path is not None:
         if rank == 0:
-            tensors, meta = final_block_files(col, identity, summary)
-            for b in col.blocks:
+            if packed is None:
+                tensors, meta = final_block_files(col, identity, summary)
                 # packed where they were computed, then in host memory: the device is free for
                 # the next group while the worker thread writes
+                packed = ({b: pack_factors(tensors[b], store_dtype) for b in col.blocks}, meta)
+                del tensors
+            files, meta = packed
+            for b in col.blocks:
                 meta[b]["storage_dtype"] = str(store_dtype).removeprefix("torch.")
-                writer.submit(atomic_save_tensors, out_path / block_filename(b),
-                              pack_factors(tensors[b], store_dtype), meta[b])
+                writer.submit(atomic_save_tensors, out_path / block_filename(b), files[b],
+                              meta[b])
             writer.submit(_finish_group, out_path, identity, summary, state_dir)
         if world > 1:
             writer.wait()  # other ranks may read the files right after the barrier
@@ -143,24 +169,56 @@ def _finish_group(out_path: Path, identity: dict[str, Any], summary: dict[str, A
     shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def final_block_files(col: HessianCollector, identity: dict[str, Any], summary: dict[str, Any]):
-    tensors: dict[int, dict[str, Tensor]] = {b: {} for b in col.blocks}
-    meta: dict[int, dict[str, Any]] = {}
+def _block_meta(col: HessianCollector, identity: dict[str, Any],
+                summary: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    meta = {}
     for b in col.blocks:
         meta[b] = {**{k: identity[k] for k in IDENTITY_KEYS}, "block": b,
                    "block_prefix": f"{col.adapter.blocks_path}.{b}.", "layers": {},
                    "ctx": summary["ctx"], "data_sha256": summary["data_sha256"]}
         if "label_draws" in identity:
             meta[b]["label_draws"] = identity["label_draws"]
-    for name, (bi, rel, mod) in col.layers.items():
-        acc = col.acc[name]
-        for k in ("H_in", "H_out", "H_x"):
-            if k in acc.factors:
-                tensors[bi][f"{rel}.{k}"] = acc.factors[k]
-        meta[bi]["layers"][rel] = {"n_seqs": acc.counts["seqs"], "n_tokens": acc.counts["tokens"],
-                                   "in_features": mod.in_features,
-                                   "out_features": mod.out_features,
-                                   "shrinkage": layer_estimate(acc.factors, acc.counts["seqs"],
-                                                               identity["sketch"],
-                                                               identity["power_iters"])}
+    return meta
+
+
+def _layer_files(col: HessianCollector, name: str, acc: LayerAccumulator,
+                 identity: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """One linear's factors under their stored names, and its entry in the block's meta."""
+    _, rel, mod = col.layers[name]
+    tensors = {f"{rel}.{k}": acc.factors[k] for k in ("H_in", "H_out", "H_x")
+               if k in acc.factors}
+    meta = {"n_seqs": acc.counts["seqs"], "n_tokens": acc.counts["tokens"],
+            "in_features": mod.in_features, "out_features": mod.out_features,
+            "shrinkage": layer_estimate(acc.factors, acc.counts["seqs"], identity["sketch"],
+                                        identity["power_iters"])}
     return tensors, meta
+
+
+def final_block_files(col: HessianCollector, identity: dict[str, Any], summary: dict[str, Any]):
+    tensors: dict[int, dict[str, Tensor]] = {b: {} for b in col.blocks}
+    meta = _block_meta(col, identity, summary)
+    for name, (bi, rel, _) in col.layers.items():
+        t, m = _layer_files(col, name, col.acc[name], identity)
+        tensors[bi].update(t)
+        meta[bi]["layers"][rel] = m
+    return tensors, meta
+
+
+def stream_block_files(col: HessianCollector, identity: dict[str, Any], summary: dict[str, Any],
+                       store_dtype: torch.dtype, write: bool
+                       ) -> tuple[dict[int, dict[str, Tensor]], dict[int, dict[str, Any]]]:
+    """End the last pass linear by linear (:meth:`HessianCollector.end_pass_streaming`): each
+    linear's factors are checked, give their shrinkage estimate, and (``write``: the rank that
+    stores them) are packed for the store and copied to host memory before the next linear's
+    are made. Returns the block files as :func:`final_block_files` would, packed, on the host;
+    the same bytes as packing those."""
+    files: dict[int, dict[str, Tensor]] = {b: {} for b in col.blocks}
+    meta = _block_meta(col, identity, summary)
+    for name, acc in col.end_pass_streaming():
+        check_layer_finite(name, acc)  # on every rank: all of them stop alike
+        if write:
+            bi, rel, _ = col.layers[name]
+            tensors, meta[bi]["layers"][rel] = _layer_files(col, name, acc, identity)
+            files[bi].update(pack_factors(tensors, store_dtype))
+            del tensors
+    return files, meta  # (col.acc iterates in col.layers' order: the order of today's files)

@@ -93,17 +93,22 @@ def noise_variance(H: Tensor, mean_sq: float, n_seqs: int) -> float:
     """Unbiased estimate of ``E‖Ĥ − H‖²_F`` for a mean of ``n_seqs`` i.i.d. terms (inf if < 2)."""
     if n_seqs < 2:
         return math.inf
-    h2 = float(H.double().pow(2).sum())
+    h2 = float(_f64_copy(H).pow_(2).sum())
     return max(mean_sq - h2, 0.0) / (n_seqs - 1)
 
 
-def _scaled_target(H: Tensor, target: Tensor | None) -> Tensor:
-    Hd = H.double()
+def _f64_copy(t: Tensor, device: torch.device | None = None) -> Tensor:
+    # a copy even when t is already float64: the callers work on it in place
+    return t.to(device=device or t.device, dtype=torch.float64, copy=True)
+
+
+def _scaled_target(Hd: Tensor, target: Tensor | None) -> Tensor:
+    """The target at the trace of ``Hd`` (float64), as a new float64 matrix."""
     tr = float(torch.diagonal(Hd).sum())
     if target is None:
-        return torch.eye(H.shape[0], dtype=torch.float64, device=H.device) * (tr / H.shape[0])
-    Td = target.double().to(H.device)
-    return Td * (tr / float(torch.diagonal(Td).sum()))
+        return torch.eye(Hd.shape[0], dtype=torch.float64, device=Hd.device).mul_(tr / Hd.shape[0])
+    Td = _f64_copy(target, Hd.device)
+    return Td.mul_(tr / float(torch.diagonal(Td).sum()))
 
 
 def ledoit_wolf_amount(H: Tensor, target: Tensor | None, mean_sq: float, n_seqs: int) -> float:
@@ -114,7 +119,12 @@ def ledoit_wolf_amount(H: Tensor, target: Tensor | None, mean_sq: float, n_seqs:
         return 1.0
     if beta2 == 0.0:
         return 0.0
-    delta2 = float((H.double() - _scaled_target(H, target)).pow(2).sum())
+    # in place: two float64 n×n matrices at most (at the end of a pass, on the device, beside
+    # the factors), the same values as out-of-place arithmetic
+    d = _f64_copy(H)
+    d.sub_(_scaled_target(d, target))
+    delta2 = float(d.pow_(2).sum())
+    del d
     if delta2 <= 0.0:
         return 0.0  # Ĥ already is the target: any amount gives the same factor
     return min(1.0, beta2 / delta2)
