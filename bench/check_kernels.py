@@ -381,7 +381,7 @@ def check_decoder(c: Checker, dev) -> None:
     prompt = torch.randint(1, 512, (1, 6), device=dev)
     for dtype in (torch.float32, torch.bfloat16):
         model.to(device=dev, dtype=dtype)
-        dec = GraphDecoder(model, max_len=40, graph=dev.type == "cuda")
+        dec = GraphDecoder(model, max_len=40, graph=dev.type == "cuda", fold_silu=True)
         graph = dec.generate(prompt, 16)
         eager = GraphDecoder(model, max_len=40, graph=False).generate(prompt, 16)
         c.expect(f"GraphDecoder {dtype} (fused small ops: {dec.fused}): CUDA graph tokens == "
@@ -419,7 +419,7 @@ def check_decoder(c: Checker, dev) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         plain_model.to(device=dev, dtype=dtype)
         graph_on = dev.type == "cuda"
-        dec = GraphDecoder(plain_model, max_len=40, graph=graph_on)
+        dec = GraphDecoder(plain_model, max_len=40, graph=graph_on, fold_silu=True)
         folded = dec.generate(prompt, 16)
         unfolded = GraphDecoder(plain_model, max_len=40, graph=graph_on,
                                 fold_silu=False).generate(prompt, 16)

@@ -182,7 +182,7 @@ def test_decoder_with_the_folded_down_projection_gives_the_unfolded_tokens(incoh
     monkeypatch.setattr(kernels, "intk_matmul_silu", counted_fold)
     monkeypatch.setattr(kernels, "rotate2", counted_rotation)
     monkeypatch.setattr(dk, "silu_mul", counted_act)
-    folded = GraphDecoder(model, max_len=16).generate(prompt, 3)
+    folded = GraphDecoder(model, max_len=16, fold_silu=True).generate(prompt, 3)
     # 2 steps of prompt + 2 more: every step folds (the GEMV, or the incoherent input rotation).
     assert (calls["fold"], calls["act"]) == (4, 0)
     unfolded = GraphDecoder(model, max_len=16, fold_silu=False).generate(prompt, 3)

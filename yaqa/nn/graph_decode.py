@@ -36,15 +36,16 @@ class GraphDecoder:
     """Greedy decoding of a Llama-style ``*ForCausalLM`` at batch 1, up to ``max_len`` positions.
 
     ``graph=None`` captures a CUDA graph when the model is on CUDA.  :meth:`generate` returns the
-    same tokens as ``model.generate(do_sample=False)`` up to float rounding.  ``fold_silu=False``
-    keeps the separate SiLU-mul kernel before packed down projections; ``dense_head`` forces the
+    same tokens as ``model.generate(do_sample=False)`` up to float rounding.  ``fold_silu=True``
+    computes silu(gate)·up inside packed down projections instead of the separate SiLU-mul
+    kernel (off by default: slower on the H100, see below); ``dense_head`` forces the
     Triton GEMV for a 16-bit LM head on (True) or off (False) instead of timing it against
     cuBLAS once (None).
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int, graph: bool | None = None,
                  fused: bool | None = None, stack_linears: bool | None = None,
-                 fold_silu: bool = True, dense_head: bool | None = None):
+                 fold_silu: bool = False, dense_head: bool | None = None):
         cfg = model.config
         body = getattr(model, "model", None)
         layers = getattr(body, "layers", None)
@@ -109,8 +110,10 @@ class GraphDecoder:
         self.stacked = sum(s is not None for pair in self._stacks for s in pair)
         # The fused step's packed int-k down projections compute silu(gate)·up inside their GEMV
         # (with incoherence: inside their input rotation), QuantizedLinear.forward_silu_mul: no
-        # activation launch, no write and re-read of the 14336-wide row.  fold_silu=False keeps
-        # the separate kernel.
+        # activation launch, no write and re-read of the 14336-wide row.  Off by default: on the
+        # H100 every program of the down GEMV recomputes the activation of its K-slice, and the
+        # folded GEMV took 29.0 us against 22.7 for the SiLU-mul kernel + GEMV (decode 0.93x,
+        # bench/results/inference-cuda.md); through the input rotation it was even (1.00x).
         from .quantized_linear import QuantizedLinear
 
         self.fold_silu = fold_silu
