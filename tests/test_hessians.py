@@ -18,13 +18,7 @@ from tiny_models import tiny_model
 SEED = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls on a busy 2-core machine: OpenMP wake-ups cost more than the work
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
