@@ -168,34 +168,29 @@ def measure_model(model, dev, args, left) -> dict:
     dec.use_graph = False
     res["decode_eager_tok_s"] = eager_n / timed(lambda: dec.decode(eager_n), dev, 1)
     del dec
-    if dev.type == "cuda" and args.compare_unfused and left() > 0:
-        # The same graph with transformers' norm / rotary / SDPA / activation ops: what the
-        # fused small-op kernels save.
-        plain = GraphDecoder(model, max_len=args.prompt + (reps + 1) * n + 8, fused=False)
-        plain.prefill(prompt)
-        res["decode_tok_s_torch_small_ops"] = n / timed(lambda: plain.decode(n), dev, reps)
-        del plain
-    if dev.type == "cuda" and args.compare_unfused and res["stacked_groups"] and left() > 0:
-        # Today's path before stacking: one GEMV launch per linear (fused small ops).
-        sep = GraphDecoder(model, max_len=args.prompt + (reps + 1) * n + 8, stack_linears=False)
-        sep.prefill(prompt)
-        res["decode_tok_s_separate_linears"] = n / timed(lambda: sep.decode(n), dev, reps)
-        del sep
-    if dev.type == "cuda" and args.compare_unfused and res["fused_small_ops"] and left() > 0:
-        # silu(gate)·up inside the down projections (GraphDecoder(fold_silu=True), off by
-        # default): what the fold gives against the separate SiLU-mul kernel
-        fold = GraphDecoder(model, max_len=args.prompt + (reps + 1) * n + 8, fold_silu=True)
-        res["silu_foldable_layers"] = sum(fold._fold)
-        if res["silu_foldable_layers"]:
-            fold.prefill(prompt)
-            res["decode_tok_s_folded_silu"] = n / timed(lambda: fold.decode(n), dev, reps)
-        del fold
-    if dev.type == "cuda" and args.compare_unfused and res["triton_head"] and left() > 0:
-        # cuBLAS for the bf16 head: what the Triton head GEMV saves.
-        cub = GraphDecoder(model, max_len=args.prompt + (reps + 1) * n + 8, dense_head=False)
-        cub.prefill(prompt)
-        res["decode_tok_s_cublas_head"] = n / timed(lambda: cub.decode(n), dev, reps)
-        del cub
+
+    def alternative(key: str, when: bool, **options) -> None:
+        """Decode tok/s of the same graph with other GraphDecoder ``options``, into res[key]."""
+        if not (dev.type == "cuda" and args.compare_unfused and when and left() > 0):
+            return
+        alt = GraphDecoder(model, max_len=args.prompt + (reps + 1) * n + 8, **options)
+        if key == "decode_tok_s_folded_silu":
+            res["silu_foldable_layers"] = sum(alt._fold)
+            if not res["silu_foldable_layers"]:
+                return
+        alt.prefill(prompt)
+        res[key] = n / timed(lambda: alt.decode(n), dev, reps)
+
+    # transformers' norm / rotary / SDPA / activation ops: what the fused small-op kernels save
+    alternative("decode_tok_s_torch_small_ops", True, fused=False)
+    # the path before stacking: one GEMV launch per linear (fused small ops)
+    alternative("decode_tok_s_separate_linears", res["stacked_groups"], stack_linears=False)
+    # silu(gate)·up inside the down projections (off by default): the fold against the
+    # separate SiLU-mul kernel
+    alternative("decode_tok_s_folded_silu", res["fused_small_ops"], fold_silu=True)
+    # cuBLAS for the bf16 head: what the Triton head GEMV saves
+    alternative("decode_tok_s_cublas_head", res["triton_head"], dense_head=False)
+
     long = torch.randint(0, vocab, (1, args.prefill), generator=g).to(dev)
 
     def prefill():
