@@ -16,7 +16,7 @@ from yaqa.hessians import accumulators as acc_mod
 from yaqa.hessians import run_collection, shrinkage
 from yaqa.plan import CollectionRequest, LiveTensorBytes, ModelShape, make_plan
 
-from tiny_models import tiny_model
+from tiny_models import Interrupting, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,19 +37,6 @@ def digests(d):
             for p in sorted(d.glob("*")) if p.is_file()}
 
 
-class Interrupting:
-    """Re-iterable batches that raise once, after ``stop_after`` micro-batches in total."""
-
-    def __init__(self, ids, bs, stop_after):
-        self.parts, self.left = list(ids.split(bs)), stop_after
-
-    def __iter__(self):
-        for p in self.parts:
-            if self.left == 0:
-                self.left = -1
-                raise KeyboardInterrupt("simulated interruption")
-            self.left -= 1
-            yield p
 
 
 @pytest.mark.parametrize("kw", [

@@ -13,7 +13,7 @@ from yaqa.hessians import HessianMetadataError, load_hessians, sample_labels
 from yaqa.hessians import accumulators as acc_mod
 from yaqa.models import get_adapter
 
-from tiny_models import tiny_model
+from tiny_models import Interrupting, tiny_model
 
 SEED = 7
 
@@ -220,20 +220,6 @@ def test_other_families_give_finite_symmetric_factors_of_the_right_shape(family)
 
 # -- storage and resume ------------------------------------------------------------------------
 
-class Interrupting:
-    """Re-iterable token batches that raise once, after ``stop_after`` micro-batches in total."""
-
-    def __init__(self, ids, bs, stop_after):
-        self.parts = list(ids.split(bs))
-        self.left = stop_after
-
-    def __iter__(self):
-        for p in self.parts:
-            if self.left == 0:
-                self.left = -1
-                raise KeyboardInterrupt("simulated interruption")
-            self.left -= 1
-            yield p
 
 
 @pytest.mark.parametrize("sketch,power_iters,stop_after", [("B", 1, 2), ("A", 2, 7)])

@@ -12,7 +12,7 @@ from yaqa.hessians import accumulators as acc_mod
 from yaqa.hessians.storage import load_checkpoint, read_progress
 from yaqa.plan import GiB, CollectionRequest, ModelShape, accumulator_bytes, make_plan
 
-from tiny_models import tiny_model
+from tiny_models import Interrupting, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,26 +96,13 @@ def test_packed_round_trip_is_exact(monkeypatch, scheme, n):
         acc_mod.unpack_sym(packed[:-1], n)
 
 
-class Interrupting:
-    """Re-iterable micro-batches that raise KeyboardInterrupt once, after ``stop_after``."""
-
-    def __init__(self, ids, stop_after):
-        self.parts, self.left = list(ids.split(2)), stop_after
-
-    def __iter__(self):
-        for p in self.parts:
-            if self.left == 0:
-                self.left = -1
-                raise KeyboardInterrupt("simulated interruption")
-            self.left -= 1
-            yield p
 
 
 def _interrupt_and_resume(model, ids, tmp_path, monkeypatch, packed_first: bool,
                           stop_after: int, kw):
     """Stop after ``stop_after`` micro-batches (3 per pass) with checkpoint_every=1, resume."""
     monkeypatch.setattr(acc_mod, "_PACKED_SUMS", packed_first)
-    data = Interrupting(ids, stop_after)
+    data = Interrupting(ids, 2, stop_after)
     with pytest.raises(KeyboardInterrupt):
         yaqa.collect_hessians(model, data, out_dir=tmp_path, checkpoint_every=1, **kw)
     state = next((tmp_path / "resume").iterdir())

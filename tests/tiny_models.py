@@ -44,3 +44,19 @@ def tiny_tokenizer(text: str, vocab_size: int = 300):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([text], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
+
+
+class Interrupting:
+    """Re-iterable micro-batches of ``ids`` (``bs`` rows each) that raise KeyboardInterrupt once,
+    after ``stop_after`` micro-batches in total over all iterations (-1: never)."""
+
+    def __init__(self, ids: torch.Tensor, bs: int, stop_after: int):
+        self.parts, self.left = list(ids.split(bs)), stop_after
+
+    def __iter__(self):
+        for p in self.parts:
+            if self.left == 0:
+                self.left = -1
+                raise KeyboardInterrupt("simulated interruption")
+            self.left -= 1
+            yield p
