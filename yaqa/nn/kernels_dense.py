@@ -22,6 +22,7 @@ import logging
 import torch
 
 from . import kernels
+from .kernels_int8 import launch_rows, tuned_config
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,6 @@ DENSE_CONFIGS = ((8, 512, 4, 1), (16, 512, 4, 1), (16, 256, 4, 1), (32, 256, 4, 
                  (8, 1024, 4, 1), (16, 512, 8, 2), (32, 512, 8, 1), (16, 512, 4, 3),
                  (8, 512, 4, 3), (4, 1024, 4, 2), (16, 1024, 8, 1), (32, 128, 4, 3))
 _DTYPES = (torch.bfloat16, torch.float16)
-
-
-def default_tile(m: int, n: int) -> tuple[int, int, int, int]:
-    """The shape rule for small heads, the interpreter and untuned captures."""
-    bn = 16 if m >= 4096 else 8
-    bk = 512 if n >= 512 else 256 if n >= 256 else 128
-    return bn, bk, 4, 1
 
 
 def supports(weight: torch.Tensor, x: torch.Tensor | None = None) -> bool:
@@ -93,31 +87,17 @@ def dense_gemv(x2: torch.Tensor, weight: torch.Tensor, tile: tuple | None = None
     """``x2 @ weight^T`` for a contiguous ``(rows, n)`` activation and an ``m x n`` weight of
     its dtype (:func:`supports`).  ``tile``: force one ``(BLOCK_N, BLOCK_K, warps, stages)``
     config; otherwise large heads on CUDA are autotuned (outside a CUDA-graph capture, or once
-    tuned), smaller ones use :func:`default_tile`."""
-    triton, plain, tuned = _kernels()
+    tuned), smaller ones use :func:`.kernels_int8.default_tile`."""
+    _, plain, tuned = _kernels()
     m, n = weight.shape
     rows = x2.shape[0]
     y = torch.empty(rows, m, dtype=x2.dtype, device=x2.device)
-    shape_key = ("dense", m, n, rows, x2.dtype)
-    if tile is None and kernels._use_tuned(x2, m, n, shape_key):
-        tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), rows)](
-            x2, weight, y, m, x2.stride(0), y.stride(0), K=n)
-        kernels._TUNED.add(shape_key)
-        return y
-    bn, bk, w, st = tile or default_tile(m, n)
-    plain[(triton.cdiv(m, bn), rows)](x2, weight, y, m, x2.stride(0), y.stride(0), K=n,
-                                      BLOCK_N=bn, BLOCK_K=bk, EVEN_K=n % bk == 0, num_warps=w,
-                                      num_stages=st)
-    return y
+    return launch_rows(plain, tuned, x2, (weight,), y, n, ("dense", m, n, rows, x2.dtype), tile)
 
 
 def dense_config(m: int, n: int) -> dict | None:
     """The config the autotuner picked for an ``m x n`` head (after its first call), for reports."""
-    tuned = _kernels()[2]
-    for k, cfg in getattr(tuned, "cache", {}).items():
-        if tuple(k[:2]) == (m, n):
-            return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    return None
+    return tuned_config(_kernels()[2], m, n)
 
 
 @torch.library.custom_op("yaqa::dense_matmul", mutates_args=())

@@ -104,27 +104,39 @@ def int8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     ``weight``: ``m x n`` int8 (:func:`supports`); ``scale``: ``m`` float32.  ``tile``: force one
     ``(BLOCK_N, BLOCK_K, warps, stages)`` config; otherwise large heads on CUDA are autotuned
     (outside a CUDA-graph capture, or once tuned), smaller ones use :func:`default_tile`."""
-    triton, plain, tuned = _kernels()
+    _, plain, tuned = _kernels()
     m, n = weight.shape
     rows = x2.shape[0]
     y = torch.empty(rows, m, dtype=x2.dtype, device=x2.device)
     w32 = weight.view(torch.int32)
-    shape_key = ("int8", m, n, rows, x2.dtype)
+    return launch_rows(plain, tuned, x2, (w32, scale), y, n, ("int8", m, n, rows, x2.dtype), tile)
+
+
+def launch_rows(plain, tuned, x2: torch.Tensor, weights: tuple, y: torch.Tensor, n: int,
+                shape_key: tuple, tile: tuple | None) -> torch.Tensor:
+    """Launch a row-streaming head GEMV (this module's, or one with its signature and configs,
+    :mod:`.kernels_dense`) into ``y`` ``(rows, m)``: autotuned for large heads on CUDA, else at
+    ``tile`` or :func:`default_tile`.  ``weights``: the operands between activation and output."""
+    rows, m = y.shape
     if tile is None and kernels._use_tuned(x2, m, n, shape_key):
-        tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), rows)](
-            x2, w32, scale, y, m, x2.stride(0), y.stride(0), K=n)
+        tuned[lambda meta: (-(-m // meta["BLOCK_N"]), rows)](
+            x2, *weights, y, m, x2.stride(0), y.stride(0), K=n)
         kernels._TUNED.add(shape_key)
         return y
     bn, bk, w, st = tile or default_tile(m, n)
-    plain[(triton.cdiv(m, bn), rows)](x2, w32, scale, y, m, x2.stride(0), y.stride(0), K=n,
-                                      BLOCK_N=bn, BLOCK_K=bk, EVEN_K=n % bk == 0, num_warps=w,
-                                      num_stages=st)
+    plain[(-(-m // bn), rows)](x2, *weights, y, m, x2.stride(0), y.stride(0), K=n,
+                               BLOCK_N=bn, BLOCK_K=bk, EVEN_K=n % bk == 0, num_warps=w,
+                               num_stages=st)
     return y
 
 
 def int8_config(m: int, n: int) -> dict | None:
     """The config the autotuner picked for an ``m x n`` head (after its first call), for reports."""
-    tuned = _kernels()[2]
+    return tuned_config(_kernels()[2], m, n)
+
+
+def tuned_config(tuned, m: int, n: int) -> dict | None:
+    """The config autotuner ``tuned`` picked for an ``m x n`` head, if it ran."""
     for k, cfg in getattr(tuned, "cache", {}).items():
         if tuple(k[:2]) == (m, n):
             return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
