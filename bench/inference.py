@@ -642,10 +642,17 @@ def main() -> None:
                          "categories) into the report")
     ap.add_argument("--no-compare-unfused", dest="compare_unfused", action="store_false",
                     help="skip timing the graph with transformers' small ops (CUDA)")
+    ap.add_argument("--per-code-decode", action="store_true",
+                    help="2/4-bit GEMVs decode one code per shift (the decode before the paired "
+                         "mantissa decode), to time both on one machine")
     ap.add_argument("--out", default=None)
     ap.add_argument("--copy-to", default=None, help="a directory that gets the results too")
     args = ap.parse_args()
     dev = torch.device(args.device)
+    if args.per_code_decode:
+        from yaqa.nn import kernels
+
+        kernels.PAIRED_DECODE = False
     cfg = dict(TINY if args.tiny else LLAMA_8B)
     if args.layers:
         cfg["num_hidden_layers"] = args.layers

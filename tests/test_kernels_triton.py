@@ -49,11 +49,16 @@ def test_every_autotuner_tile_computes_the_same_gemv(bits):
     m, n, group = 20, 1024, 128
     qw, scale, zero, W = _layer(bits, group, m, n, seed=bits)
     x = torch.randn(2, n, generator=torch.Generator().manual_seed(0))
+    xb = x.bfloat16()  # 16-bit activations: the paired decode at 2 and 4 bits
+    ref16 = xb.float() @ W.T
     for tile in kernels._GEMV_CONFIGS:
         if not kernels.config_fits(tile, bits, group, n):
             continue
         y = kernels.gemv(x, qw, scale, zero, bits, group, m, n, tile=tile)
         torch.testing.assert_close(y, x @ W.T, rtol=1e-4, atol=1e-4, msg=f"tile {tile}")
+        y16 = kernels.gemv(xb, qw, scale, zero, bits, group, m, n, tile=tile).float()
+        torch.testing.assert_close(y16, ref16, rtol=2**-7, atol=ref16.abs().max() * 2**-8,
+                                   msg=f"bf16, tile {tile}")
 
 
 def test_tiles_of_long_k_slices_compute_the_same_gemv():
@@ -268,3 +273,31 @@ def test_layers_sharing_an_input_rotate_it_once_and_give_their_own_outputs(monke
     with torch.no_grad():
         for y, m in zip(rotate_shared_input(mods, signs, x), mods):
             torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paired_mantissa_decoding_equals_the_per_code_path(bits, dtype, monkeypatch):
+    # 16-bit activations take the paired 2/4-bit decode: two codes go into fp32 mantissas after
+    # one shift and the offsets come back per group.  Both decodes must match the dense weight
+    # within the output's rounding, also for activations far from unit scale (the offsets are
+    # 2^(2·bits) times x), and agree with each other more closely still.
+    m, n, group = 24, 1024, 64
+    qw, scale, zero, W = _layer(bits, group, m, n, seed=7 * bits)
+    g = torch.Generator().manual_seed(bits)
+    mag = torch.logspace(-2, 2, n)[torch.randperm(n, generator=g)]
+    x = (torch.randn(1, n, generator=g) * mag).to(dtype)
+    ref = x.double() @ W.double().T
+    out = {}
+    for paired in (True, False):
+        monkeypatch.setattr(kernels, "PAIRED_DECODE", paired)
+        out[paired] = kernels.gemv(x, qw, scale, zero, bits, group, m, n,
+                                   tile=(8, 256, 2, 4, 1, False))
+        assert out[paired].dtype == dtype
+    top = ref.abs().max()
+    for paired, y in out.items():
+        err = ((y.double() - ref).abs().max() / top).item()
+        assert err < 2**-8, f"paired={paired}: relative error {err:.2e}"
+    # the two differ at most by the output rounding of values that differ by ~1e-5
+    diff = ((out[True].double() - out[False].double()).abs() / ref.abs().clamp_min(top * 1e-3))
+    assert diff.max().item() <= 2**-7

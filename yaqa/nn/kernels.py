@@ -179,6 +179,10 @@ _GEMV_CONFIGS = (
 MAX_SPLIT = max(c[2] for c in _GEMV_CONFIGS)
 # Layers smaller than this (codes) use the default tile: autotuning costs more than it saves.
 AUTOTUNE_MIN_CODES = 1 << 22
+# 2- and 4-bit words: decode two codes per shift into fp32 mantissas (kernels_gemv.mantissa_pair)
+# rather than one code per shift plus a float subtraction.  A module switch so that benchmarks
+# can time both in one process.
+PAIRED_DECODE = True
 _TARGET_PROGRAMS = 528  # 4 per SM of an H100: enough loads in flight, little reduction work
 
 
@@ -368,7 +372,7 @@ def _kernels():
         # add seconds per layer shape to the first decode step.
         return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
-    key = ["N", "M", "K", "BITS", "GROUP", "SEG1", "SEG2", "stride_seg", "SILU"]
+    key = ["N", "M", "K", "BITS", "GROUP", "SEG1", "SEG2", "stride_seg", "SILU", "PAIRED"]
     gemv_tuned = triton.autotune(configs=configs, key=key,
                                  prune_configs_by={"early_config_prune": prune},
                                  do_bench=bench)(gemv_words)
@@ -489,8 +493,11 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
         rows, stride_seg, align = x2.shape[0], 0, ()
     seg1, seg2 = (tuple(bounds) + (m, m))[:2]
     y = torch.empty(rows, m, dtype=x2.dtype, device=x2.device)
-    key = (bits, group, m, n, rows, x2.dtype, align, silu)
-    shape_key = (m, n, rows, bits, group, x2.dtype, align, silu)
+    # fp32 activations keep the per-code decode: the paired one carries offsets of 2^2B·x
+    # through the sums, which costs ~1e-4 relative (far below a 16-bit output's rounding).
+    paired = PAIRED_DECODE and bits <= 4 and x2.dtype != torch.float32
+    key = (bits, group, m, n, rows, x2.dtype, align, silu, paired)
+    shape_key = (m, n, rows, bits, group, x2.dtype, align, silu, paired)
     forced = tile or forced_config()
     if forced is not None and not config_fits(forced, bits, group, n, align):
         if tile is not None:
@@ -519,15 +526,15 @@ def gemv(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: tor
         bn, bk, sk, w, st, u = forced or _default_tile(m, n, group, bits, align)
         gemv_words[(triton.cdiv(m, bn), sk, rows)](
             x2, up, qweight.view(torch.int32), scale, zero, y, *common, BITS=bits, GROUP=group,
-            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, UNPACK_3D=u, SILU=silu, num_warps=w,
-            num_stages=st)
+            BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, UNPACK_3D=u, SILU=silu, PAIRED=paired,
+            num_warps=w, num_stages=st)
 
     def words_tuned():
         def grid(meta):
             return triton.cdiv(m, meta["BLOCK_N"]), meta["SPLIT_K"], rows
 
         gemv_tuned[grid](x2, up, qweight.view(torch.int32), scale, zero, y, *common, BITS=bits,
-                         GROUP=group, SILU=silu)
+                         GROUP=group, SILU=silu, PAIRED=paired)
         _TUNED.add(shape_key)
 
     def words():
@@ -566,7 +573,8 @@ def gemv_config(bits: int, group: int, m: int, n: int, rows: int = 1,
     gemv_tuned = _kernels()[2]
     for k, cfg in getattr(gemv_tuned, "cache", {}).items():
         if (tuple(k[:5]) == (m, rows, n, bits, group) and bool(k[7]) == segmented
-                and bool(k[8]) == silu):
+                and bool(k[8]) == silu
+                and bool(k[9]) == (PAIRED_DECODE and bits <= 4 and dtype != torch.float32)):
             return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return None
 

@@ -16,6 +16,24 @@ def codes_to_float(c):
     return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 @triton.jit
+def mantissa_pair(w, i: tl.constexpr, BITS: tl.constexpr):
+    # Codes 2i and 2i+1 of int32 words (BITS ≤ 4 bits each) as two fp32 tensors, after one
+    # shift that puts code 2i on mantissa bits [23−2B, 23−B) and code 2i+1 on [23−B, 23);
+    # OR-ing in the exponent of 1.0 makes them 1 + q·2^−2B and 1 + q·2^−B, exactly.  Against
+    # codes_to_float per code this saves a shift per pair and the float subtraction per code,
+    # which matters because a 4-bit GEMV spends more issue slots on decoding than on loads.
+    # The constant 1 is taken back per group: Σ f·(2^2B·x) = Σ q·x + 2^2B·Σ x.
+    SH: tl.constexpr = 23 - 2 * BITS - 2 * i * BITS
+    if SH >= 0:
+        v = w << SH
+    else:
+        v = w >> (-SH)
+    MASK: tl.constexpr = (1 << BITS) - 1
+    lo = ((v & (MASK << (23 - 2 * BITS))) | 0x3F800000).to(tl.float32, bitcast=True)
+    hi = ((v & (MASK << (23 - BITS))) | 0x3F800000).to(tl.float32, bitcast=True)
+    return lo, hi
+
+@triton.jit
 def load_act(x_ptrs, u_ptrs, SILU: tl.constexpr):
     # The GEMV's input values in fp32.  SILU: the input is silu(gate)·up of a gated MLP, read
     # from the gate and up rows at the same offsets and computed here, for the down projection:
@@ -78,7 +96,8 @@ def store_or_reduce(acc, y_ptr, ws_ptr, cnt_ptr, rows, rmask, N, stride_y,
 def gemv_words(x_ptr, u_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M, stride_x,
                stride_y, SEG1, SEG2, stride_seg, K: tl.constexpr, BITS: tl.constexpr,
                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               SPLIT_K: tl.constexpr, UNPACK_3D: tl.constexpr, SILU: tl.constexpr):
+               SPLIT_K: tl.constexpr, UNPACK_3D: tl.constexpr, SILU: tl.constexpr,
+               PAIRED: tl.constexpr = False):
     # Program (n, k, row): BLOCK_N output features of activation row `row`, over the k-th
     # of SPLIT_K slices of K.  The packed weight is read as int32 words (8 int4 codes each),
     # so each row of the tile is one contiguous load of BLOCK_K·BITS/8 bytes.
@@ -117,6 +136,27 @@ def gemv_words(x_ptr, u_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, N, M,
             p = tl.sum(q * x3, axis=2)                                      # per word
             xw = tl.sum(x3, axis=2)                                         # (1, words)
             xg = tl.sum(tl.reshape(xw, (NG, BW // NG)), axis=1)
+        elif PAIRED:
+            # Codes 2i and 2i+1 of every word against strided slices of x, both decoded after
+            # one shift (see :func:`mantissa_pair`): a shift per two codes, a mask-and-or and
+            # an FMA per code.  p gathers Σ q·x plus the offsets Σ (2^2B·x_lo + 2^B·x_hi),
+            # which `off` collects once per tile (not per row) and the group sums take back.
+            p = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
+            xs = tl.zeros((BW,), dtype=tl.float32)
+            off = tl.zeros((BW,), dtype=tl.float32)
+            for i in tl.static_range(CPW // 2):
+                o0 = t * BLOCK_K + tl.arange(0, BW) * CPW + 2 * i
+                x0 = load_act(xrow + o0, urow + o0, SILU)
+                x1 = load_act(xrow + o0 + 1, urow + o0 + 1, SILU)
+                f0, f1 = mantissa_pair(w, i, BITS)
+                x0s = x0 * (1 << (2 * BITS))
+                x1s = x1 * (1 << BITS)
+                p = tl.fma(f0, x0s[None, :], p)
+                p = tl.fma(f1, x1s[None, :], p)
+                xs += x0 + x1
+                off += x0s + x1s
+            xg = tl.sum(tl.reshape(xs, (NG, BW // NG)), axis=1)
+            p = p - off[None, :]
         else:
             # Code j of every word against a strided slice of x (L1-resident): 2-D tiles only.
             p = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
