@@ -18,6 +18,7 @@ from .prepare import (
     validate_factor,
     validate_weight,
 )
+from .refine import RefineStats, refine_codes, refine_factor
 from .rtn import rtn_round
 from .yaqa import yaqa_round
 
@@ -29,6 +30,9 @@ __all__ = [
     "rtn_round",
     "ldlq_round",
     "yaqa_round",
+    "refine_codes",
+    "refine_factor",
+    "RefineStats",
     "PreparedFactor",
     "prepare_factor",
     "block_ldl",

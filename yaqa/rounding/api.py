@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from ..incoherence import IncoherenceTransform
-from ..quantizers import FittedGrid, Quantizer, make_quantizer
+from ..quantizers import FittedGrid, IntQuantizer, Quantizer, make_quantizer
 from .ldlq import ldlq_round
+from .refine import RefineStats, refine_codes, refine_factor
 from .prepare import PreparedFactor, normalize_factor, prepare_factor, validate_factor, validate_weight
 from .rtn import rtn_round
 from .threads import small_cpu_problem_threads
@@ -39,6 +40,7 @@ class RoundResult:
     proxy_loss_relative: float  # proxy_loss / tr(W^T H_out W H_in)
     block_size: int
     block_size_out: int
+    refine: RefineStats | None = None  # set when refinement ran (refine > 0)
 
 
 def proxy_loss(
@@ -77,6 +79,7 @@ def round_weight(
     max_sigma: float = 1e3,
     group_size: int | None = 128,
     return_details: bool = False,
+    refine: int = 0,
 ) -> torch.Tensor | RoundResult:
     """Quantize one weight ``W`` (out_features × in_features) with RTN, LDLQ or YAQA.
 
@@ -88,20 +91,28 @@ def round_weight(
     :class:`~yaqa.incoherence.IncoherenceTransform` is used as given (shared or block modes).  ``block_size`` is the tile
     width along inputs (and outputs unless ``block_size_out`` is given); ``sigma`` the initial
     damping relative to the mean diagonal, doubled until the factorisation succeeds.
+    ``refine`` (LDLQ/YAQA with an int-k grid): up to that many rounds of ±1 code steps after the
+    rounding that lower its proxy loss with the same damped, rotated factors (0: off); see
+    :mod:`yaqa.rounding.refine`.
 
     Returns Ŵ with ``W``'s shape, dtype and device, or a :class:`RoundResult` if ``return_details``.
     """
     validate_weight(W)
     with small_cpu_problem_threads(W):
         return _round_weight(W, H_in, H_out, quantizer, method, incoherence, block_size,
-                             block_size_out, sigma, max_sigma, group_size, return_details)
+                             block_size_out, sigma, max_sigma, group_size, return_details,
+                             refine)
 
 
 def _round_weight(W, H_in, H_out, quantizer, method, incoherence, block_size, block_size_out,
-                  sigma, max_sigma, group_size, return_details):
+                  sigma, max_sigma, group_size, return_details, refine):
     method = str(method).lower()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0 (rounds of code steps), got {refine}")
+    if refine and method == "rtn":
+        raise ValueError("refine needs LDLQ or YAQA rounding (RTN has no Hessian to refine with)")
     if block_size < 1 or (block_size_out is not None and block_size_out < 1):
         raise ValueError("block sizes must be >= 1")
     bo = block_size if block_size_out is None else int(block_size_out)
@@ -116,6 +127,9 @@ def _round_weight(W, H_in, H_out, quantizer, method, incoherence, block_size, bl
     q = make_quantizer(quantizer, group_size=group_size) if isinstance(quantizer, str) else quantizer
     if not isinstance(q, Quantizer):
         raise TypeError(f"quantizer must be a Quantizer or a spec string, got {type(quantizer).__name__}")
+    if refine and not isinstance(q, IntQuantizer):
+        raise ValueError(f"refine needs an int-k quantizer (codes stepped by ±1); "
+                         f"{type(q).__name__} is not one. Use refine=0")
     dev = W.device
     Wf = W.detach().to(torch.float32)
 
@@ -145,6 +159,12 @@ def _round_weight(W, H_in, H_out, quantizer, method, incoherence, block_size, bl
     else:
         _, codes = yaqa_round(Wt, grid, prep_in.A,  # type: ignore[union-attr]
                               prep_out.A if prep_out is not None else None, block_size, bo)
+    stats = None
+    if refine:
+        # The objective the rounding minimised: damped factors in the transformed basis.
+        codes, stats = refine_codes(
+            Wt, codes, grid, refine_factor(prep_in.H, prep_in.sigma),  # type: ignore[union-attr]
+            refine_factor(prep_out.H, prep_out.sigma) if prep_out is not None else None, refine)
 
     # Ŵ is rebuilt from the codes exactly as a loader would, so stored and returned agree.
     What = grid.dequantize(codes)
@@ -170,6 +190,7 @@ def _round_weight(W, H_in, H_out, quantizer, method, incoherence, block_size, bl
         proxy_loss_relative=loss / ref if ref > 0 else float("nan"),
         block_size=block_size,
         block_size_out=bo,
+        refine=stats,
     )
     log.debug("round_weight %s %dx%d: proxy %.4g (relative %.4g)", method, m, n, loss,
               result.proxy_loss_relative)

@@ -1,0 +1,172 @@
+"""Post-rounding refinement: monotone, a local optimum under single ±1 steps, exact bookkeeping."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from yaqa.quantizers import IntQuantizer, make_quantizer
+from yaqa.rounding import proxy_loss, refine_codes, refine_factor, round_weight
+from yaqa.rounding import refine as refine_mod
+
+DEVICE = os.environ.get("YAQA_TEST_DEVICE", "cpu")
+F64 = dict(dtype=torch.float64)
+
+
+def random_pd(k: int, gen: torch.Generator, coupling: float = 1.0) -> torch.Tensor:
+    """A positive-definite factor with off-diagonal coupling, unit mean diagonal."""
+    X = torch.randn(k, k + 1, generator=gen, **F64)
+    H = coupling * (X @ X.T) / (k + 1) + 0.05 * torch.eye(k, **F64)
+    return H / torch.diagonal(H).mean()
+
+
+def exact_loss(W, grid, codes, Hi, Ho) -> float:
+    d = W.double() - grid.dequantize(codes).double()
+    return proxy_loss(d, Hi.double(), None if Ho is None else Ho.double())
+
+
+def tiny_problem(seed: int, m: int, n: int, bits: int = 2, symmetric: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g)
+    Hi, Ho = random_pd(n, g), random_pd(m, g)
+    grid = IntQuantizer(bits=bits, group_size=n if n % 2 else 2, symmetric=symmetric).fit(W)
+    _, codes = grid.round_all(W)
+    return W, grid, codes, Hi, Ho
+
+
+@pytest.mark.parametrize("seed,shape,sym", [(0, (2, 3), False), (1, (3, 4), False),
+                                            (2, (3, 4), True), (3, (4, 6), False)])
+def test_refinement_converges_to_a_single_step_local_optimum(seed, shape, sym):
+    W, grid, codes, Hi, Ho = tiny_problem(seed, *shape, symmetric=sym)
+    before = exact_loss(W, grid, codes, Hi, Ho)
+    q, st = refine_codes(W, codes, grid, Hi, Ho, rounds=1000)
+    after = exact_loss(W, grid, q, Hi, Ho)
+    assert after <= before + 1e-12
+    assert st.loss_after == pytest.approx(after, rel=1e-5, abs=1e-9)
+    assert st.loss_before == pytest.approx(before, rel=1e-5, abs=1e-9)
+    # brute force: no single ±1 step (within the code range) lowers the exact loss
+    for i, j, d in itertools.product(range(shape[0]), range(shape[1]), (-1, 1)):
+        t = int(q[i, j]) + d
+        if not 0 <= t <= grid.maxq:
+            continue
+        q2 = q.clone()
+        q2[i, j] = t
+        assert exact_loss(W, grid, q2, Hi, Ho) >= after - 1e-5 * after
+    assert int(q.min()) >= 0 and int(q.max()) <= grid.maxq
+    assert q.dtype == torch.int32
+
+
+def test_loss_never_increases_round_by_round():
+    W, grid, codes, Hi, Ho = tiny_problem(4, 6, 8, bits=2)
+    prev, q = exact_loss(W, grid, codes, Hi, Ho), codes
+    improved = False
+    for _ in range(30):
+        q, st = refine_codes(W, q, grid, Hi, Ho, rounds=1)
+        cur = exact_loss(W, grid, q, Hi, Ho)
+        assert cur <= prev + 1e-9 * prev
+        improved |= cur < prev
+        prev = cur
+    assert improved  # RTN codes under coupled factors are never a local optimum here
+
+
+def test_incremental_g_equals_recomputed():
+    """G is updated by subtracting H_out E H_in per accepted batch; after many batches it must
+    still equal H_out Δ H_in computed from scratch on the final codes."""
+    W, grid, codes, Hi, Ho = tiny_problem(5, 8, 12, bits=2)
+    for ho in (Ho, None):
+        st = refine_mod._search(W, codes, grid, Hi, ho, rounds=6)
+        assert st.rounds >= 2
+        delta = W - grid.dequantize(st.codes)
+        fresh = (delta if ho is None else ho.float() @ delta) @ Hi.float()
+        torch.testing.assert_close(st.G, fresh, rtol=1e-4, atol=1e-5)
+
+
+def test_refined_codes_dequantize_as_a_loader_would():
+    g = torch.Generator().manual_seed(6)
+    m, n = 24, 32
+    W = torch.randn(m, n, generator=g)
+    Hi, Ho = random_pd(n, g), random_pd(m, g)
+    q = IntQuantizer(bits=3, group_size=8)
+    r = round_weight(W, Hi, Ho, q, "yaqa", incoherence=3, refine=4, return_details=True)
+    assert r.refine is not None and r.refine.rounds > 0
+    grid = q.grid_from_state((m, n), r.grid.state_dict())
+    What = r.transform.inverse_weight(grid.dequantize(r.codes))
+    torch.testing.assert_close(What, r.weight, rtol=0, atol=1e-6)
+    assert r.weight.shape == W.shape
+
+
+def test_round_weight_refinement_lowers_the_damped_proxy():
+    g = torch.Generator().manual_seed(7)
+    m, n = 32, 48
+    W = torch.randn(m, n, generator=g)
+    Hi, Ho = random_pd(n, g), random_pd(m, g)
+    for method, ho in (("ldlq", None), ("yaqa", Ho)):
+        base = round_weight(W, Hi, ho, "int3", method, incoherence=True, group_size=16,
+                            return_details=True)
+        ref = round_weight(W, Hi, ho, "int3", method, incoherence=True, group_size=16,
+                           return_details=True, refine=20)
+        st = ref.refine
+        assert st.loss_after < st.loss_before
+        # the stats' objective is the damped one in the rotated basis: recompute it
+        tf = ref.transform
+        Wt = tf.weight(W)
+        Hid = refine_factor(tf.factor_in(Hi.double() / torch.diagonal(Hi).mean()), ref.sigma_in)
+        Hod = None if ho is None else refine_factor(
+            tf.factor_out(Ho.double() / torch.diagonal(Ho).mean()), ref.sigma_out)
+        assert exact_loss(Wt, ref.grid, ref.codes, Hid, Hod) == pytest.approx(st.loss_after,
+                                                                              rel=1e-4)
+        assert exact_loss(Wt, base.grid, base.codes, Hid, Hod) == pytest.approx(
+            st.loss_before, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ldlq", "yaqa"])
+def test_refine_zero_is_bit_identical_to_no_refinement(method):
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(40, 64, generator=g)
+    Hi, Ho = random_pd(64, g), random_pd(40, g)
+    ho = Ho if method == "yaqa" else None
+    a = round_weight(W, Hi, ho, "int4", method, incoherence=True, group_size=32,
+                   return_details=True)
+    b = round_weight(W, Hi, ho, "int4", method, incoherence=True, group_size=32,
+                   return_details=True, refine=0)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.weight, b.weight)
+    assert a.proxy_loss == b.proxy_loss and b.refine is None
+
+
+@pytest.mark.parametrize("incoherence", [False, 4])
+def test_yaqa_with_identity_output_factor_refines_as_ldlq(incoherence):
+    g = torch.Generator().manual_seed(9)
+    m, n = 64, 128
+    W = torch.randn(m, n, generator=g).to(DEVICE)
+    Hi = random_pd(n, g).to(DEVICE)
+    q = IntQuantizer(bits=3, group_size=16)
+    a = round_weight(W, Hi, None, q, "ldlq", incoherence=incoherence, refine=6,
+                     return_details=True)
+    b = round_weight(W, Hi, torch.eye(m, device=DEVICE), q, "yaqa", incoherence=incoherence,
+                     refine=6, return_details=True)
+    assert a.refine.rounds > 0
+    assert torch.equal(a.codes, b.codes)
+    assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize("spec", ["trellis2", "nvfp4"])
+def test_refinement_rejects_non_integer_grids(spec):
+    g = torch.Generator().manual_seed(10)
+    W = torch.randn(16, 64, generator=g)
+    Hi = random_pd(64, g)
+    with pytest.raises(ValueError, match="int-k"):
+        round_weight(W, Hi, None, spec, "ldlq", refine=2)
+    grid = make_quantizer(spec).fit(W)
+    with pytest.raises(ValueError, match="int-k"):
+        refine_codes(W, torch.zeros(16, 64, dtype=torch.int32), grid, Hi, None, 2)
+
+
+def test_refinement_rejects_rtn_and_negative_rounds():
+    W = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="RTN"):
+        round_weight(W, None, None, "int4", "rtn", refine=1)
+    with pytest.raises(ValueError, match="refine must be >= 0"):
+        round_weight(W, torch.eye(16), None, "int4", "ldlq", refine=-1)
