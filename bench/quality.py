@@ -19,6 +19,11 @@ shrinkage setting quantized from them; writes bench/results/quality_shrinkage<ta
     python bench/quality.py --device cuda --bits 4,3 --calib-sizes 1024x512 \
         --methods ldlq,yaqa-b --label-draws 4 --tag _draws4
 
+    # refinement (±1 code steps after rounding): LDLQ, LDLQ+8, YAQA-B, YAQA-B+8 from one
+    # Hessian collection per size
+    python bench/quality.py --device cuda --bits 4,3 --calib-sizes 1024x512 --shrinkage auto \
+        --refine 0,8 --tag _refine
+
     # the serving table: incoherence modes x (LDLQ, YAQA-B) at 4 bits, one Hessian collection
     python bench/quality.py --device cuda --n-calib 1024 --bits 4 --methods ldlq,yaqa-b \
         --incoherence-modes per-layer,shared,block,none --tag _incoherence
@@ -224,6 +229,10 @@ def main(argv=None) -> int:
     ap.add_argument("--shrinkage", default="auto",
                     help="YAQA shrinkage setting(s), comma-separated: auto, auto-out, off, or an "
                          "amount in [0, 1]; several only with --calib-sizes")
+    ap.add_argument("--refine", default="0", metavar="R[,R...]",
+                    help="rounds of ±1 code steps after LDLQ/YAQA rounding (0: off); several "
+                         "(e.g. 0,8) only with --calib-sizes: one LDLQ and YAQA-B row each, "
+                         "from the same Hessians")
     ap.add_argument("--calib-sizes", default=None, metavar="NxT,...",
                     help="sweep: LDLQ and YAQA-B at each calibration size (sequences x tokens), "
                          "YAQA-B once per --shrinkage setting, Hessians collected once per size")
@@ -240,8 +249,11 @@ def main(argv=None) -> int:
         print("\n".join(merge(args.merge, f"quality{args.tag}")))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    refines = _refines(args.refine)
     if args.calib_sizes:
         return sweep(args)
+    if len(refines) > 1:
+        raise SystemExit("--refine: several values only with --calib-sizes")
 
     cfg = RunConfig(model=args.model, methods=tuple(args.methods.split(",")),
                     bits=tuple(int(b) for b in args.bits.split(",")), group_size=args.group_size,
@@ -254,7 +266,7 @@ def main(argv=None) -> int:
                     eval_ctx=args.eval_ctx, n_eval=args.n_eval, batch_size=args.batch_size,
                     device=args.device, out_dir=args.out, save=True, progress=False,
                     shrinkage=args.shrinkage, overwrite=True, label_draws=args.label_draws,
-                    seed=args.seed)
+                    seed=args.seed, refine=refines[0])
     if args.incoherence_modes:
         return incoherence_table(cfg, args)
     t = time.perf_counter()
@@ -281,19 +293,33 @@ def _sizes(spec: str) -> list[tuple[int, int]]:
     return out
 
 
-def sweep(args) -> int:
-    """LDLQ vs YAQA-B per calibration size and shrinkage setting, one model load per size.
+def _refines(spec: str) -> list[int]:
+    try:
+        out = [int(r) for r in spec.split(",") if r.strip()]
+    except ValueError:
+        raise SystemExit(f"--refine: expected integers like 0 or 0,8, got {spec!r}") from None
+    if not out or min(out) < 0:
+        raise SystemExit(f"--refine: expected integers >= 0, got {spec!r}")
+    return list(dict.fromkeys(out))
 
-    The first setting's run collects the size's Hessians into ``--out``; later settings read
-    them back from there (and re-evaluate only YAQA-B), so each size costs one collection.
+
+def sweep(args) -> int:
+    """LDLQ vs YAQA-B per calibration size, refinement and shrinkage setting.
+
+    The first run of a size collects its Hessians into ``--out``; later runs read them back from
+    there (LDLQ once per refinement value, YAQA-B once per (refinement, shrinkage)), so each
+    size costs one collection.
     """
     settings = [s.strip() for s in args.shrinkage.split(",") if s.strip()]
+    refines = _refines(args.refine)
     bits = tuple(int(b) for b in args.bits.split(","))
     t0 = time.perf_counter()
     rows, timings = [], []
+    runs = [(ref, shrink, i == 0) for ref in refines for i, shrink in enumerate(settings)]
     for n, ctx in _sizes(args.calib_sizes):
-        for i, shrink in enumerate(settings):
-            cfg = RunConfig(model=args.model, methods=("ldlq", "yaqa-b") if i == 0 else ("yaqa-b",),
+        for ref, shrink, with_ldlq in runs:
+            cfg = RunConfig(model=args.model,
+                            methods=("ldlq", "yaqa-b") if with_ldlq else ("yaqa-b",),
                             bits=bits, group_size=args.group_size, symmetric=args.symmetric,
                             scale_search=args.scale_search, incoherence=args.incoherence,
                             block_size=args.block_size, sigma=args.sigma, shrinkage=shrink,
@@ -301,7 +327,7 @@ def sweep(args) -> int:
                             eval_data="wikitext2-test", eval_ctx=args.eval_ctx,
                             n_eval=args.n_eval, batch_size=args.batch_size, device=args.device,
                             out_dir=args.out, save=False, progress=False,
-                            label_draws=args.label_draws, seed=args.seed,
+                            label_draws=args.label_draws, seed=args.seed, refine=ref,
                             # a benchmark recomputes whatever an earlier (killed) run left that
                             # does not match; same-calibration Hessians are still reused
                             overwrite=True)
@@ -311,15 +337,18 @@ def sweep(args) -> int:
                     yb = r.method == "yaqa-b"
                     rows.append({**asdict(r), "n_calib": n, "ctx": ctx,
                                  "shrinkage": shrink if yb else None,
-                                 "label_draws": args.label_draws if yb else None})
+                                 "label_draws": args.label_draws if yb else None,
+                                 "refine": ref})
             timings.append({"n_calib": n, "ctx": ctx, "shrinkage": shrink,
-                            "label_draws": args.label_draws,
+                            "label_draws": args.label_draws, "refine": ref,
                             "seconds": time.perf_counter() - t})
-            logging.info("%dx%d shrinkage %s: %.0f s", n, ctx, shrink, timings[-1]["seconds"])
+            logging.info("%dx%d refine %d shrinkage %s: %.0f s", n, ctx, ref, shrink,
+                         timings[-1]["seconds"])
     meta = {"machine": machine(), "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
             "eval": f"{args.n_eval} x {args.eval_ctx} tokens of wikitext2-test",
             "quantizer": f"int-k g{args.group_size}, scales {args.scale_search}, incoherence "
                          f"{args.incoherence}", "label_draws": args.label_draws, "seed": args.seed,
+            "refine": refines,
             "timings": timings,
             "total_seconds": time.perf_counter() - t0}
     lines = sweep_table(rows, [(s, args.label_draws) for s in settings], meta)
@@ -362,15 +391,20 @@ def sweep_table(rows: list[dict], settings: list[tuple[str, int]], meta: dict) -
              f"- total time: {meta['total_seconds']:.0f} s", "",
              "KL(original || quantized) in nats; YAQA-B cells: KL (KL / LDLQ) [mean shrinkage "
              "amount H_in / H_out]; Sketch B with D label draws per sequence where it says "
-             "\"D draws\" (else 1).", ""]
-    head = "| calibration | bits | LDLQ KL | " + " | ".join(
+             "\"D draws\" (else 1).  Rows with refine R > 0: LDLQ and YAQA-B both refined by up "
+             "to R rounds of ±1 code steps; their YAQA-B cells add the ratio to the unrefined "
+             "LDLQ after a slash.", ""]
+    head = "| calibration | bits | refine | LDLQ KL | " + " | ".join(
         f"YAQA-B {s}" + (f", {d} draws" if d != 1 else "") for s, d in settings) + " |"
-    lines += [head, "|" + "---|" * (3 + len(settings))]
-    keys = sorted({(r["n_calib"], r["ctx"], r["bits"]) for r in rows},
-                  key=lambda k: (k[0] * k[1], -k[2]))
-    for n, ctx, bits in keys:
-        sel = [r for r in rows if (r["n_calib"], r["ctx"], r["bits"]) == (n, ctx, bits)]
+    lines += [head, "|" + "---|" * (4 + len(settings))]
+    keys = sorted({(r["n_calib"], r["ctx"], r["bits"], r.get("refine") or 0) for r in rows},
+                  key=lambda k: (k[0] * k[1], -k[2], k[3]))
+    for n, ctx, bits, ref in keys:
+        at = [r for r in rows if (r["n_calib"], r["ctx"], r["bits"]) == (n, ctx, bits)]
+        sel = [r for r in at if (r.get("refine") or 0) == ref]
         ldlq = next((r["kl"] for r in sel if r["method"] == "ldlq"), None)
+        plain = next((r["kl"] for r in at if r["method"] == "ldlq"
+                      and not r.get("refine")), None)
         cells = []
         for s, d in settings:
             y = next((r for r in sel if r["method"] == "yaqa-b" and r["shrinkage"] == s
@@ -378,13 +412,15 @@ def sweep_table(rows: list[dict], settings: list[tuple[str, int]], meta: dict) -
             if y is None:
                 cells.append("-")
                 continue
-            cell = f"{y['kl']:.4g}" + (f" ({y['kl'] / ldlq:.3f})" if ldlq else "")
+            ratios = ([f"{y['kl'] / ldlq:.3f}"] if ldlq else []) + (
+                [f"{y['kl'] / plain:.3f}"] if ref and plain else [])
+            cell = f"{y['kl']:.4g}" + (f" ({' / '.join(ratios)})" if ratios else "")
             sh = (y.get("extra") or {}).get("shrinkage")
             if sh and sh.get("mean_out") is not None:
                 cell += f" [{sh['mean_in'] or 0:.2f} / {sh['mean_out']:.2f}]"
             cells.append(cell)
-        lines.append(f"| {n} x {ctx} | {bits} | {ldlq:.4g} | " + " | ".join(cells) + " |"
-                     if ldlq is not None else f"| {n} x {ctx} | {bits} | - | "
+        lead = f"| {n} x {ctx} | {bits} | {ref or 'off'} | "
+        lines.append(lead + (f"{ldlq:.4g}" if ldlq is not None else "-") + " | "
                      + " | ".join(cells) + " |")
     return lines
 

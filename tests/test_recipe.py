@@ -20,7 +20,8 @@ def test_every_field_changes_the_identity_and_the_name_does_not():
     r = get_recipe("yaqa-b")
     other = {"rounding": "ldlq", "hessian": "A", "power_iters": 3, "quantizer": "int3",
              "group_size": 32, "symmetric": True, "scale_search": "mse", "incoherence": False,
-             "block_size": 8, "sigma": 0.1, "seed": 1, "shrinkage": "off", "label_draws": 2}
+             "block_size": 8, "sigma": 0.1, "seed": 1, "shrinkage": "off", "label_draws": 2,
+             "refine": 4}
     fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
     # fused_global_scale only matters (and only joins the identity) for nvfp4
     assert set(other) | {"fused_global_scale"} == fields  # a new field must be added here
@@ -38,6 +39,20 @@ def test_impossible_recipes_are_refused_up_front():
         get_recipe("rtn", bits=5)
     with pytest.raises(RecipeError, match="unknown recipe fields"):
         get_recipe("rtn", groupsize=32)
+
+
+def test_refine_is_validated_recorded_and_reaches_only_ldlq_and_yaqa():
+    assert get_recipe("yaqa-b", refine=8).refine == 8
+    assert get_recipe("ldlq", refine=8).refine == 8
+    assert get_recipe("rtn", refine=8).refine == 0  # one value for a run over several methods
+    assert get_recipe("ldlq", refine=8).to_dict()["refine"] == 8  # what yaqa.json records
+    assert "refine" not in get_recipe("ldlq").identity()  # earlier identities unchanged
+    with pytest.raises(RecipeError, match="refine must be an integer >= 0"):
+        get_recipe("ldlq", refine=-1)
+    with pytest.raises(RecipeError, match="int-k quantizer"):
+        get_recipe("yaqa-b", refine=2, quantizer="trellis2")
+    with pytest.raises(RecipeError, match="not RTN"):
+        get_recipe("rtn").replace(refine=2)
 
 
 def test_power_iters_reaches_only_recipes_with_a_sketch():

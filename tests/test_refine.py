@@ -170,3 +170,45 @@ def test_refinement_rejects_rtn_and_negative_rounds():
         round_weight(W, None, None, "int4", "rtn", refine=1)
     with pytest.raises(ValueError, match="refine must be >= 0"):
         round_weight(W, torch.eye(16), None, "int4", "ldlq", refine=-1)
+
+
+def _model_hessians(model):
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(11)
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            m, n = mod.weight.shape
+            Hi, Ho = random_pd(n, g).float(), random_pd(m, g).float()
+            out[name] = SimpleNamespace(H_in=Hi, H_x=Hi, H_out=Ho, shrinkage=None)
+    return out
+
+
+@pytest.mark.parametrize("method", ["ldlq", "yaqa-b"])
+def test_quantize_applies_refinement_per_layer_and_reports_it(method):
+    from tiny_models import tiny_model
+
+    from yaqa import quantize
+
+    hs = _model_hessians(tiny_model("llama", hidden=32, intermediate=64, layers=1))
+    reports = {}
+    for rounds in (0, 4):
+        model = tiny_model("llama", hidden=32, intermediate=64, layers=1)
+        reports[rounds] = quantize(model, hs, method=method, quantizer="int3", group_size=16,
+                                   shrinkage="off", refine=rounds, progress=False)
+    plain, refined = reports[0].layers, reports[4].layers
+    assert all(lr.refine_reduction is None for lr in plain)
+    assert all(lr.refine_reduction > 0 and lr.refine_seconds >= 0 for lr in refined)
+    # the proxy (undamped, original basis) follows the damped one down on these factors
+    assert sum(r.proxy_loss for r in refined) < sum(p.proxy_loss for p in plain)
+
+
+def test_cli_refine_flag_reaches_the_recipe():
+    from yaqa.cli import build_parser, recipe_from_args
+
+    args = build_parser().parse_args(["quantize", "--method", "yaqa-b", "--refine", "8",
+                                      "--out", "x"])
+    assert recipe_from_args(args, args.method, args.bits).refine == 8
+    args = build_parser().parse_args(["run", "--refine", "3"])
+    assert args.refine == 3

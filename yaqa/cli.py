@@ -66,6 +66,9 @@ def _add_quantizer(p: argparse.ArgumentParser, many_bits: bool = False) -> None:
                    help="YAQA only: shrink the Sketch-B factors towards LDLQ's by the amount the "
                         "calibration data's noise warrants ('auto', default), H_out only "
                         "('auto-out'), not at all ('off'), or by a fixed amount in [0, 1]")
+    p.add_argument("--refine", type=int, default=0, metavar="R",
+                   help="LDLQ/YAQA with int-k: up to R rounds of ±1 code steps after rounding "
+                        "that lower the layer's proxy loss (default 0: off)")
     p.add_argument("--incoherence", dest="incoherence", default=True,
                    choices=("per-layer", "shared", "block", "none"),
                    help="per-layer random signs (default); shared: one random Hadamard per size "
@@ -314,7 +317,8 @@ def recipe_from_args(args, method: str, quantizer: int | str):
 
     qname = f"int{quantizer}" if isinstance(quantizer, int) else quantizer.lower()
     return get_recipe(method, power_iters=args.power_iters,
-                      label_draws=getattr(args, "label_draws", None), quantizer=qname,
+                      label_draws=getattr(args, "label_draws", None),
+                      refine=getattr(args, "refine", None), quantizer=qname,
                       group_size=args.group_size, symmetric=args.symmetric,
                       scale_search=args.scale_search, incoherence=args.incoherence,
                       seed=args.seed, shrinkage=getattr(args, "shrinkage", "auto"),
@@ -397,7 +401,7 @@ def cmd_run(args) -> int:
                     fused_global_scale=args.fused_global_scale,
                     calib=args.calib, n_calib=args.n_calib, calib_ctx=args.ctx,
                     power_iters=args.power_iters, label_draws=args.label_draws,
-                    eval_data=args.eval_data,
+                    refine=args.refine, eval_data=args.eval_data,
                     eval_ctx=args.eval_ctx, n_eval=args.n_eval or None,
                     batch_size=args.batch_size, seed=args.seed, device=args.device,
                     dtype=args.dtype, out_dir=args.out, save=args.save,

@@ -80,6 +80,7 @@ class RunConfig:
     calib_ctx: int = 512
     power_iters: int | None = None  # Sketch A (and Sketch B unless sketch_b_power_iters is set)
     label_draws: int = 1  # Sketch B: label draws per sequence (D× its forward+backward work)
+    refine: int = 0  # LDLQ/YAQA: rounds of ±1 code steps after rounding (yaqa.rounding.refine)
     eval_data: str = "auto"
     eval_ctx: int = 512
     n_eval: int | None = 64
@@ -118,6 +119,7 @@ class RunConfig:
             else self.block_size
         qname = f"int{quantizer}" if isinstance(quantizer, int) else quantizer
         return get_recipe(method, power_iters=iters, label_draws=self.label_draws,
+                          refine=self.refine,
                           quantizer=qname, group_size=self.group_size,
                           symmetric=self.symmetric, scale_search=self.scale_search,
                           incoherence=self.incoherence, block_size=block, sigma=self.sigma,
@@ -173,6 +175,15 @@ def checkpoint_info(recipe: Recipe, calib: Calibration | None, model_name: str |
             "calib_ctx": cid and cid["ctx"], "calibration_identity": cid, "seed": recipe.seed,
             "base_model": model_name or "smollm2-135m", "weights": weights,
             "shrinkage": shrinkage_summary(report), "report": report.to_dict()}
+
+
+def refine_summary(report, rounds: int) -> dict:
+    """Refinement over a model's layers: mean relative drop of the damped proxy, total time."""
+    red = [lr.refine_reduction for lr in report.layers if lr.refine_reduction is not None]
+    secs = [lr.refine_seconds for lr in report.layers if lr.refine_seconds is not None]
+    return {"rounds": rounds, "layers": len(red),
+            "mean_reduction": sum(red) / len(red) if red else None,
+            "seconds": sum(secs)}
 
 
 def shrinkage_summary(report) -> dict | None:
@@ -496,12 +507,14 @@ def _result_row(cfg: RunConfig, q: _Quantized, ev_res, eval_seconds: float) -> R
     res, recipe = q.outcome, q.recipe
     group = cfg.group_size if recipe.quantizer.startswith("int") else None
     summary = shrinkage_summary(res.report)
+    extra = {"shrinkage": summary} if summary else {}
+    if recipe.refine:
+        extra["refine"] = refine_summary(res.report, recipe.refine)
     return ResultRow(recipe.name, res.report.quantizer.get("bits"), group,
                      res.saved.weights_bytes / 1e6 if res.saved else float("nan"),
                      ev_res.kl, ev_res.ppl, ev_res.top1, q.seconds + eval_seconds,
                      _bits_per_weight(q.model), str(res.saved.path) if res.saved else None,
-                     quantizer=recipe.quantizer,
-                     extra={"shrinkage": summary} if summary else {})
+                     quantizer=recipe.quantizer, extra=extra)
 
 
 def _finish(q: _Quantized, row: ResultRow, ev_res, suite, stages, tok) -> None:
@@ -524,7 +537,8 @@ def _report_settings(cfg: RunConfig, calib_src: str, eval_src: str, ev, model) -
                               if cfg.label_draws != 1 else ""),
             "evaluation": f"{eval_src}, {ev.shape[0]} x {ev.shape[1]}",
             "quantizer": f"{','.join(cfg.formats())} g{cfg.group_size or 'row'} "
-                         f"{'sym' if cfg.symmetric else 'asym'} {cfg.scale_search}",
+                         f"{'sym' if cfg.symmetric else 'asym'} {cfg.scale_search}"
+                         + (f", LDLQ/YAQA refined ({cfg.refine} rounds)" if cfg.refine else ""),
             "incoherence": cfg.incoherence, "device": str(next(model.parameters()).device),
             "dtype": cfg.dtype,
             **({"embedding, LM head": "int8, one scale per row"}

@@ -45,6 +45,9 @@ class LayerReport:
     shrink_in: float | None = None   # amounts H_in/H_out were shrunk by (None: not shrunk)
     shrink_out: float | None = None
     proxy_loss_relative: float | None = None  # proxy_loss / tr(W^T H_out W H_in)
+    # refinement (recipe.refine > 0): relative drop of the damped proxy it minimised, its time
+    refine_reduction: float | None = None
+    refine_seconds: float | None = None
 
 
 @dataclass
@@ -85,7 +88,8 @@ def recipe_from_args(method: str, quantizer: str | Quantizer, group_size: int | 
                      symmetric: bool, scale_search: str, incoherence: bool | str, seed: int,
                      block_size: int, sigma: float,
                      shrinkage: str | float = "auto",
-                     fused_global_scale: bool | None = None) -> tuple[Recipe, Quantizer | None]:
+                     fused_global_scale: bool | None = None,
+                     refine: int = 0) -> tuple[Recipe, Quantizer | None]:
     """The library's keyword arguments as a :class:`Recipe` (plus a quantizer object, when one
     was passed instead of a name)."""
     if isinstance(quantizer, Quantizer):
@@ -96,7 +100,7 @@ def recipe_from_args(method: str, quantizer: str | Quantizer, group_size: int | 
     recipe = get_recipe(method, quantizer=qname, group_size=group_size, symmetric=symmetric,
                         scale_search=scale_search, incoherence=incoherence, seed=seed,
                         block_size=block_size, sigma=sigma, shrinkage=str(shrinkage),
-                        fused_global_scale=fused_global_scale)
+                        fused_global_scale=fused_global_scale, refine=refine)
     return recipe, qobj
 
 
@@ -130,7 +134,7 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
              work_dir: str | os.PathLike | None = None, fingerprint: dict | None = None,
              overwrite: bool = False, recipe: Recipe | None = None,
              shrinkage: str | float = "auto", fused_global_scale: bool | None = None,
-             progress: bool = True) -> QuantizeReport:
+             refine: int = 0, progress: bool = True) -> QuantizeReport:
     """Replace every decoder-block linear of ``model`` by its quantized version, in place.
 
     ``method``: a recipe name (``"rtn"``; ``"ldlq"``/``"gptq"``: the plain input Hessian ``H_x``
@@ -147,7 +151,9 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
     :mod:`yaqa.incoherence`.  ``fused_global_scale`` (NVFP4; None: on for ``"nvfp4"``): the
     linears that vLLM fuses (q/k/v, gate/up) share one global scale, computed from their
     weights as the quantizer sees them, so the export serves in vLLM (see
-    :mod:`yaqa.quantizers.fused`).  ``hessians`` maps full linear names to
+    :mod:`yaqa.quantizers.fused`).  ``refine`` (LDLQ/YAQA, int-k): rounds of ±1 code steps
+    after rounding that lower each layer's proxy loss (:mod:`yaqa.rounding.refine`; 0: off).
+    ``hessians`` maps full linear names to
     objects with those attributes.  ``work_dir`` enables resume: finished blocks are stored there
     and reused only when the recipe, the weights, the Hessians and ``fingerprint`` all match;
     otherwise :class:`~yaqa.store.StaleWorkError` names what differs (``overwrite=True`` starts
@@ -159,7 +165,7 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
                                         scale_search=scale_search, incoherence=incoherence,
                                         seed=seed, block_size=block_size, sigma=sigma,
                                         shrinkage=shrinkage,
-                                        fused_global_scale=fused_global_scale)
+                                        fused_global_scale=fused_global_scale, refine=refine)
     q = qobj or recipe.make_quantizer()
     rounding, incoherence, seed = recipe.rounding, recipe.incoherence, recipe.seed
     adapter = get_adapter(model)
@@ -219,7 +225,7 @@ def _quantize_blocks(adapter, blocks, hessians: Mapping | None, recipe: Recipe, 
             H_in, H_out, a_in, a_out = _factors(rounding, hessians, name, recipe.shrinkage)
             lr = _quantize_linear(block, rel, lin, name, rounding, q, H_in, H_out, tfs[name],
                                   recipe.block_size, recipe.sigma, device,
-                                  fit_quantizer=pinned.get(rel))
+                                  fit_quantizer=pinned.get(rel), refine=recipe.refine)
             lr.shrink_in, lr.shrink_out = a_in, a_out
             done.append(lr)
         report.layers += done
@@ -248,7 +254,8 @@ def _fused_group_quantizers(adapter, linears: dict[str, nn.Linear], prefix: str,
 
 def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, method: str,
                      q: Quantizer, H_in, H_out, transform, block_size: int,
-                     sigma: float, device, fit_quantizer: Quantizer | None = None) -> LayerReport:
+                     sigma: float, device, fit_quantizer: Quantizer | None = None,
+                     refine: int = 0) -> LayerReport:
     """``fit_quantizer``: the quantizer to fit with when it differs from ``q`` (a pinned NVFP4
     global scale); the module records ``q``."""
     from .rounding import round_weight
@@ -260,7 +267,8 @@ def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, met
     res = round_weight(W, None if H_in is None else H_in.to(dev),
                        None if H_out is None else H_out.to(dev), fit_quantizer or q,
                        method=method,
-                       incoherence=inc, block_size=block_size, sigma=sigma, return_details=True)
+                       incoherence=inc, block_size=block_size, sigma=sigma, return_details=True,
+                       refine=refine)
     bias = lin.bias.detach() if lin.bias is not None else None
     new = QuantizedLinear.from_codes(res.codes.cpu(), res.grid, q, transform=res.transform,
                                      bias=bias,
@@ -269,7 +277,9 @@ def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, met
     return LayerReport(name, tuple(W.shape), _num(res.proxy_loss), _num(res.sigma_in),
                        _num(res.sigma_out),
                        time.perf_counter() - t,
-                       proxy_loss_relative=_num(res.proxy_loss_relative))
+                       proxy_loss_relative=_num(res.proxy_loss_relative),
+                       refine_reduction=_num(res.refine.reduction) if res.refine else None,
+                       refine_seconds=_num(res.refine.seconds) if res.refine else None)
 
 
 class _TransformPlan:

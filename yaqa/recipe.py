@@ -55,6 +55,9 @@ class Recipe:
     label_draws: int = 1
     # YAQA only: shrink the Sketch-B factors towards LDLQ's (auto | auto-out | off | an amount)
     shrinkage: str = "auto"
+    # LDLQ/YAQA with int-k: rounds of ±1 code steps after rounding that lower its proxy loss
+    # (yaqa.rounding.refine); 0 = off
+    refine: int = 0
     # NVFP4: one global scale per group of linears that vLLM fuses (q/k/v, gate/up), so the
     # export serves in vLLM.  None: the quantizer's default (on for nvfp4, off for the others).
     fused_global_scale: bool | None = None
@@ -99,6 +102,13 @@ class Recipe:
             raise RecipeError(f"{self.name}: {e}") from None
         if self.block_size < 1:
             raise RecipeError(f"block_size must be >= 1, got {self.block_size}")
+        if not isinstance(self.refine, int) or isinstance(self.refine, bool) or self.refine < 0:
+            raise RecipeError(f"refine must be an integer >= 0 (rounds), got {self.refine!r}")
+        if self.refine and self.rounding == "rtn":
+            raise RecipeError(f"{self.name}: refine needs LDLQ or YAQA rounding, not RTN")
+        if self.refine and not str(self.quantizer).lower().startswith("int"):
+            raise RecipeError(f"{self.name}: refine needs an int-k quantizer (codes stepped by "
+                              f"±1), not {self.quantizer!r}; use refine 0")
         if not self.sigma >= 0:
             raise RecipeError(f"sigma must be >= 0, got {self.sigma}")
         if self.group_size is not None and self.group_size < 1:
@@ -137,6 +147,8 @@ class Recipe:
             d["fused_global_scale"] = True
         if self.label_draws == 1:  # likewise: one draw keeps every earlier identity
             d.pop("label_draws")
+        if self.refine == 0:  # and no refinement
+            d.pop("refine")
         return d
 
     def identity_hash(self) -> str:
@@ -183,12 +195,13 @@ def canonical_name(name: str) -> str:
 
 
 def get_recipe(name: str, *, bits: int | None = None, power_iters: int | None = None,
-               label_draws: int | None = None, **overrides: Any) -> Recipe:
+               label_draws: int | None = None, refine: int | None = None,
+               **overrides: Any) -> Recipe:
     """The registered recipe ``name`` (case-insensitive), with ``overrides`` applied.
 
     ``bits=3`` is short for ``quantizer="int3"``.  ``power_iters`` applies to the sketches (A and
     B) and is ignored by recipes without one, so a run over several methods can pass one value;
-    ``label_draws`` likewise reaches the Sketch-B recipes only.
+    ``label_draws`` likewise reaches the Sketch-B recipes only, ``refine`` the LDLQ/YAQA ones.
     ``group_size=None`` means one scale per output row; leave a field out to keep its default.
     """
     base = _REGISTRY[canonical_name(name)]
@@ -199,6 +212,8 @@ def get_recipe(name: str, *, bits: int | None = None, power_iters: int | None = 
         changes["power_iters"] = power_iters
     if label_draws is not None and base.hessian == "B":
         changes["label_draws"] = label_draws
+    if refine is not None and base.rounding != "rtn":
+        changes["refine"] = refine
     unknown = set(changes) - {f.name for f in dataclasses.fields(Recipe)}
     if unknown:
         raise RecipeError(f"unknown recipe fields {sorted(unknown)}")
