@@ -9,12 +9,15 @@ before it.  Afterwards single ±1 code steps can still lower the proxy loss they
 exactly ``-2⟨E, G⟩ + ⟨E, H_out E H_in⟩``; for one entry moved by one code step ``d`` (scale
 ``s``) that is ``s² H_out[i,i] H_in[j,j] - 2 d s G_ij``, so the best step is ``d = sign(G_ij)``.
 
-Each round proposes every improving single step at once, computes the batch's exact change
-(one ``H_out E H_in``, which is also G's update) and accepts it only if the loss goes down;
-otherwise it keeps the better half of the batch by single-step gain and tries again.  A batch
-of one is a single improving step, so a round only fails on float noise.  The loss therefore
-never increases, and the batch size adapts (doubling after a success) to how strongly the
-factors couple neighbouring entries.  This is coordinate descent in the spirit of QuantEase,
+Each round proposes the ``t`` most improving single steps of every row at once, computes the
+batch's exact change (one ``H_out E H_in``, which is also G's update) and accepts it only if the
+loss goes down; otherwise it halves ``t`` and, at one step per row, keeps the better half of
+the batch by single-step gain, and tries again.  A batch of one is a single improving step, so
+a round only fails on float noise.  The loss therefore never increases, and ``t`` adapts
+(doubling after a success) to how strongly the factors couple entries.  Rows are the natural
+unit: with ``H_out = I`` (LDLQ) steps in different rows do not interact at all, so one step per
+row is always accepted, and proposing the best of every row moved the proxy several times
+further per round than proposing the best steps overall (which crowd into coupled entries).  This is coordinate descent in the spirit of QuantEase,
 but for the two-sided Kronecker objective and in parallel over the whole matrix.
 """
 
@@ -152,28 +155,24 @@ def _search(W: torch.Tensor, codes: torch.Tensor, g: IntGrid, H_in: torch.Tensor
     del delta
     maxq = g.maxq
     accepted = tries = changed = 0
-    frac = 1.0  # share of the proposals tried first; adapts to what the last rounds accepted
+    per_row = 4  # proposals per row; adapts to what the last rounds accepted
+    zero = torch.zeros((), device=dev, dtype=f32)
     while accepted < rounds:
         d = torch.sign(G)
         gain = curv - 2.0 * S * G.abs()
         target = q + d.to(torch.int32)
         ok = (gain < 0) & (d != 0) & (target >= 0) & (target <= maxq)
-        k = int(ok.sum())
-        if k == 0:
+        if not bool(ok.any()):
             break
-        gain = torch.where(ok, gain, torch.zeros((), device=dev, dtype=f32))
-        take = max(1, math.ceil(frac * k))
+        gain = torch.where(ok, gain, zero)
+        take = None  # a cap on the batch once one step per row is still too many
         done = False
         while True:
             tries += 1
-            if take < k:
-                idx = torch.topk(gain.view(-1), take, largest=False, sorted=False).indices
-                mask = torch.zeros(m * n, device=dev, dtype=torch.bool)
-                mask[idx] = True
-                mask = mask.view(m, n) & ok
-            else:
-                mask = ok
-            E = torch.where(mask, d * S, torch.zeros((), device=dev, dtype=f32))
+            mask = _best_per_row(gain, ok, per_row)
+            if take is not None:
+                mask = _best_overall(torch.where(mask, gain, zero), mask, take)
+            E = torch.where(mask, d * S, zero)
             HE = sandwich(E)
             lin = float((E * G).sum(dtype=torch.float64))
             quad = float((E * HE).sum(dtype=torch.float64))
@@ -183,13 +182,32 @@ def _search(W: torch.Tensor, codes: torch.Tensor, g: IntGrid, H_in: torch.Tensor
                 G -= HE
                 accepted += 1
                 changed += int(mask.sum())
-                frac = min(1.0, 2.0 * take / k)
+                per_row = min(n, 2 * per_row) if take is None else 1
                 done = True
                 break
-            if take == 1:
+            if per_row > 1:
+                per_row //= 2
+                continue
+            count = int(mask.sum())
+            if count <= 1:
                 break
-            take = math.ceil(take / 2)
-            frac = take / k
+            take = math.ceil(count / 2)
         if not done:
             break  # even the single best step is inside float noise: converged
     return _State(q, G, loss0, accepted, tries, changed, sandwich)
+
+
+def _best_per_row(gain: torch.Tensor, ok: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` most improving allowed steps of every row (fewer where fewer improve)."""
+    idx = torch.topk(gain, min(k, gain.shape[1]), dim=1, largest=False, sorted=False).indices
+    mask = torch.zeros_like(ok)
+    mask.scatter_(1, idx, True)
+    return mask & ok
+
+
+def _best_overall(gain: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` most improving steps among ``allowed`` (gain 0 elsewhere)."""
+    idx = torch.topk(gain.view(-1), k, largest=False, sorted=False).indices
+    mask = torch.zeros_like(allowed).view(-1)
+    mask[idx] = True
+    return mask.view(allowed.shape) & allowed
