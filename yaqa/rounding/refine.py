@@ -11,8 +11,8 @@ exactly ``-2⟨E, G⟩ + ⟨E, H_out E H_in⟩``; for one entry moved by one cod
 
 Each round proposes the ``t`` most improving single steps of every row at once, computes the
 batch's exact change (one ``H_out E H_in``, which is also G's update) and accepts it only if the
-loss goes down; otherwise it halves ``t`` and, at one step per row, keeps the better half of
-the batch by single-step gain, and tries again.  A batch of one is a single improving step, so
+loss goes down; otherwise it halves ``t``; at one step per row it also keeps one step per column
+(YAQA), then the better half of the batch by single-step gain, and tries again.  A batch of one is a single improving step, so
 a round only fails on float noise.  The loss therefore never increases, and ``t`` adapts
 (doubling after a success) to how strongly the factors couple entries.  Rows are the natural
 unit: with ``H_out = I`` (LDLQ) steps in different rows do not interact at all, so one step per
@@ -166,10 +166,13 @@ def _search(W: torch.Tensor, codes: torch.Tensor, g: IntGrid, H_in: torch.Tensor
             break
         gain = torch.where(ok, gain, zero)
         take = None  # a cap on the batch once one step per row is still too many
+        by_column = False  # one step per column too (rows couple only through H_out)
         done = False
         while True:
             tries += 1
             mask = _best_per_row(gain, ok, per_row)
+            if by_column:
+                mask = _best_per_column(torch.where(mask, gain, zero), mask)
             if take is not None:
                 mask = _best_overall(torch.where(mask, gain, zero), mask, take)
             E = torch.where(mask, d * S, zero)
@@ -188,6 +191,9 @@ def _search(W: torch.Tensor, codes: torch.Tensor, g: IntGrid, H_in: torch.Tensor
             if per_row > 1:
                 per_row //= 2
                 continue
+            if Ho is not None and not by_column:
+                by_column = True
+                continue
             count = int(mask.sum())
             if count <= 1:
                 break
@@ -203,6 +209,14 @@ def _best_per_row(gain: torch.Tensor, ok: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros_like(ok)
     mask.scatter_(1, idx, True)
     return mask & ok
+
+
+def _best_per_column(gain: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Mask of the most improving step of every column among ``allowed`` (gain 0 elsewhere)."""
+    rows = gain.argmin(dim=0)
+    mask = torch.zeros_like(allowed)
+    mask[rows, torch.arange(gain.shape[1], device=gain.device)] = True
+    return mask & allowed
 
 
 def _best_overall(gain: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
