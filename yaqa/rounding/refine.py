@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from ..hessians.accumulators import _tf32
 from ..quantizers.base import FittedGrid
 from ..quantizers.intk import IntGrid
 
@@ -107,12 +108,16 @@ def refine_codes(
     if H_out is not None and tuple(H_out.shape) != (m, m):
         raise ValueError(f"H_out must be {m}x{m}, got {tuple(H_out.shape)}")
     t0 = time.perf_counter()
-    state = _search(W, codes, g, H_in, H_out, rounds)
+    # Accepting a batch compares its exact change with ~1e-5 of its terms: TF32 products (1e-3)
+    # could accept an increase, so full fp32 here whatever the caller's setting.
+    with _tf32(False):
+        state = _search(W, codes, g, H_in, H_out, rounds)
     q, sandwich = state.codes, state.sandwich
     f32 = torch.float32
     # The final loss from scratch, so incremental drift in G never shows up in what we report.
     delta = W.to(f32) - g.dequantize(q)
-    loss_after = float((delta * sandwich(delta)).sum(dtype=torch.float64))
+    with _tf32(False):
+        loss_after = float((delta * sandwich(delta)).sum(dtype=torch.float64))
     stats = RefineStats(rounds=state.rounds, tries=state.tries, changed=state.changed,
                         loss_before=state.loss_before,
                         loss_after=loss_after, seconds=time.perf_counter() - t0)
