@@ -212,3 +212,24 @@ def test_cli_refine_flag_reaches_the_recipe():
     assert recipe_from_args(args, args.method, args.bits).refine == 8
     args = build_parser().parse_args(["run", "--refine", "3"])
     assert args.refine == 3
+
+
+def test_quality_bench_parses_refine_values_and_tables_refined_rows():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    bq = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bq)
+    assert bq._refines("0,8,8") == [0, 8]
+    with pytest.raises(SystemExit):
+        bq._refines("-1")
+    rows = [{"method": m, "n_calib": 64, "ctx": 256, "bits": 3, "kl": kl, "refine": ref,
+             "shrinkage": "auto" if m == "yaqa-b" else None, "label_draws": None, "extra": {}}
+            for m, ref, kl in (("ldlq", 0, 0.4), ("yaqa-b", 0, 0.3), ("ldlq", 8, 0.35),
+                               ("yaqa-b", 8, 0.28))]
+    meta = {"machine": "m", "command": "c", "eval": "e", "quantizer": "q", "total_seconds": 1}
+    lines = bq.sweep_table(rows, [("auto", 1)], meta)
+    assert "| 64 x 256 | 3 | off | 0.4 | 0.3 (0.750) |" in lines
+    assert "| 64 x 256 | 3 | 8 | 0.35 | 0.28 (0.800 / 0.700) |" in lines
