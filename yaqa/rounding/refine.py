@@ -12,7 +12,8 @@ exactly ``-2⟨E, G⟩ + ⟨E, H_out E H_in⟩``; for one entry moved by one cod
 Each round proposes the ``t`` most improving single steps of every row at once, computes the
 batch's exact change (one ``H_out E H_in``, which is also G's update) and accepts it only if the
 loss goes down; otherwise it halves ``t``; at one step per row it also keeps one step per column
-(YAQA), then the better half of the batch by single-step gain, and tries again.  A batch of one is a single improving step, so
+(YAQA), then the better half of the batch by single-step gain, and tries again (the batch size
+found is where the next round starts).  A batch of one is a single improving step, so
 a round only fails on float noise.  The loss therefore never increases, and ``t`` adapts
 (doubling after a success) to how strongly the factors couple entries.  Rows are the natural
 unit: with ``H_out = I`` (LDLQ) steps in different rows do not interact at all, so one step per
@@ -160,7 +161,10 @@ def _search(W: torch.Tensor, codes: torch.Tensor, g: IntGrid, H_in: torch.Tensor
     del delta
     maxq = g.maxq
     accepted = tries = changed = 0
-    per_row = 4  # proposals per row; adapts to what the last rounds accepted
+    # The batch size is a ladder, kept across rounds: t steps per row (t = ..., 4, 2, 1), then
+    # one per row and per column (YAQA: rows couple through H_out), then a cap on the count.
+    # A rejected batch steps down one rung, an accepted one up one rung.
+    per_row, by_column, cap = 4, False, None
     zero = torch.zeros((), device=dev, dtype=f32)
     while accepted < rounds:
         d = torch.sign(G)
@@ -170,16 +174,16 @@ def _search(W: torch.Tensor, codes: torch.Tensor, g: IntGrid, H_in: torch.Tensor
         if not bool(ok.any()):
             break
         gain = torch.where(ok, gain, zero)
-        take = None  # a cap on the batch once one step per row is still too many
-        by_column = False  # one step per column too (rows couple only through H_out)
         done = False
         while True:
             tries += 1
             mask = _best_per_row(gain, ok, per_row)
             if by_column:
                 mask = _best_per_column(torch.where(mask, gain, zero), mask)
-            if take is not None:
-                mask = _best_overall(torch.where(mask, gain, zero), mask, take)
+            count = int(mask.sum())
+            if cap is not None and cap < count:
+                mask = _best_overall(torch.where(mask, gain, zero), mask, cap)
+                count = cap
             E = torch.where(mask, d * S, zero)
             HE = sandwich(E)
             lin = float((E * G).sum(dtype=torch.float64))
@@ -189,20 +193,23 @@ def _search(W: torch.Tensor, codes: torch.Tensor, g: IntGrid, H_in: torch.Tensor
                 q = torch.where(mask, target, q)
                 G -= HE
                 accepted += 1
-                changed += int(mask.sum())
-                per_row = min(n, 2 * per_row) if take is None else 1
+                changed += count
+                if cap is not None:
+                    cap = 2 * cap
+                elif by_column:
+                    by_column = False
+                else:
+                    per_row = min(n, 2 * per_row)
                 done = True
                 break
-            if per_row > 1:
+            if cap is not None or (per_row == 1 and (by_column or Ho is None)):
+                if count <= 1:
+                    break
+                cap = math.ceil(count / 2)
+            elif per_row > 1:
                 per_row //= 2
-                continue
-            if Ho is not None and not by_column:
+            else:
                 by_column = True
-                continue
-            count = int(mask.sum())
-            if count <= 1:
-                break
-            take = math.ceil(count / 2)
         if not done:
             break  # even the single best step is inside float noise: converged
     return _State(q, G, loss0, accepted, tries, changed, sandwich)
