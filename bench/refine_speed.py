@@ -46,9 +46,11 @@ def main() -> int:
     ap.add_argument("--methods", default="ldlq,yaqa")
     ap.add_argument("--refine", default="8,32")
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128,
+                    help="must divide every shape's input width (64 for SmolLM2's 576)")
     args = ap.parse_args()
     dev = args.device
-    q = make_quantizer(f"int{args.bits}", group_size=128)
+    q = make_quantizer(f"int{args.bits}", group_size=args.group_size)
     rows = []
     for shape in args.shapes.split(","):
         m, n = (int(v) for v in shape.split("x"))
@@ -71,7 +73,7 @@ def main() -> int:
     lines = [f"# Refinement cost at layer shapes ({dev})", "",
              f"- machine: {machine(dev)}",
              f"- command: `python bench/refine_speed.py {' '.join(sys.argv[1:])}`",
-             f"- int{args.bits} g128, incoherence on, synthetic factors (bench/rounding.py)", "",
+             f"- int{args.bits} g{args.group_size}, incoherence on, synthetic factors (bench/rounding.py)", "",
              "| shape | method | refine | round s | + refine s | refine s | tries | damped proxy |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -233,3 +233,73 @@ def test_quality_bench_parses_refine_values_and_tables_refined_rows():
     lines = bq.sweep_table(rows, [("auto", 1)], meta)
     assert "| 64 x 256 | 3 | off | 0.4 | 0.3 (0.750) |" in lines
     assert "| 64 x 256 | 3 | 8 | 0.35 | 0.28 (0.800 / 0.700) |" in lines
+
+
+def coupled_problem(seed: int, m: int, n: int, rho: float):
+    """Output factor ``|rho| v vᵀ + (1 - |rho|) R`` (R random positive definite, v all ones, or
+    alternating signs for rho < 0): every pair of rows coupled by about ``±rho``, so steps
+    in different rows interact strongly."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g)
+    Hi = random_pd(n, g)
+    v = torch.ones(m, **F64)
+    if rho < 0:
+        v[1::2] = -1.0
+    Ho = abs(rho) * torch.outer(v, v) + (1 - abs(rho)) * random_pd(m, g)
+    Ho = Ho / torch.diagonal(Ho).mean()
+    grid = IntQuantizer(bits=2, group_size=n).fit(W)
+    _, codes = grid.round_all(W)
+    return W, grid, codes, Hi, Ho
+
+
+@pytest.mark.parametrize("seed,shape,rho", [(20, (4, 3), 0.9), (21, (5, 4), 0.95),
+                                            (22, (3, 5), -0.4)])
+def test_strongly_row_coupled_output_factor_reaches_a_local_optimum(seed, shape, rho):
+    W, grid, codes, Hi, Ho = coupled_problem(seed, *shape, rho)
+    prev, q = exact_loss(W, grid, codes, Hi, Ho), codes
+    for _ in range(200):  # one batch at a time: never up
+        q, st = refine_codes(W, q, grid, Hi, Ho, rounds=1)
+        cur = exact_loss(W, grid, q, Hi, Ho)
+        assert cur <= prev + 1e-9 * prev
+        if st.rounds == 0:
+            break
+        prev = cur
+    else:
+        pytest.fail("refinement did not converge")
+    for i, j, d in itertools.product(range(shape[0]), range(shape[1]), (-1, 1)):
+        t = int(q[i, j]) + d
+        if not 0 <= t <= grid.maxq:
+            continue
+        q2 = q.clone()
+        q2[i, j] = t
+        assert exact_loss(W, grid, q2, Hi, Ho) >= cur - 1e-5 * cur
+
+
+def test_coupled_batch_change_is_exact_and_each_join_improves():
+    """The k x k pairwise model predicts the batch's loss change exactly, and with several
+    steps joined, dropping the last one joined would not have been better."""
+    W, grid, codes, Hi, Ho = coupled_problem(23, 24, 16, 0.3)
+    Hi32, Ho32 = Hi.float(), Ho.float()
+    S = grid.scale.float().repeat_interleave(grid.group_size, dim=1)
+    curv = S * S * (torch.diagonal(Ho32)[:, None] * torch.diagonal(Hi32)[None, :])
+    G = Ho32 @ (W - grid.dequantize(codes)) @ Hi32
+    batch = refine_mod._coupled_batch(G, codes.clone(), S, curv, Hi32, Ho32, grid.maxq)
+    assert batch is not None and batch.rows.numel() >= 2
+    assert batch.rows.unique().numel() == batch.rows.numel()  # at most one step per row
+    q = codes.clone()
+    q[batch.rows, batch.cols] += batch.steps
+    before, after = exact_loss(W, grid, codes, Hi, Ho), exact_loss(W, grid, q, Hi, Ho)
+    assert after - before == pytest.approx(batch.change, rel=1e-4)
+    assert batch.change < 0
+    q_less = q.clone()
+    q_less[batch.rows[-1], batch.cols[-1]] -= batch.steps[-1]
+    assert exact_loss(W, grid, q_less, Hi, Ho) > after
+
+
+def test_coupled_batches_respect_the_candidate_cap(monkeypatch):
+    W, grid, codes, Hi, Ho = coupled_problem(24, 40, 16, 0.2)
+    monkeypatch.setattr(refine_mod, "CANDIDATES", 3)
+    monkeypatch.setattr(refine_mod._coupled_batch, "__defaults__", (3,))
+    st = refine_mod._search(W, codes, grid, Hi, Ho, rounds=5)
+    assert 0 < st.changed <= 3 * st.rounds
+    assert exact_loss(W, grid, st.codes, Hi, Ho) < exact_loss(W, grid, codes, Hi, Ho)
