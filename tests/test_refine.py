@@ -299,7 +299,6 @@ def test_coupled_batch_change_is_exact_and_each_join_improves():
 def test_coupled_batches_respect_the_candidate_cap(monkeypatch):
     W, grid, codes, Hi, Ho = coupled_problem(24, 40, 16, 0.2)
     monkeypatch.setattr(refine_mod, "CANDIDATES", 3)
-    monkeypatch.setattr(refine_mod._coupled_batch, "__defaults__", (3,))
     st = refine_mod._search(W, codes, grid, Hi, Ho, rounds=5)
     assert 0 < st.changed <= 3 * st.rounds
     assert exact_loss(W, grid, st.codes, Hi, Ho) < exact_loss(W, grid, codes, Hi, Ho)

@@ -282,14 +282,14 @@ class _Batch:
 
 def _coupled_batch(G: torch.Tensor, q: torch.Tensor, S: torch.Tensor, curv: torch.Tensor,
                    Hi: torch.Tensor, Ho: torch.Tensor, maxq: int,
-                   k: int = CANDIDATES) -> _Batch | None:
+                   k: int | None = None) -> _Batch | None:
     """One improving batch of single steps, at most one per row, when rows couple through
     ``H_out``; ``None`` when no single step improves beyond float noise.
 
     For steps ``e_p`` at entries ``(i_p, j_p)`` the batch's exact change is
     ``Σ_p own_p + Σ_{p≠q} C_pq`` with ``C_pq = e_p e_q H_out[i_p,i_q] H_in[j_p,j_q]`` and
-    ``own_p = C_pp - 2 e_p G[i_p,j_p]``: over the best step of each of the ``k`` most improving
-    rows that is a ``k × k`` matrix, far cheaper than ``H_out E H_in``.  Walking the candidates
+    ``own_p = C_pp - 2 e_p G[i_p,j_p]``: over the best step of each of the ``k`` (default
+    :data:`CANDIDATES`) most improving rows that is a ``k × k`` matrix, far cheaper than ``H_out E H_in``.  Walking the candidates
     best first, a step joins when its own term plus twice its coupling to the steps already in
     is negative, so every join lowers the loss and the batch's change is the sum of those
     marginals.  The change is then checked in float64 against the noise of its terms, as for
@@ -305,7 +305,7 @@ def _coupled_batch(G: torch.Tensor, q: torch.Tensor, S: torch.Tensor, curv: torc
     n_rows = int((best < 0).sum())
     if n_rows == 0:
         return None
-    own, rows = torch.topk(best, min(k, n_rows), largest=False, sorted=True)
+    own, rows = torch.topk(best, min(k or CANDIDATES, n_rows), largest=False, sorted=True)
     cols = cols[rows]
     e = d[rows, cols] * S[rows, cols]
     C = Ho[rows][:, rows] * Hi[cols][:, cols] * e[:, None] * e[None, :]
