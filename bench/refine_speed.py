@@ -6,7 +6,8 @@
 Synthetic factors as in ``bench/rounding.py`` (rank n/2, decaying spectrum), int4 g128 with
 incoherence.  Each row: the whole ``round_weight`` call without refinement and with R rounds,
 the refinement's own time, batches tried and the relative proxy reduction, and a projection to
-Llama-3.1-8B's 224 linears (per-shape counts).  Writes ``bench/results/refine_speed_<device>.md``.
+Llama-3.1-8B's 224 linears (per-shape counts).  Writes
+``bench/results/refine_speed_<device><tag>.md``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> int:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128,
                     help="must divide every shape's input width (64 for SmolLM2's 576)")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args()
     dev = args.device
     q = make_quantizer(f"int{args.bits}", group_size=args.group_size)
@@ -90,8 +92,9 @@ def main() -> int:
                 ref = sum(LLAMA_8B[x["shape"]] * x["refine_s"] for x in sel) / 60
                 lines.append(f"| {method} | {r} | {rnd:.1f} | {ref:.1f} |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"refine_speed_{dev.split(':')[0]}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"refine_speed_{dev.split(':')[0]}.json").write_text(json.dumps(rows, indent=2))
+    stem = f"refine_speed_{dev.split(':')[0]}{args.tag}"
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
     return 0
 
