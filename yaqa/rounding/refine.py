@@ -11,8 +11,8 @@ exactly ``-2⟨E, G⟩ + ⟨E, H_out E H_in⟩``; for one entry moved by one cod
 
 Each round proposes the ``t`` most improving single steps of every row at once, computes the
 batch's exact change (one ``H_out E H_in``, which is also G's update) and accepts it only if the
-loss goes down; otherwise it halves ``t``; at one step per row it also keeps one step per column
-(YAQA), then the better half of the batch by single-step gain, and tries again (the batch size
+loss goes down; otherwise it halves ``t``, then at one step per row keeps the better half of
+the batch by single-step gain, and tries again (the batch size
 found is where the next round starts).  A batch of one is a single improving step, so
 a round only fails on float noise.  The loss therefore never increases, and ``t`` adapts
 (doubling after a success) to how strongly the factors couple entries.  Rows are the natural
@@ -171,11 +171,6 @@ def _search(W: torch.Tensor, codes: torch.Tensor, g: IntGrid, H_in: torch.Tensor
     del delta
     maxq = g.maxq
     accepted = tries = changed = 0
-    # The batch size is a ladder, kept across rounds: t steps per row (t = ..., 4, 2, 1), then
-    # one per row and per column (YAQA: rows couple through H_out), then a cap on the count.
-    # A rejected batch steps down one rung, an accepted one up one rung.
-    per_row, by_column, cap = 4, False, None
-    zero = torch.zeros((), device=dev, dtype=f32)
     if Ho is not None:
         while accepted < rounds:
             batch = _coupled_batch(G, q, S, curv, Hi, Ho, maxq)
@@ -189,6 +184,10 @@ def _search(W: torch.Tensor, codes: torch.Tensor, g: IntGrid, H_in: torch.Tensor
             accepted += 1
             changed += int(batch.rows.numel())
         return _State(q, G, loss0, accepted, tries, changed, sandwich)
+    # H_out = I.  The batch size is a ladder, kept across rounds: t steps per row (t = ..., 4,
+    # 2, 1), then a cap on the count.  A rejected batch steps down one rung, an accepted one up.
+    per_row, cap = 4, None
+    zero = torch.zeros((), device=dev, dtype=f32)
     while accepted < rounds:
         d = torch.sign(G)
         gain = curv - 2.0 * S * G.abs()
@@ -201,8 +200,6 @@ def _search(W: torch.Tensor, codes: torch.Tensor, g: IntGrid, H_in: torch.Tensor
         while True:
             tries += 1
             mask = _best_per_row(gain, ok, per_row)
-            if by_column:
-                mask = _best_per_column(torch.where(mask, gain, zero), mask)
             count = int(mask.sum())
             if cap is not None and cap < count:
                 mask = _best_overall(torch.where(mask, gain, zero), mask, cap)
@@ -219,20 +216,16 @@ def _search(W: torch.Tensor, codes: torch.Tensor, g: IntGrid, H_in: torch.Tensor
                 changed += count
                 if cap is not None:
                     cap = 2 * cap
-                elif by_column:
-                    by_column = False
                 else:
                     per_row = min(n, 2 * per_row)
                 done = True
                 break
-            if cap is not None or (per_row == 1 and (by_column or Ho is None)):
+            if cap is not None or per_row == 1:
                 if count <= 1:
                     break
                 cap = math.ceil(count / 2)
-            elif per_row > 1:
-                per_row //= 2
             else:
-                by_column = True
+                per_row //= 2
         if not done:
             break  # even the single best step is inside float noise: converged
     return _State(q, G, loss0, accepted, tries, changed, sandwich)
@@ -244,14 +237,6 @@ def _best_per_row(gain: torch.Tensor, ok: torch.Tensor, k: int) -> torch.Tensor:
     mask = torch.zeros_like(ok)
     mask.scatter_(1, idx, True)
     return mask & ok
-
-
-def _best_per_column(gain: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Mask of the most improving step of every column among ``allowed`` (gain 0 elsewhere)."""
-    rows = gain.argmin(dim=0)
-    mask = torch.zeros_like(allowed)
-    mask[rows, torch.arange(gain.shape[1], device=gain.device)] = True
-    return mask & allowed
 
 
 def _best_overall(gain: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
