@@ -214,6 +214,18 @@ def test_cli_refine_flag_reaches_the_recipe():
     assert args.refine == 3
 
 
+def test_cli_refuses_refine_for_rtn_before_loading_anything(tmp_path, capsys):
+    from yaqa.cli import main
+
+    out = tmp_path / "ckpt"
+    rc = main(["quantize", "--method", "rtn", "--refine", "8", "--model", str(tmp_path / "none"),
+               "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--refine applies to LDLQ and YAQA" in err and "rtn" in err
+    assert not out.exists()
+
+
 def test_quality_bench_parses_refine_values_and_tables_refined_rows():
     import importlib.util
     from pathlib import Path

@@ -331,6 +331,11 @@ def cmd_quantize(args) -> int:
     from .pipeline import Calibration, quantize_one
 
     recipe = recipe_from_args(args, args.method, args.quantizer or args.bits)
+    if getattr(args, "refine", 0) and recipe.rounding == "rtn":
+        # get_recipe passes refine to LDLQ/YAQA only (yaqa run mixes methods); one RTN method
+        # asked to refine would otherwise run unrefined without a word.
+        raise ValueError(f"--refine applies to LDLQ and YAQA rounding; --method {args.method} "
+                         f"rounds to nearest and has nothing to refine")
     check_checkpoint_target(args.out, overwrite=args.overwrite)  # before loading anything
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.dry_run:
