@@ -168,7 +168,7 @@ def test_refinement_rejects_rtn_and_negative_rounds():
     W = torch.randn(8, 16)
     with pytest.raises(ValueError, match="RTN"):
         round_weight(W, None, None, "int4", "rtn", refine=1)
-    with pytest.raises(ValueError, match="refine must be >= 0"):
+    with pytest.raises(ValueError, match="refine must be an integer >= 0"):
         round_weight(W, torch.eye(16), None, "int4", "ldlq", refine=-1)
 
 
@@ -314,3 +314,29 @@ def test_coupled_batches_respect_the_candidate_cap(monkeypatch):
     st = refine_mod._search(W, codes, grid, Hi, Ho, rounds=5)
     assert 0 < st.changed <= 3 * st.rounds
     assert exact_loss(W, grid, st.codes, Hi, Ho) < exact_loss(W, grid, codes, Hi, Ho)
+
+
+@pytest.mark.parametrize("bad", [2.5, True, "3", -1, float("nan")])
+def test_refine_values_are_checked_alike_everywhere(bad):
+    from yaqa.recipe import RecipeError, get_recipe
+
+    W = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="refine must be an integer"):
+        round_weight(W, torch.eye(16), None, "int4", "ldlq", group_size=8, refine=bad)
+    for name in ("yaqa-b", "rtn"):  # checked even where refine does not apply
+        with pytest.raises(RecipeError, match="refine must be an integer"):
+            get_recipe(name, refine=bad)
+
+
+def test_library_refuses_refine_where_nothing_is_refined(tmp_path):
+    from tiny_models import tiny_model
+
+    from yaqa import quantize
+    from yaqa.pipeline import RunConfig, run_pipeline
+
+    with pytest.raises(ValueError, match="nothing to refine"):
+        quantize(tiny_model("llama", layers=1), None, method="rtn", refine=3, progress=False)
+    cfg = RunConfig(methods=("rtn",), refine=3, out_dir=str(tmp_path / "run"),
+                    model=str(tmp_path / "no-model"))
+    with pytest.raises(ValueError, match="nothing to refine"):
+        run_pipeline(cfg)  # before the model is loaded (its path does not exist)

@@ -371,6 +371,9 @@ def run_pipeline(cfg: RunConfig) -> list[ResultRow]:
     cfg.embeddings = parse_embeddings(cfg.embeddings)  # a bad value fails before any work
     _check_evaluation(cfg)
     recipes = [cfg.recipe(m, q) for q in cfg.formats() for m in cfg.methods]
+    if cfg.refine and not any(r.refine for r in recipes):
+        raise ValueError(f"refine applies to LDLQ and YAQA rounding; the methods "
+                         f"{', '.join(cfg.methods)} have nothing to refine")
     out.mkdir(parents=True, exist_ok=True)
     stages = StageLog()
     with stages.stage("load model"):

@@ -101,6 +101,9 @@ def recipe_from_args(method: str, quantizer: str | Quantizer, group_size: int | 
                         scale_search=scale_search, incoherence=incoherence, seed=seed,
                         block_size=block_size, sigma=sigma, shrinkage=str(shrinkage),
                         fused_global_scale=fused_global_scale, refine=refine)
+    if refine and recipe.rounding == "rtn":
+        raise ValueError(f"refine applies to LDLQ and YAQA rounding; method {method!r} rounds "
+                         f"to nearest and has nothing to refine")
     return recipe, qobj
 
 

@@ -212,6 +212,9 @@ def get_recipe(name: str, *, bits: int | None = None, power_iters: int | None = 
         changes["power_iters"] = power_iters
     if label_draws is not None and base.hessian == "B":
         changes["label_draws"] = label_draws
+    if refine is not None and (isinstance(refine, bool) or not isinstance(refine, int)
+                               or refine < 0):
+        raise RecipeError(f"refine must be an integer >= 0 (rounds), got {refine!r}")
     if refine is not None and base.rounding != "rtn":
         changes["refine"] = refine
     unknown = set(changes) - {f.name for f in dataclasses.fields(Recipe)}

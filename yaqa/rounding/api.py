@@ -109,8 +109,8 @@ def _round_weight(W, H_in, H_out, quantizer, method, incoherence, block_size, bl
     method = str(method).lower()
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if refine < 0:
-        raise ValueError(f"refine must be >= 0 (rounds of code steps), got {refine}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be an integer >= 0 (rounds of code steps), got {refine!r}")
     if refine and method == "rtn":
         raise ValueError("refine needs LDLQ or YAQA rounding (RTN has no Hessian to refine with)")
     if block_size < 1 or (block_size_out is not None and block_size_out < 1):
