@@ -37,6 +37,17 @@ def tiny_problem(seed: int, m: int, n: int, bits: int = 2, symmetric: bool = Fal
     return W, grid, codes, Hi, Ho
 
 
+def assert_single_step_optimum(W, grid, q, Hi, Ho, loss):
+    """Brute force: no single ±1 step (within the code range) lowers the exact loss."""
+    for i, j, d in itertools.product(range(q.shape[0]), range(q.shape[1]), (-1, 1)):
+        t = int(q[i, j]) + d
+        if not 0 <= t <= grid.maxq:
+            continue
+        q2 = q.clone()
+        q2[i, j] = t
+        assert exact_loss(W, grid, q2, Hi, Ho) >= loss - 1e-5 * loss
+
+
 @pytest.mark.parametrize("seed,shape,sym", [(0, (2, 3), False), (1, (3, 4), False),
                                             (2, (3, 4), True), (3, (4, 6), False)])
 def test_refinement_converges_to_a_single_step_local_optimum(seed, shape, sym):
@@ -47,14 +58,7 @@ def test_refinement_converges_to_a_single_step_local_optimum(seed, shape, sym):
     assert after <= before + 1e-12
     assert st.loss_after == pytest.approx(after, rel=1e-5, abs=1e-9)
     assert st.loss_before == pytest.approx(before, rel=1e-5, abs=1e-9)
-    # brute force: no single ±1 step (within the code range) lowers the exact loss
-    for i, j, d in itertools.product(range(shape[0]), range(shape[1]), (-1, 1)):
-        t = int(q[i, j]) + d
-        if not 0 <= t <= grid.maxq:
-            continue
-        q2 = q.clone()
-        q2[i, j] = t
-        assert exact_loss(W, grid, q2, Hi, Ho) >= after - 1e-5 * after
+    assert_single_step_optimum(W, grid, q, Hi, Ho, after)
     assert int(q.min()) >= 0 and int(q.max()) <= grid.maxq
     assert q.dtype == torch.int32
 
@@ -278,13 +282,7 @@ def test_strongly_row_coupled_output_factor_reaches_a_local_optimum(seed, shape,
         prev = cur
     else:
         pytest.fail("refinement did not converge")
-    for i, j, d in itertools.product(range(shape[0]), range(shape[1]), (-1, 1)):
-        t = int(q[i, j]) + d
-        if not 0 <= t <= grid.maxq:
-            continue
-        q2 = q.clone()
-        q2[i, j] = t
-        assert exact_loss(W, grid, q2, Hi, Ho) >= cur - 1e-5 * cur
+    assert_single_step_optimum(W, grid, q, Hi, Ho, cur)
 
 
 def test_coupled_batch_change_is_exact_and_each_join_improves():
