@@ -367,17 +367,29 @@ def _kernels():
             bounds)]
         return keep or [configs[0]]
 
-    def bench(fn, quantiles):
-        # Short: each config runs a few microseconds; the default 25 + 100 ms per config would
-        # add seconds per layer shape to the first decode step.
-        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
     key = ["N", "M", "K", "BITS", "GROUP", "SEG1", "SEG2", "stride_seg", "SILU", "PAIRED"]
     gemv_tuned = triton.autotune(configs=configs, key=key,
                                  prune_configs_by={"early_config_prune": prune},
-                                 do_bench=bench)(gemv_words)
+                                 do_bench=short_bench)(gemv_words)
     return (triton, gemv_words, gemv_tuned, gemv_bytes, dequant_words, dequant_bytes,
             rotate2_kernel, rotate3_kernel)
+
+
+def short_bench(fn, quantiles):
+    """The autotuners' timing: each config runs a few microseconds, and Triton's default 25 +
+    100 ms per config would add seconds per layer shape to the first decode step."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def autotuned_rows(triton, kernel, configs):
+    """A row-streaming GEMV (the int8 and bf16 heads) with ``EVEN_K`` set from its shape and
+    autotuned over ``(BLOCK_N, BLOCK_K, warps, stages)`` configs, keyed on ``(N, K)``."""
+    cfgs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in configs]
+    even = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(kernel)
+    return triton.autotune(configs=cfgs, key=["N", "K"], do_bench=short_bench)(even)
 
 
 # Kernels that failed to build on this machine and were replaced by a slower path, as

@@ -72,15 +72,7 @@ def _kernels():
         y = tl.sum(acc, axis=1)
         tl.store(y_ptr + row * stride_y + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-               for bn, bk, w, st in DENSE_CONFIGS]
-
-    def bench(fn, quantiles):
-        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-    even = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(dense_gemv)
-    tuned = triton.autotune(configs=configs, key=["N", "K"], do_bench=bench)(even)
-    return triton, dense_gemv, tuned
+    return triton, dense_gemv, kernels.autotuned_rows(triton, dense_gemv, DENSE_CONFIGS)
 
 
 def dense_gemv(x2: torch.Tensor, weight: torch.Tensor, tile: tuple | None = None) -> torch.Tensor:

@@ -86,15 +86,7 @@ def _kernels():
         y = tl.sum(acc, axis=1) * s
         tl.store(y_ptr + row * stride_y + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-               for bn, bk, w, st in INT8_CONFIGS]
-
-    def bench(fn, quantiles):
-        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-    even = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(int8_gemv)
-    tuned = triton.autotune(configs=configs, key=["N", "K"], do_bench=bench)(even)
-    return triton, int8_gemv, tuned
+    return triton, int8_gemv, kernels.autotuned_rows(triton, int8_gemv, INT8_CONFIGS)
 
 
 def int8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
