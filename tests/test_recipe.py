@@ -65,3 +65,14 @@ def test_registering_a_recipe_makes_its_name_usable():
     register_recipe(Recipe("test-gptq3", "ldlq", "hx", quantizer="int3"), "TEST-G3")
     assert get_recipe("test-g3").quantizer == "int3"
     assert "test-gptq3" in recipe_names()
+
+
+def test_identity_diff_names_a_field_left_at_its_default():
+    # refine 0 is left out of the identity, so a stored refine-3 run differs by an absent key:
+    # the message must say it is the default, not "None".
+    from yaqa.store import diff_identity
+
+    stored = get_recipe("yaqa-b", refine=3).identity()
+    now = get_recipe("yaqa-b").identity()
+    (line,) = diff_identity({"recipe": stored}, {"recipe": now})
+    assert line == "recipe.refine: stored 3, now absent (the default)"

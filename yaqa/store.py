@@ -130,12 +130,23 @@ def calibration_identity(ids: Tensor | Iterable[Tensor] | None) -> str | None:
     return h.hexdigest()[:16]
 
 
+class _Absent:
+    """A key one identity lacks: fields at their default are left out of identities (so that
+    adding a field keeps older work valid), so the message names the default, not None."""
+
+    def __repr__(self) -> str:
+        return "absent (the default)"
+
+
+_ABSENT = _Absent()
+
+
 def diff_identity(stored: Any, now: Any, prefix: str = "") -> list[str]:
     """Human-readable list of the leaves where two identities differ."""
     if isinstance(stored, dict) and isinstance(now, dict):
         out = []
         for k in sorted(set(stored) | set(now), key=str):
-            out += diff_identity(stored.get(k), now.get(k), f"{prefix}{k}.")
+            out += diff_identity(stored.get(k, _ABSENT), now.get(k, _ABSENT), f"{prefix}{k}.")
         return out
     if stored != now:
         return [f"{prefix.rstrip('.')}: stored {stored!r}, now {now!r}"]

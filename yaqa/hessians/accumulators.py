@@ -63,7 +63,7 @@ def resolve_precision(precision: str, device: torch.device, dtype: torch.dtype) 
 
 
 @contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
     """TF32 on or off inside this block only; the model's own matmuls are left as set."""
     mm = torch.backends.cuda.matmul
     # torch >= 2.9 refuses a mix of its legacy (allow_tf32) and new (fp32_precision) switches
@@ -119,7 +119,7 @@ class Products:
     def scope(self) -> contextlib.AbstractContextManager:
         """Where this mode's products run: sets the (process-wide) TF32 flag for exactly the
         statistics code of one update, restored before the model computes again."""
-        return _tf32(self._tf32) if self.cuda else contextlib.nullcontext()
+        return tf32_matmuls(self._tf32) if self.cuda else contextlib.nullcontext()
 
     def same_operand(self, a: str, b: str) -> bool:
         return self._how[a] == self._how[b] and self._how[a] != "first"

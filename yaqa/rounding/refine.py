@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..hessians.accumulators import _tf32
+from ..hessians.accumulators import tf32_matmuls
 from ..quantizers.base import FittedGrid
 from ..quantizers.intk import IntGrid
 
@@ -121,13 +121,13 @@ def refine_codes(
     t0 = time.perf_counter()
     # Accepting a batch compares its exact change with ~1e-5 of its terms: TF32 products (1e-3)
     # could accept an increase, so full fp32 here whatever the caller's setting.
-    with _tf32(False):
+    with tf32_matmuls(False):
         state = _search(W, codes, g, H_in, H_out, rounds)
     q, sandwich = state.codes, state.sandwich
     f32 = torch.float32
     # The final loss from scratch, so incremental drift in G never shows up in what we report.
     delta = W.to(f32) - g.dequantize(q)
-    with _tf32(False):
+    with tf32_matmuls(False):
         loss_after = float((delta * sandwich(delta)).sum(dtype=torch.float64))
     stats = RefineStats(rounds=state.rounds, tries=state.tries, changed=state.changed,
                         loss_before=state.loss_before,
