@@ -209,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scale-search", default="mse")
     ap.add_argument("--no-incoherence", dest="incoherence", action="store_false")
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size-out", type=int, default=None,
+                    help="YAQA's tile height along the outputs (default: --block-size)")
     ap.add_argument("--sigma", type=float, default=0.01)
     ap.add_argument("--ldlq-block-size", type=int, default=None)
     ap.add_argument("--b-power-iters", type=int, default=1)
@@ -260,7 +262,7 @@ def main(argv=None) -> int:
                     quantizers=tuple(args.quantizers.split(",")) if args.quantizers else None,
                     symmetric=args.symmetric, scale_search=args.scale_search,
                     incoherence=args.incoherence, block_size=args.block_size, sigma=args.sigma,
-                    ldlq_block_size=args.ldlq_block_size,
+                    ldlq_block_size=args.ldlq_block_size, yaqa_block_size_out=args.block_size_out,
                     sketch_b_power_iters=args.b_power_iters, calib="wikitext2-valid", n_calib=args.n_calib,
                     calib_ctx=args.ctx, power_iters=args.power_iters, eval_data="wikitext2-test",
                     eval_ctx=args.eval_ctx, n_eval=args.n_eval, batch_size=args.batch_size,
@@ -323,6 +325,7 @@ def sweep(args) -> int:
                             bits=bits, group_size=args.group_size, symmetric=args.symmetric,
                             scale_search=args.scale_search, incoherence=args.incoherence,
                             block_size=args.block_size, sigma=args.sigma, shrinkage=shrink,
+                            yaqa_block_size_out=args.block_size_out,
                             calib="wikitext2-valid", n_calib=n, calib_ctx=ctx,
                             eval_data="wikitext2-test", eval_ctx=args.eval_ctx,
                             n_eval=args.n_eval, batch_size=args.batch_size, device=args.device,

@@ -21,7 +21,7 @@ def test_every_field_changes_the_identity_and_the_name_does_not():
     other = {"rounding": "ldlq", "hessian": "A", "power_iters": 3, "quantizer": "int3",
              "group_size": 32, "symmetric": True, "scale_search": "mse", "incoherence": False,
              "block_size": 8, "sigma": 0.1, "seed": 1, "shrinkage": "off", "label_draws": 2,
-             "refine": 4}
+             "refine": 4, "block_size_out": 4}
     fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
     # fused_global_scale only matters (and only joins the identity) for nvfp4
     assert set(other) | {"fused_global_scale"} == fields  # a new field must be added here
@@ -76,3 +76,44 @@ def test_identity_diff_names_a_field_left_at_its_default():
     now = get_recipe("yaqa-b").identity()
     (line,) = diff_identity({"recipe": stored}, {"recipe": now})
     assert line == "recipe.refine: stored 3, now absent (the default)"
+
+
+def test_block_size_out_is_yaqa_only_and_square_tiles_keep_their_identity():
+    assert get_recipe("yaqa-b", block_size_out=16) == get_recipe("yaqa-b")  # = block_size
+    assert "block_size_out" not in get_recipe("yaqa-b").identity()
+    assert get_recipe("yaqa-b", block_size_out=2).identity()["block_size_out"] == 2
+    with pytest.raises(RecipeError, match="ldlq rounding has no output feedback"):
+        get_recipe("ldlq", block_size_out=2)
+    for bad in (0, 2.5, True):
+        with pytest.raises(RecipeError, match="block_size_out must be an integer >= 1"):
+            get_recipe("yaqa-b", block_size_out=bad)
+
+
+@pytest.mark.parametrize("method, quantizer, device, rounds", [
+    ("yaqa-b", "int4", "cuda", 32), ("yaqa-a", "int3", "cuda:1", 32),
+    ("yaqa-b", "int4", "cpu", 0), ("ldlq", "int4", "cuda", 0), ("rtn", "int4", "cuda", 0),
+    ("yaqa-b", "trellis4", "cuda", 0), ("yaqa-b", "nvfp4", "cuda", 0)])
+def test_default_refinement_follows_method_format_and_device(method, quantizer, device, rounds):
+    import torch
+
+    from yaqa.recipe import default_refine, with_default_refine
+
+    r = get_recipe(method, quantizer=quantizer)
+    assert default_refine(r, device) == rounds
+    assert default_refine(r, torch.device(device)) == rounds
+    assert with_default_refine(r, None, device).refine == rounds
+    if rounds:  # asked for explicitly, the rounds stand (0 included)
+        assert with_default_refine(r, 0, device).refine == 0
+        assert with_default_refine(r.replace(refine=5), 5, device).refine == 5
+
+
+def test_auto_device_refines_where_cuda_is_available(monkeypatch):
+    import torch
+
+    from yaqa.recipe import default_refine
+
+    r = get_recipe("yaqa-b")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_refine(r, "auto") == 32 and default_refine(r, None) == 32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_refine(r, "auto") == 0

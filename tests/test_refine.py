@@ -218,6 +218,42 @@ def test_cli_refine_flag_reaches_the_recipe():
     assert args.refine == 3
 
 
+def test_run_and_cli_default_to_the_device_rule_and_keep_asked_rounds():
+    from yaqa.cli import build_parser, recipe_from_args
+    from yaqa.pipeline import RunConfig, _refine_setting
+
+    gpu = RunConfig(device="cuda", methods=("rtn", "ldlq", "yaqa-b"))
+    assert [gpu.recipe(m, 4).refine for m in gpu.methods] == [0, 0, 32]
+    assert _refine_setting(gpu) == ", refined: yaqa-b 32 rounds (the GPU default)"
+    assert RunConfig(device="cuda", refine=0).recipe("yaqa-b", 4).refine == 0
+    asked = RunConfig(device="cpu", refine=3, methods=("ldlq", "yaqa-b"))
+    assert _refine_setting(asked) == ", refined: ldlq 3 rounds, yaqa-b 3 rounds"
+    assert RunConfig(device="cpu").recipe("yaqa-b", 4).refine == 0
+    assert _refine_setting(RunConfig(device="cpu")) == ""
+    for argv, rounds in ((["--device", "cuda"], 32), (["--device", "cuda", "--refine", "0"], 0),
+                         (["--device", "cpu"], 0)):
+        args = build_parser().parse_args(["quantize", "--method", "yaqa-b", "--out", "x", *argv])
+        assert recipe_from_args(args, args.method, args.bits).refine == rounds, argv
+
+
+@pytest.mark.parametrize("method, refined", [("yaqa-b", True), ("ldlq", False)])
+def test_quantize_resolves_the_default_on_the_rounding_device(monkeypatch, method, refined):
+    """refine=None takes default_refine's rounds for the device that rounds (here the model's
+    CPU, given rounds by patching the table); an explicit 0 stays off."""
+    from tiny_models import tiny_model
+
+    import yaqa.recipe
+    from yaqa import quantize
+
+    monkeypatch.setitem(yaqa.recipe.AUTO_REFINE_ROUNDS, "cpu", 4)
+    hs = _model_hessians(tiny_model("llama", hidden=32, intermediate=64, layers=1))
+    for refine, expect in ((None, refined), (0, False)):
+        model = tiny_model("llama", hidden=32, intermediate=64, layers=1)
+        rep = quantize(model, hs, method=method, quantizer="int3", group_size=16,
+                       shrinkage="off", refine=refine, progress=False)
+        assert all((lr.refine_reduction is not None) == expect for lr in rep.layers), refine
+
+
 def test_cli_refuses_refine_for_rtn_before_loading_anything(tmp_path, capsys):
     from yaqa.cli import main
 
@@ -338,3 +374,29 @@ def test_library_refuses_refine_where_nothing_is_refined(tmp_path):
                     model=str(tmp_path / "no-model"))
     with pytest.raises(ValueError, match="nothing to refine"):
         run_pipeline(cfg)  # before the model is loaded (its path does not exist)
+
+
+def test_recipe_output_tiles_reach_the_rounding():
+    """A YAQA recipe's block_size_out is the tile height round_weight uses: quantize gives the
+    codes of a direct round_weight call with it, and not those of square tiles."""
+    from tiny_models import tiny_model
+
+    from yaqa import quantize
+    from yaqa.recipe import get_recipe
+
+    hs = _model_hessians(tiny_model("llama", hidden=32, intermediate=64, layers=1))
+    q = make_quantizer("int3", group_size=16)
+    name = "model.layers.0.mlp.down_proj"
+    codes = {}
+    for bo in (1, 8):
+        model = tiny_model("llama", hidden=32, intermediate=64, layers=1)
+        W = model.get_submodule(name).weight.detach().float().clone()
+        recipe = get_recipe("yaqa-b", quantizer="int3", group_size=16, incoherence=False,
+                            shrinkage="off", block_size=8, block_size_out=bo)
+        quantize(model, hs, recipe=recipe, progress=False)
+        codes[bo] = model.get_submodule(name).codes()
+        direct = round_weight(W, hs[name].H_in, hs[name].H_out, q, method="yaqa",
+                              incoherence=False, block_size=8, block_size_out=bo,
+                              return_details=True)
+        assert torch.equal(codes[bo].to(direct.codes.dtype), direct.codes), bo
+    assert not torch.equal(codes[1], codes[8])

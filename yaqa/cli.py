@@ -66,9 +66,10 @@ def _add_quantizer(p: argparse.ArgumentParser, many_bits: bool = False) -> None:
                    help="YAQA only: shrink the Sketch-B factors towards LDLQ's by the amount the "
                         "calibration data's noise warrants ('auto', default), H_out only "
                         "('auto-out'), not at all ('off'), or by a fixed amount in [0, 1]")
-    p.add_argument("--refine", type=int, default=0, metavar="R",
+    p.add_argument("--refine", type=int, default=None, metavar="R",
                    help="LDLQ/YAQA with int-k: up to R rounds of ±1 code steps after rounding "
-                        "that lower the layer's proxy loss (default 0: off)")
+                        "that lower the layer's proxy loss; 0: off (default: 32 for YAQA on a "
+                        "CUDA device, else off)")
     p.add_argument("--incoherence", dest="incoherence", default=True,
                    choices=("per-layer", "shared", "block", "none"),
                    help="per-layer random signs (default); shared: one random Hadamard per size "
@@ -313,16 +314,18 @@ def recipe_from_args(args, method: str, quantizer: int | str):
 
     ``quantizer``: a make_quantizer name (``--quantizer``), or an int k for int-k (``--bits``).
     """
-    from .recipe import get_recipe
+    from .recipe import get_recipe, with_default_refine
 
     qname = f"int{quantizer}" if isinstance(quantizer, int) else quantizer.lower()
-    return get_recipe(method, power_iters=args.power_iters,
-                      label_draws=getattr(args, "label_draws", None),
-                      refine=getattr(args, "refine", None), quantizer=qname,
-                      group_size=args.group_size, symmetric=args.symmetric,
-                      scale_search=args.scale_search, incoherence=args.incoherence,
-                      seed=args.seed, shrinkage=getattr(args, "shrinkage", "auto"),
-                      fused_global_scale=getattr(args, "fused_global_scale", None))
+    recipe = get_recipe(method, power_iters=args.power_iters,
+                        label_draws=getattr(args, "label_draws", None),
+                        refine=getattr(args, "refine", None), quantizer=qname,
+                        group_size=args.group_size, symmetric=args.symmetric,
+                        scale_search=args.scale_search, incoherence=args.incoherence,
+                        seed=args.seed, shrinkage=getattr(args, "shrinkage", "auto"),
+                        fused_global_scale=getattr(args, "fused_global_scale", None))
+    return with_default_refine(recipe, getattr(args, "refine", None),
+                               getattr(args, "device", "auto"))
 
 
 def cmd_quantize(args) -> int:

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import store
 from .recipe import (DEFAULT_BLOCK_SIZE, DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, DEFAULT_INCOHERENCE,
-                     DEFAULT_SIGMA, Recipe, get_recipe)
+                     DEFAULT_SIGMA, Recipe, get_recipe, with_default_refine)
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,16 @@ class RunConfig:
     sigma: float = DEFAULT_SIGMA
     shrinkage: str | float = "auto"  # YAQA factors towards the LDLQ pair, see hessians/shrinkage.py
     ldlq_block_size: int | None = None  # None: same as block_size; 1 gives column-wise GPTQ
+    yaqa_block_size_out: int | None = None  # YAQA's tile height along outputs (None: block_size)
     sketch_b_power_iters: int | None = None  # None: the recipe's default
     calib: str = "auto"
     n_calib: int = 64
     calib_ctx: int = 512
     power_iters: int | None = None  # Sketch A (and Sketch B unless sketch_b_power_iters is set)
     label_draws: int = 1  # Sketch B: label draws per sequence (D× its forward+backward work)
-    refine: int = 0  # LDLQ/YAQA: rounds of ±1 code steps after rounding (yaqa.rounding.refine)
+    # LDLQ/YAQA: rounds of ±1 code steps after rounding (yaqa.rounding.refine); None: the
+    # device's default (yaqa.recipe.default_refine: 32 for YAQA with int-k on CUDA, else 0)
+    refine: int | None = None
     eval_data: str = "auto"
     eval_ctx: int = 512
     n_eval: int | None = 64
@@ -118,13 +121,18 @@ class RunConfig:
         block = self.ldlq_block_size if base.rounding == "ldlq" and self.ldlq_block_size \
             else self.block_size
         qname = f"int{quantizer}" if isinstance(quantizer, int) else quantizer
-        return get_recipe(method, power_iters=iters, label_draws=self.label_draws,
-                          refine=self.refine,
-                          quantizer=qname, group_size=self.group_size,
-                          symmetric=self.symmetric, scale_search=self.scale_search,
-                          incoherence=self.incoherence, block_size=block, sigma=self.sigma,
-                          seed=self.seed, shrinkage=str(self.shrinkage),
-                          fused_global_scale=self.fused_global_scale)
+        if base.rounding == "yaqa" and self.yaqa_block_size_out is not None:
+            extra = {"block_size_out": self.yaqa_block_size_out}
+        else:
+            extra = {}
+        recipe = get_recipe(method, power_iters=iters, label_draws=self.label_draws, **extra,
+                            refine=self.refine,
+                            quantizer=qname, group_size=self.group_size,
+                            symmetric=self.symmetric, scale_search=self.scale_search,
+                            incoherence=self.incoherence, block_size=block, sigma=self.sigma,
+                            seed=self.seed, shrinkage=str(self.shrinkage),
+                            fused_global_scale=self.fused_global_scale)
+        return with_default_refine(recipe, self.refine, self.device)
 
 
 @dataclass
@@ -541,12 +549,26 @@ def _report_settings(cfg: RunConfig, calib_src: str, eval_src: str, ev, model) -
             "evaluation": f"{eval_src}, {ev.shape[0]} x {ev.shape[1]}",
             "quantizer": f"{','.join(cfg.formats())} g{cfg.group_size or 'row'} "
                          f"{'sym' if cfg.symmetric else 'asym'} {cfg.scale_search}"
-                         + (f", LDLQ/YAQA refined ({cfg.refine} rounds)" if cfg.refine else ""),
+                         + _refine_setting(cfg),
             "incoherence": cfg.incoherence, "device": str(next(model.parameters()).device),
             "dtype": cfg.dtype,
             **({"embedding, LM head": "int8, one scale per row"}
                if cfg.embeddings == "int8" else {}),
             "tasks": tasks + (f" (limit {cfg.tasks_limit})" if cfg.tasks_limit else "")}
+
+
+def _refine_setting(cfg: RunConfig) -> str:
+    """", refined: yaqa-b 32 rounds" for the methods whose recipes refine (asked or default)."""
+    rounds = {}
+    for q in cfg.formats():
+        for m in cfg.methods:
+            r = cfg.recipe(m, q)
+            if r.refine:
+                rounds.setdefault(m, r.refine)
+    if not rounds:
+        return ""
+    how = "" if cfg.refine is not None else " (the GPU default)"
+    return ", refined: " + ", ".join(f"{m} {n} rounds" for m, n in rounds.items()) + how
 
 
 def _task_dicts(scores: dict) -> dict:

@@ -28,7 +28,7 @@ from .nn import QuantizedLinear
 from .quantizers import Quantizer, quantizer_name
 from .quantizers.fused import fused_quantizers, uses_fused_global_scale
 from .recipe import DEFAULT_BLOCK_SIZE, DEFAULT_GROUP_SIZE, DEFAULT_INCOHERENCE, DEFAULT_SIGMA
-from .recipe import Recipe, get_recipe
+from .recipe import Recipe, get_recipe, with_default_refine
 from .rounding.threads import small_cpu_problem_threads
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def recipe_from_args(method: str, quantizer: str | Quantizer, group_size: int | 
                      block_size: int, sigma: float,
                      shrinkage: str | float = "auto",
                      fused_global_scale: bool | None = None,
-                     refine: int = 0) -> tuple[Recipe, Quantizer | None]:
+                     refine: int | None = None) -> tuple[Recipe, Quantizer | None]:
     """The library's keyword arguments as a :class:`Recipe` (plus a quantizer object, when one
     was passed instead of a name)."""
     if isinstance(quantizer, Quantizer):
@@ -137,7 +137,7 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
              work_dir: str | os.PathLike | None = None, fingerprint: dict | None = None,
              overwrite: bool = False, recipe: Recipe | None = None,
              shrinkage: str | float = "auto", fused_global_scale: bool | None = None,
-             refine: int = 0, progress: bool = True) -> QuantizeReport:
+             refine: int | None = None, progress: bool = True) -> QuantizeReport:
     """Replace every decoder-block linear of ``model`` by its quantized version, in place.
 
     ``method``: a recipe name (``"rtn"``; ``"ldlq"``/``"gptq"``: the plain input Hessian ``H_x``
@@ -155,7 +155,9 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
     linears that vLLM fuses (q/k/v, gate/up) share one global scale, computed from their
     weights as the quantizer sees them, so the export serves in vLLM (see
     :mod:`yaqa.quantizers.fused`).  ``refine`` (LDLQ/YAQA, int-k): rounds of ±1 code steps
-    after rounding that lower each layer's proxy loss (:mod:`yaqa.rounding.refine`; 0: off).
+    after rounding that lower each layer's proxy loss (:mod:`yaqa.rounding.refine`; 0: off;
+    None: :func:`~yaqa.recipe.default_refine`, i.e. 32 rounds for YAQA with int-k on CUDA, else
+    off).
     ``hessians`` maps full linear names to
     objects with those attributes.  ``work_dir`` enables resume: finished blocks are stored there
     and reused only when the recipe, the weights, the Hessians and ``fingerprint`` all match;
@@ -169,6 +171,8 @@ def quantize(model: nn.Module, hessians: Mapping | None = None, method: str = "y
                                         seed=seed, block_size=block_size, sigma=sigma,
                                         shrinkage=shrinkage,
                                         fused_global_scale=fused_global_scale, refine=refine)
+        rounds_on = device if device is not None else next(model.parameters()).device
+        recipe = with_default_refine(recipe, refine, rounds_on)
     q = qobj or recipe.make_quantizer()
     rounding, incoherence, seed = recipe.rounding, recipe.incoherence, recipe.seed
     adapter = get_adapter(model)
@@ -228,7 +232,8 @@ def _quantize_blocks(adapter, blocks, hessians: Mapping | None, recipe: Recipe, 
             H_in, H_out, a_in, a_out = _factors(rounding, hessians, name, recipe.shrinkage)
             lr = _quantize_linear(block, rel, lin, name, rounding, q, H_in, H_out, tfs[name],
                                   recipe.block_size, recipe.sigma, device,
-                                  fit_quantizer=pinned.get(rel), refine=recipe.refine)
+                                  fit_quantizer=pinned.get(rel), refine=recipe.refine,
+                                  block_size_out=recipe.block_size_out)
             lr.shrink_in, lr.shrink_out = a_in, a_out
             done.append(lr)
         report.layers += done
@@ -258,7 +263,7 @@ def _fused_group_quantizers(adapter, linears: dict[str, nn.Linear], prefix: str,
 def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, method: str,
                      q: Quantizer, H_in, H_out, transform, block_size: int,
                      sigma: float, device, fit_quantizer: Quantizer | None = None,
-                     refine: int = 0) -> LayerReport:
+                     refine: int = 0, block_size_out: int | None = None) -> LayerReport:
     """``fit_quantizer``: the quantizer to fit with when it differs from ``q`` (a pinned NVFP4
     global scale); the module records ``q``."""
     from .rounding import round_weight
@@ -270,8 +275,8 @@ def _quantize_linear(parent: nn.Module, rel: str, lin: nn.Linear, name: str, met
     res = round_weight(W, None if H_in is None else H_in.to(dev),
                        None if H_out is None else H_out.to(dev), fit_quantizer or q,
                        method=method,
-                       incoherence=inc, block_size=block_size, sigma=sigma, return_details=True,
-                       refine=refine)
+                       incoherence=inc, block_size=block_size, block_size_out=block_size_out,
+                       sigma=sigma, return_details=True, refine=refine)
     bias = lin.bias.detach() if lin.bias is not None else None
     new = QuantizedLinear.from_codes(res.codes.cpu(), res.grid, q, transform=res.transform,
                                      bias=bias,

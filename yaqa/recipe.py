@@ -49,6 +49,8 @@ class Recipe:
     scale_search: str = "maxabs"
     incoherence: bool | str = DEFAULT_INCOHERENCE  # True = "per-layer", "shared", "block"
     block_size: int = DEFAULT_BLOCK_SIZE  # tile of the LDL/YAQA feedback
+    # YAQA only: tile height along the outputs (H_out's feedback); None: block_size
+    block_size_out: int | None = None
     sigma: float = DEFAULT_SIGMA     # relative damping of the Hessian factors
     seed: int = 0                    # incoherence signs and sampled labels
     # Sketch B only: label draws per sequence (their mean is each sequence's term; D× the passes)
@@ -102,6 +104,16 @@ class Recipe:
             raise RecipeError(f"{self.name}: {e}") from None
         if self.block_size < 1:
             raise RecipeError(f"block_size must be >= 1, got {self.block_size}")
+        if self.block_size_out is not None:
+            if isinstance(self.block_size_out, bool) or not isinstance(self.block_size_out, int) \
+                    or self.block_size_out < 1:
+                raise RecipeError(f"block_size_out must be an integer >= 1 or None, got "
+                                  f"{self.block_size_out!r}")
+            if self.rounding != "yaqa":
+                raise RecipeError(f"{self.name}: block_size_out sets YAQA's output-side tiles; "
+                                  f"{self.rounding} rounding has no output feedback")
+            if self.block_size_out == self.block_size:  # one spelling per setting
+                object.__setattr__(self, "block_size_out", None)
         if not isinstance(self.refine, int) or isinstance(self.refine, bool) or self.refine < 0:
             raise RecipeError(f"refine must be an integer >= 0 (rounds), got {self.refine!r}")
         if self.refine and self.rounding == "rtn":
@@ -149,6 +161,8 @@ class Recipe:
             d.pop("label_draws")
         if self.refine == 0:  # and no refinement
             d.pop("refine")
+        if self.block_size_out is None:  # and square tiles
+            d.pop("block_size_out")
         return d
 
     def identity_hash(self) -> str:
@@ -192,6 +206,41 @@ def canonical_name(name: str) -> str:
     if key not in _REGISTRY:
         raise RecipeError(f"unknown method {name!r}; choose from {', '.join(recipe_names())}")
     return key
+
+
+# Rounds of refinement (yaqa.rounding.refine) that a YAQA recipe gets when none are asked for,
+# by the device that rounds.  On a GPU they cost little (Llama-3.1-8B shapes: +0.8 min on 1.4 min
+# of rounding, bench/results/refine_speed_cuda_coupled.md) and take YAQA-B from about 0.67x to
+# 0.61-0.63x GPTQ's KL at 1024 x 512 (bench/results/quality_shrinkage_ship_*.md).  On CPU they
+# cost about 0.4 s per SmolLM2 linear, which the default run has no room for.  LDLQ is left
+# as GPTQ publishes it (refined only when asked), so it stays the baseline users know.
+AUTO_REFINE_ROUNDS = {"cuda": 32}
+
+
+def _device_type(device: Any) -> str:
+    if device is None or str(device) == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device).split(":")[0]
+
+
+def default_refine(recipe: Recipe, device: Any) -> int:
+    """Refinement rounds for ``recipe`` when the caller leaves ``refine`` unset: YAQA rounding
+    with an int-k quantizer on a CUDA device gets ``AUTO_REFINE_ROUNDS["cuda"]``; everything
+    else (LDLQ, RTN, trellis/FP4, CPU) 0.  ``device``: where rounding runs (``"auto"``/None:
+    CUDA when available)."""
+    if recipe.rounding != "yaqa" or not str(recipe.quantizer).lower().startswith("int"):
+        return 0
+    return AUTO_REFINE_ROUNDS.get(_device_type(device), 0)
+
+
+def with_default_refine(recipe: Recipe, refine: int | None, device: Any) -> Recipe:
+    """``recipe`` with ``refine`` as asked, or :func:`default_refine`'s rounds when None."""
+    if refine is not None:
+        return recipe
+    rounds = default_refine(recipe, device)
+    return recipe.replace(refine=rounds) if rounds != recipe.refine else recipe
 
 
 def get_recipe(name: str, *, bits: int | None = None, power_iters: int | None = None,
