@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             yaqa.quantize(q, hs, method="ldlq" if vname == "ldlq" else "yaqa",
                           quantizer=f"int{bits}", group_size=args.group_size, scale_search="mse",
                           incoherence=True, shrinkage="auto" if vname == "b-auto" else "off",
-                          progress=False)
+                          refine=0, progress=False)  # like for like: no device default
             set_dense_cache(q, True)
             models.append(q)
             names.append(vname)

@@ -265,7 +265,12 @@ def stage_round(args, state: dict, *, save: bool = False) -> None:
         return
     extra = {}
     if rep is not None:
-        extra = {"layers": len(rep.layers), "resumed_blocks": rep.resumed_blocks}
+        from yaqa.recipe import get_recipe, with_default_refine
+
+        rounds = with_default_refine(get_recipe("yaqa", quantizer="int4"), args.refine,
+                                     args.device).refine
+        extra = {"layers": len(rep.layers), "resumed_blocks": rep.resumed_blocks,
+                 "refine_rounds": rounds}
     record(state, stage, time.perf_counter() - t - t_build, done, args, build_seconds=t_build,
            **extra)
     if done:

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         row = out["modes"].setdefault(mode, {})
         q = copy.deepcopy(model)
         yaqa.quantize(q, {**identity, **hs[mode]}, method="yaqa", quantizer="int4",
-                      group_size=args.group_size, progress=False)
+                      group_size=args.group_size, refine=0, progress=False)
         r = yaqa.evaluate.compare(model, q, evals, batch_size=4, progress=False)
         row.update(kl=r.kl, ppl=r.ppl, ref_ppl=r.ref_ppl, top1=r.top1)
         print(mode, json.dumps(row), flush=True)

@@ -101,10 +101,11 @@ def test_default_refinement_follows_method_format_and_device(method, quantizer, 
     r = get_recipe(method, quantizer=quantizer)
     assert default_refine(r, device) == rounds
     assert default_refine(r, torch.device(device)) == rounds
+    if device == "cuda":  # an index means cuda:index to torch, and so here
+        assert default_refine(r, 0) == rounds
     assert with_default_refine(r, None, device).refine == rounds
-    if rounds:  # asked for explicitly, the rounds stand (0 included)
-        assert with_default_refine(r, 0, device).refine == 0
-        assert with_default_refine(r.replace(refine=5), 5, device).refine == 5
+    for asked in (0, 5):  # asked for explicitly, the recipe is left as built
+        assert with_default_refine(r, asked, device) is r
 
 
 def test_auto_device_refines_where_cuda_is_available(monkeypatch):

@@ -400,3 +400,38 @@ def test_recipe_output_tiles_reach_the_rounding():
                               return_details=True)
         assert torch.equal(codes[bo].to(direct.codes.dtype), direct.codes), bo
     assert not torch.equal(codes[1], codes[8])
+
+
+def test_resume_across_devices_names_the_refine_that_matches(monkeypatch, tmp_path):
+    """A run whose default refined (the GPU rule, patched onto the CPU here) and its resume under
+    the CPU rule differ only in recipe.refine: the error says so and how to match it."""
+    from tiny_models import tiny_model
+
+    import yaqa.recipe
+    from yaqa import quantize
+    from yaqa.store import StaleWorkError
+
+    hs = _model_hessians(tiny_model("llama", hidden=32, intermediate=64, layers=1))
+    kw = dict(method="yaqa-b", quantizer="int3", group_size=16, shrinkage="off", progress=False,
+              work_dir=tmp_path / "work")
+    with monkeypatch.context() as mp:
+        mp.setitem(yaqa.recipe.AUTO_REFINE_ROUNDS, "cpu", 4)
+        quantize(tiny_model("llama", hidden=32, intermediate=64, layers=1), hs, **kw)
+    with pytest.raises(StaleWorkError, match=r"pass --refine 4 \(refine=4\) to resume"):
+        quantize(tiny_model("llama", hidden=32, intermediate=64, layers=1), hs, **kw)
+    rep = quantize(tiny_model("llama", hidden=32, intermediate=64, layers=1), hs, refine=4, **kw)
+    assert rep.resumed_blocks == 1
+    with pytest.raises(StaleWorkError) as e:  # another difference too: no refine hint
+        quantize(tiny_model("llama", hidden=32, intermediate=64, layers=1), hs,
+                 **{**kw, "quantizer": "int4"})
+    assert "--refine" not in str(e.value)
+
+
+def test_run_with_only_rtn_is_not_refused_for_the_refine_default(tmp_path):
+    from yaqa.pipeline import RunConfig, run_pipeline
+
+    cfg = RunConfig(model=str(tmp_path / "no-such-model"), methods=("rtn",), device="cpu",
+                    out_dir=str(tmp_path / "out"), progress=False)
+    with pytest.raises(Exception) as e:
+        run_pipeline(cfg)
+    assert "no-such-model" in str(e.value) and "refine" not in str(e.value)

@@ -68,8 +68,8 @@ def _add_quantizer(p: argparse.ArgumentParser, many_bits: bool = False) -> None:
                         "('auto-out'), not at all ('off'), or by a fixed amount in [0, 1]")
     p.add_argument("--refine", type=int, default=None, metavar="R",
                    help="LDLQ/YAQA with int-k: up to R rounds of ±1 code steps after rounding "
-                        "that lower the layer's proxy loss; 0: off (default: 32 for YAQA on a "
-                        "CUDA device, else off)")
+                        "that lower the layer's proxy loss; 0: off (default: 32 for YAQA "
+                        "rounding with int-k on a CUDA device, else off)")
     p.add_argument("--incoherence", dest="incoherence", default=True,
                    choices=("per-layer", "shared", "block", "none"),
                    help="per-layer random signs (default); shared: one random Hadamard per size "
@@ -355,7 +355,8 @@ def cmd_quantize(args) -> int:
                        embeddings=args.embeddings)
     report, saved = res.report, res.saved
     resumed = f" ({report.resumed_blocks} blocks resumed)" if report.resumed_blocks else ""
-    print(f"{recipe.name} {recipe.quantizer} g{recipe.group_size or 'row'}: "
+    refined = f", refined {recipe.refine} rounds" if recipe.refine else ""
+    print(f"{recipe.name} {recipe.quantizer} g{recipe.group_size or 'row'}{refined}: "
           f"{len(report.layers)} layers{resumed} in {report.seconds:.1f} s -> {saved.path} "
           f"({saved.weights_bytes / 1e6:.1f} MB weights, {saved.size_bytes / 1e6:.1f} MB on disk)")
     return 0
@@ -450,7 +451,7 @@ def cmd_generate(args) -> int:
 
 def _data_line(cfg) -> str:
     """Under the results table: what text the numbers come from (flagging generated text)."""
-    from .pipeline import _source
+    from .pipeline import _refine_setting, _source
 
     def name(spec: str, kind: str) -> str:
         src = _source(spec, kind)
@@ -458,7 +459,8 @@ def _data_line(cfg) -> str:
 
     return (f"calibration: {cfg.n_calib} x {cfg.calib_ctx} tokens of {name(cfg.calib, 'calib')}; "
             f"evaluation: {cfg.n_eval or 'all'} x {cfg.eval_ctx} tokens of "
-            f"{name(cfg.eval_data, 'eval')}; YAQA shrinkage: {cfg.shrinkage}")
+            f"{name(cfg.eval_data, 'eval')}; YAQA shrinkage: {cfg.shrinkage}"
+            + _refine_setting(cfg).replace(", refined:", "; refined:"))
 
 
 def cmd_export(args) -> int:

@@ -121,12 +121,9 @@ class RunConfig:
         block = self.ldlq_block_size if base.rounding == "ldlq" and self.ldlq_block_size \
             else self.block_size
         qname = f"int{quantizer}" if isinstance(quantizer, int) else quantizer
-        if base.rounding == "yaqa" and self.yaqa_block_size_out is not None:
-            extra = {"block_size_out": self.yaqa_block_size_out}
-        else:
-            extra = {}
-        recipe = get_recipe(method, power_iters=iters, label_draws=self.label_draws, **extra,
-                            refine=self.refine,
+        tiles_out = self.yaqa_block_size_out if base.rounding == "yaqa" else None
+        recipe = get_recipe(method, power_iters=iters, label_draws=self.label_draws,
+                            block_size_out=tiles_out, refine=self.refine,
                             quantizer=qname, group_size=self.group_size,
                             symmetric=self.symmetric, scale_search=self.scale_search,
                             incoherence=self.incoherence, block_size=block, sigma=self.sigma,

@@ -28,7 +28,7 @@ from .nn import QuantizedLinear
 from .quantizers import Quantizer, quantizer_name
 from .quantizers.fused import fused_quantizers, uses_fused_global_scale
 from .recipe import DEFAULT_BLOCK_SIZE, DEFAULT_GROUP_SIZE, DEFAULT_INCOHERENCE, DEFAULT_SIGMA
-from .recipe import Recipe, get_recipe, with_default_refine
+from .recipe import AUTO_REFINE_ROUNDS, Recipe, get_recipe, with_default_refine
 from .rounding.threads import small_cpu_problem_threads
 
 log = logging.getLogger(__name__)
@@ -322,6 +322,18 @@ def _num(x):
     return float(x)
 
 
+def _refine_hint(stored: dict, now: dict) -> str:
+    """When only the refinement rounds differ: the default depends on the device, so a run
+    started on a GPU and resumed on a CPU (or the reverse) differs there; say how to match it."""
+    problems = store.diff_identity(stored, now)
+    if not problems or not all(p.startswith("recipe.refine:") for p in problems):
+        return ""
+    rounds = (stored.get("recipe") or {}).get("refine", 0)
+    return (f". Only the refinement rounds differ, whose default depends on the device "
+            f"(YAQA with int-k: {AUTO_REFINE_ROUNDS['cuda']} on CUDA, 0 on CPU): pass --refine "
+            f"{rounds} (refine={rounds}) to resume the stored run")
+
+
 class _Resume:
     """Per-block results of an unfinished run, valid only for the identity they were made with."""
 
@@ -337,9 +349,9 @@ class _Resume:
             try:
                 store.check_identity(f"quantization resume state {self.dir}", stored, identity,
                                      "--overwrite (overwrite=True)")
-            except store.StaleWorkError:
+            except store.StaleWorkError as e:
                 if not overwrite:
-                    raise
+                    raise store.StaleWorkError(str(e) + _refine_hint(stored, identity)) from None
                 log.warning("discarding quantization resume state in %s (other settings)",
                             self.dir)
                 shutil.rmtree(self.dir)

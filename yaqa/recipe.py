@@ -109,11 +109,11 @@ class Recipe:
                     or self.block_size_out < 1:
                 raise RecipeError(f"block_size_out must be an integer >= 1 or None, got "
                                   f"{self.block_size_out!r}")
-            if self.rounding != "yaqa":
+            if self.block_size_out == self.block_size:  # square tiles: one spelling per setting
+                object.__setattr__(self, "block_size_out", None)
+            elif self.rounding != "yaqa":
                 raise RecipeError(f"{self.name}: block_size_out sets YAQA's output-side tiles; "
                                   f"{self.rounding} rounding has no output feedback")
-            if self.block_size_out == self.block_size:  # one spelling per setting
-                object.__setattr__(self, "block_size_out", None)
         if not isinstance(self.refine, int) or isinstance(self.refine, bool) or self.refine < 0:
             raise RecipeError(f"refine must be an integer >= 0 (rounds), got {self.refine!r}")
         if self.refine and self.rounding == "rtn":
@@ -209,8 +209,9 @@ def canonical_name(name: str) -> str:
 
 
 # Rounds of refinement (yaqa.rounding.refine) that a YAQA recipe gets when none are asked for,
-# by the device that rounds.  On a GPU they cost little (Llama-3.1-8B shapes: +0.8 min on 1.4 min
-# of rounding, bench/results/refine_speed_cuda_coupled.md) and take YAQA-B from about 0.67x to
+# by the device that rounds.  On a GPU they cost +0.8 min on Llama-3.1-8B shapes (rounding
+# itself 1.4 min, the whole run about 10 min; bench/results/refine_speed_cuda_coupled.md) and
+# take YAQA-B from about 0.67x to
 # 0.61-0.63x GPTQ's KL at 1024 x 512 (bench/results/quality_shrinkage_ship_*.md).  On CPU they
 # cost about 0.4 s per SmolLM2 linear, which the default run has no room for.  LDLQ is left
 # as GPTQ publishes it (refined only when asked), so it stays the baseline users know.
@@ -218,11 +219,13 @@ AUTO_REFINE_ROUNDS = {"cuda": 32}
 
 
 def _device_type(device: Any) -> str:
-    if device is None or str(device) == "auto":
-        import torch
+    import torch
 
+    if device is None or str(device) == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device).split(":")[0]
+    if isinstance(device, int) and not isinstance(device, bool):
+        return "cuda"  # an index: torch reads 0 as cuda:0
+    return torch.device(device).type  # "cuda:1" -> "cuda"
 
 
 def default_refine(recipe: Recipe, device: Any) -> int:
