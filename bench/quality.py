@@ -212,7 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size-out", type=int, default=None,
                     help="YAQA's tile height along the outputs (default: --block-size)")
     ap.add_argument("--sigma", type=float, default=0.01)
-    ap.add_argument("--ldlq-block-size", type=int, default=None)
+    ap.add_argument("--ldlq-block-size", type=int, default=None,
+                    help="LDLQ's tile width (default: --block-size; 1 is column-by-column GPTQ)")
     ap.add_argument("--b-power-iters", type=int, default=1)
     ap.add_argument("--label-draws", type=int, default=1,
                     help="Sketch B: label draws per calibration sequence (their mean is each "
@@ -326,6 +327,7 @@ def sweep(args) -> int:
                             scale_search=args.scale_search, incoherence=args.incoherence,
                             block_size=args.block_size, sigma=args.sigma, shrinkage=shrink,
                             yaqa_block_size_out=args.block_size_out,
+                            ldlq_block_size=args.ldlq_block_size,
                             calib="wikitext2-valid", n_calib=n, calib_ctx=ctx,
                             eval_data="wikitext2-test", eval_ctx=args.eval_ctx,
                             n_eval=args.n_eval, batch_size=args.batch_size, device=args.device,
