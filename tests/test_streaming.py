@@ -22,8 +22,29 @@ def stored(tmp_path_factory):
     model = tiny_model("llama", hidden=32, intermediate=64, layers=2, vocab=64)
     ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
     out = tmp_path_factory.mktemp("hs")
-    ref = yaqa.collect_hessians(model, ids, batch_size=2, out_dir=out, progress=False)
+    yaqa.collect_hessians(model, ids, batch_size=2, out_dir=out, progress=False)
+    ref = yaqa.collect_hessians(model, ids, batch_size=2, progress=False)  # held in memory
     return model, ids, out, ref
+
+
+def test_collecting_into_a_directory_returns_the_stored_factors_block_by_block(stored, tmp_path):
+    """With out_dir nothing stays in memory: the result reads the files back lazily, and its
+    factors equal the in-memory collection's bit for bit (fp32 storage is lossless)."""
+    model, ids, _, ref = stored
+    got = yaqa.collect_hessians(model, ids, batch_size=2, out_dir=tmp_path, progress=False)
+    assert isinstance(got, StreamedHessians) and got.reads == 0 and set(got) == set(ref)
+    for name, r in ref.items():
+        for k in ("H_in", "H_out", "H_x"):
+            assert torch.equal(getattr(got[name], k), getattr(r, k)), (name, k)
+    assert got.reads == 2
+    # a subset of the blocks: block 1 is reused from the files, and only its layers are there
+    again = yaqa.collect_hessians(model, ids, batch_size=2, out_dir=tmp_path, progress=False,
+                                  blocks=[1])
+    assert set(again) == {n for n in ref if n.startswith("model.layers.1.")}
+    with pytest.raises(KeyError):
+        again["model.layers.0.self_attn.q_proj"]
+    assert torch.equal(again["model.layers.1.mlp.down_proj"].H_in,
+                       ref["model.layers.1.mlp.down_proj"].H_in)
 
 
 def test_stored_factors_are_packed_triangles_and_load_back_exactly(stored):

@@ -55,17 +55,27 @@ def collect_hessians(model: nn.Module, batches: Batches, sketch: str = "B", powe
         power_iters: ALS steps; for "A", the number of H_out updates (2·power_iters passes).
         out_dir: store one safetensors file per block there and resume from it. Stored results
             are reused only for the same model weights, data and options; otherwise
-            :class:`~yaqa.hessians.storage.StaleHessiansError` says what differs.
+            :class:`~yaqa.hessians.storage.StaleHessiansError` says what differs. With an
+            ``out_dir`` (in a single process) nothing is held in memory after each block group
+            is written: the result reads the stored factors back one block at a time, as
+            ``load_hessians(out_dir, model, stream=True)`` does, so models whose factors exceed
+            the device's memory (Llama-3.1-8B: about 100 GB of fp32 factors) can be collected
+            and quantized. Those are the stored values (``storage_dtype``), unpacked to fp32.
         config / options: a :class:`CollectConfig`, or its fields as keywords (seed, label_draws, dtype,
             blocks, batch_size, precision, blocks_per_pass, gradient_checkpointing,
             checkpoint_every, checkpoint_interval_s, collect_hx, route, overwrite, progress).
 
     Returns:
         ``{full linear name: LayerHessian}``; factors are means (per sequence for Sketch B's
-        H_in/H_out, per token otherwise), symmetric, on the layer's device.
+        H_in/H_out, per token otherwise), symmetric, on the device of the model's input
+        embeddings. A mapping that reads ``out_dir`` block by block when one is given.
     """
     cfg = config or CollectConfig.from_options(sketch=sketch, power_iters=power_iters, **options)
-    return _collect(model, batches, cfg, out_dir, keep=True)
+    if out_dir is None or D.rank_and_world()[1] > 1:
+        return _collect(model, batches, cfg, out_dir, keep=True)
+    _collect(model, batches, cfg, out_dir, keep=False)
+    return load_hessians(out_dir, model, device=input_embeddings(model).weight.device,
+                         blocks=cfg.blocks, stream=True)
 
 
 def run_collection(model: nn.Module, batches: Batches, out_dir: str | Path, *,
