@@ -61,8 +61,9 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"ldlq_tiles{args.tag}.json").write_text(json.dumps({**meta, "rows": rows},
                                                                    indent=1))
-    lines = [f"# LDLQ tile width against column-by-column GPTQ{args.tag}", "",
+    lines = [f"# LDLQ tile width against column-by-column GPTQ ({args.tag.lstrip('_')})", "",
              f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
+             f"- Hessians: {args.hessians} (LDLQ uses their H_x)",
              f"- int{args.bits} g64 asymmetric, max-abs scales, incoherence on; "
              f"{args.n_eval} x 512 windows of WikiText-2 test", "",
              "| tile | KL | ppl | top-1 | quantize s |", "|---|---|---|---|---|"]
