@@ -211,10 +211,10 @@ def canonical_name(name: str) -> str:
 # Rounds of refinement (yaqa.rounding.refine) that a YAQA recipe gets when none are asked for,
 # by the device that rounds.  On a GPU they cost +0.8 min on Llama-3.1-8B shapes (rounding
 # itself 1.4 min, the whole run about 10 min; bench/results/refine_speed_cuda_coupled.md) and
-# take YAQA-B from about 0.67x to
-# 0.61-0.63x GPTQ's KL at 1024 x 512 (bench/results/quality_shrinkage_ship_*.md).  On CPU they
-# cost about 0.4 s per SmolLM2 linear, which the default run has no room for.  LDLQ is left
-# as GPTQ publishes it (refined only when asked), so it stays the baseline users know.
+# take YAQA-B from about 0.67x to 0.61-0.63x LDLQ's KL at 1024 x 512
+# (bench/results/quality_shrinkage_ship_*.md).  On CPU they cost about 0.4 s per SmolLM2 linear,
+# which the default run has no room for.  LDLQ is left unrefined, as GPTQ tools ship it
+# (refined only when asked), so it stays the baseline users know.
 AUTO_REFINE_ROUNDS = {"cuda": 32}
 
 
