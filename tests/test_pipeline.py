@@ -95,6 +95,22 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "nope"), str(tmp_path)]) == 2
 
 
+def test_cli_tile_widths_reach_the_recipes_and_bad_ones_fail_before_loading(tmp_path, capsys):
+    from yaqa.cli import build_parser, recipe_from_args
+
+    args = build_parser().parse_args(["quantize", "--method", "yaqa-b", "--block-size", "4",
+                                      "--out", "x"])
+    assert recipe_from_args(args, args.method, args.bits).block_size == 4
+    args = build_parser().parse_args(["run", "--block-size", "8", "--ldlq-block-size", "1"])
+    sizes = {m: recipe_from_args(args, m, 4).block_size for m in ("rtn", "ldlq", "yaqa-b")}
+    assert sizes == {"rtn": 8, "ldlq": 1, "yaqa-b": 8}
+    assert build_parser().parse_args(["run"]).block_size == 16
+    for flag in ("--block-size", "--ldlq-block-size"):
+        assert main(["run", flag, "0", "--model", str(tmp_path / "no-such-model")]) == 2
+        err = capsys.readouterr().err
+        assert "block_size must be >= 1" in err and "no-such-model" not in err
+
+
 @pytest.mark.parametrize("sub", ["hessians", "quantize", "eval", "run"])
 def test_every_subcommand_has_help(sub, capsys):
     with pytest.raises(SystemExit) as e:

@@ -8,7 +8,8 @@ import os
 import sys
 import time
 
-from .recipe import DEFAULT_BITS, DEFAULT_DTYPE, DEFAULT_GROUP_SIZE, recipe_names
+from .recipe import (DEFAULT_BITS, DEFAULT_BLOCK_SIZE, DEFAULT_DTYPE, DEFAULT_GROUP_SIZE,
+                     recipe_names)
 
 log = logging.getLogger("yaqa")
 
@@ -70,6 +71,14 @@ def _add_quantizer(p: argparse.ArgumentParser, many_bits: bool = False) -> None:
                    help="LDLQ/YAQA with int-k: up to R rounds of ±1 code steps after rounding "
                         "that lower the layer's proxy loss; 0: off (default: 32 for YAQA "
                         "rounding with int-k on a CUDA device, else off)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="B",
+                   help="LDLQ/YAQA: tile width of the error feedback; no feedback inside a "
+                        f"tile (default {DEFAULT_BLOCK_SIZE}). Smaller tiles lower the KL for "
+                        "more rounding time; 1 makes LDLQ column-by-column GPTQ")
+    if many_bits:
+        p.add_argument("--ldlq-block-size", type=int, default=None, metavar="B",
+                       help="LDLQ's tile width only (default: --block-size); 1 compares against "
+                            "column-by-column GPTQ")
     p.add_argument("--incoherence", dest="incoherence", default=True,
                    choices=("per-layer", "shared", "block", "none"),
                    help="per-layer random signs (default); shared: one random Hadamard per size "
@@ -309,6 +318,16 @@ def _calib_source(spec: str) -> str:
     return _source(spec, "calib")
 
 
+def _block_size(args, method: str) -> int:
+    """``--block-size``, or ``--ldlq-block-size`` for an LDLQ method of ``yaqa run``."""
+    from .recipe import get_recipe
+
+    own = getattr(args, "ldlq_block_size", None)
+    if own is not None and get_recipe(method).rounding == "ldlq":
+        return own
+    return getattr(args, "block_size", DEFAULT_BLOCK_SIZE)
+
+
 def recipe_from_args(args, method: str, quantizer: int | str):
     """Turn CLI flags into a Recipe (``--power-iters`` reaches every sketch, A and B).
 
@@ -323,6 +342,7 @@ def recipe_from_args(args, method: str, quantizer: int | str):
                         group_size=args.group_size, symmetric=args.symmetric,
                         scale_search=args.scale_search, incoherence=args.incoherence,
                         seed=args.seed, shrinkage=getattr(args, "shrinkage", "auto"),
+                        block_size=_block_size(args, method),
                         fused_global_scale=getattr(args, "fused_global_scale", None))
     return with_default_refine(recipe, getattr(args, "refine", None),
                                getattr(args, "device", "auto"))
@@ -407,7 +427,8 @@ def cmd_run(args) -> int:
                     quantizers=tuple(args.quantizer) if args.quantizer else None,
                     group_size=args.group_size, symmetric=args.symmetric,
                     scale_search=args.scale_search, incoherence=args.incoherence,
-                    fused_global_scale=args.fused_global_scale,
+                    fused_global_scale=args.fused_global_scale, block_size=args.block_size,
+                    ldlq_block_size=args.ldlq_block_size,
                     calib=args.calib, n_calib=args.n_calib, calib_ctx=args.ctx,
                     power_iters=args.power_iters, label_draws=args.label_draws,
                     refine=args.refine, eval_data=args.eval_data,
