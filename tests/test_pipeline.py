@@ -97,12 +97,15 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
 
 def test_cli_tile_widths_reach_the_recipes_and_bad_ones_fail_before_loading(tmp_path, capsys):
     from yaqa.cli import build_parser, recipe_from_args
+    from yaqa.pipeline import RunConfig
 
     args = build_parser().parse_args(["quantize", "--method", "yaqa-b", "--block-size", "4",
                                       "--out", "x"])
     assert recipe_from_args(args, args.method, args.bits).block_size == 4
     args = build_parser().parse_args(["run", "--block-size", "8", "--ldlq-block-size", "1"])
-    sizes = {m: recipe_from_args(args, m, 4).block_size for m in ("rtn", "ldlq", "yaqa-b")}
+    assert (args.block_size, args.ldlq_block_size) == (8, 1)
+    cfg = RunConfig(block_size=args.block_size, ldlq_block_size=args.ldlq_block_size)
+    sizes = {m: cfg.recipe(m, 4).block_size for m in ("rtn", "ldlq", "yaqa-b")}
     assert sizes == {"rtn": 8, "ldlq": 1, "yaqa-b": 8}
     assert build_parser().parse_args(["run"]).block_size == 16
     for flag in ("--block-size", "--ldlq-block-size"):

@@ -224,10 +224,10 @@ def test_run_and_cli_default_to_the_device_rule_and_keep_asked_rounds():
 
     gpu = RunConfig(device="cuda", methods=("rtn", "ldlq", "yaqa-b"))
     assert [gpu.recipe(m, 4).refine for m in gpu.methods] == [0, 0, 32]
-    assert _refine_setting(gpu) == ", refined: yaqa-b 32 rounds (the GPU default)"
+    assert _refine_setting(gpu) == "refined: yaqa-b 32 rounds (the GPU default)"
     assert RunConfig(device="cuda", refine=0).recipe("yaqa-b", 4).refine == 0
     asked = RunConfig(device="cpu", refine=3, methods=("ldlq", "yaqa-b"))
-    assert _refine_setting(asked) == ", refined: ldlq 3 rounds, yaqa-b 3 rounds"
+    assert _refine_setting(asked) == "refined: ldlq 3 rounds, yaqa-b 3 rounds"
     assert RunConfig(device="cpu").recipe("yaqa-b", 4).refine == 0
     assert _refine_setting(RunConfig(device="cpu")) == ""
     for argv, rounds in ((["--device", "cuda"], 32), (["--device", "cuda", "--refine", "0"], 0),

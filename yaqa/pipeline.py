@@ -118,8 +118,8 @@ class RunConfig:
         base = get_recipe(method)
         iters = self.sketch_b_power_iters if base.sketch == "B" and self.sketch_b_power_iters \
             else self.power_iters
-        block = self.ldlq_block_size if base.rounding == "ldlq" and self.ldlq_block_size \
-            else self.block_size
+        block = self.ldlq_block_size if base.rounding == "ldlq" \
+            and self.ldlq_block_size is not None else self.block_size
         qname = f"int{quantizer}" if isinstance(quantizer, int) else quantizer
         tiles_out = self.yaqa_block_size_out if base.rounding == "yaqa" else None
         recipe = get_recipe(method, power_iters=iters, label_draws=self.label_draws,
@@ -539,6 +539,7 @@ def _finish(q: _Quantized, row: ResultRow, ev_res, suite, stages, tok) -> None:
 
 def _report_settings(cfg: RunConfig, calib_src: str, eval_src: str, ev, model) -> dict:
     tasks = ", ".join(cfg.tasks) or "none"
+    refined = _refine_setting(cfg)
     return {"model": cfg.model or "SmolLM2-135M-Instruct (embedded)",
             "calibration": f"{calib_src}, {cfg.n_calib} x {cfg.calib_ctx}"
                            + (f", {cfg.label_draws} label draws per sequence (Sketch B)"
@@ -546,7 +547,7 @@ def _report_settings(cfg: RunConfig, calib_src: str, eval_src: str, ev, model) -
             "evaluation": f"{eval_src}, {ev.shape[0]} x {ev.shape[1]}",
             "quantizer": f"{','.join(cfg.formats())} g{cfg.group_size or 'row'} "
                          f"{'sym' if cfg.symmetric else 'asym'} {cfg.scale_search}"
-                         + _refine_setting(cfg),
+                         + (f", {refined}" if refined else ""),
             "incoherence": cfg.incoherence, "device": str(next(model.parameters()).device),
             "dtype": cfg.dtype,
             **({"embedding, LM head": "int8, one scale per row"}
@@ -555,7 +556,7 @@ def _report_settings(cfg: RunConfig, calib_src: str, eval_src: str, ev, model) -
 
 
 def _refine_setting(cfg: RunConfig) -> str:
-    """", refined: yaqa-b 32 rounds" for the methods whose recipes refine (asked or default)."""
+    """"refined: yaqa-b 32 rounds" for the methods whose recipes refine (asked or default)."""
     rounds = {}
     for q in cfg.formats():
         for m in cfg.methods:
@@ -565,7 +566,7 @@ def _refine_setting(cfg: RunConfig) -> str:
     if not rounds:
         return ""
     how = "" if cfg.refine is not None else " (the GPU default)"
-    return ", refined: " + ", ".join(f"{m} {n} rounds" for m, n in rounds.items()) + how
+    return "refined: " + ", ".join(f"{m} {n} rounds" for m, n in rounds.items()) + how
 
 
 def _task_dicts(scores: dict) -> dict:
